@@ -1,0 +1,1 @@
+"""Aggregation mathematics: pure functions on tensors, no torch.distributed."""

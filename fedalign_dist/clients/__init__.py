@@ -1,0 +1,1 @@
+"""Per-client state and the local trainer."""

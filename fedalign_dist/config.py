@@ -1,0 +1,226 @@
+"""Typed configuration tree: YAML is only the file format.
+
+Every key is declared here with its type and default; unknown keys are errors that
+suggest the closest valid key; values are validated before any process group starts.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (bad key, bad value, impossible combination)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    """Run folder name under output_dir."""
+    output_dir: str = "runs"
+    overwrite: bool = False
+    """Replace an existing run folder instead of refusing to start."""
+
+
+class LoraConfigSection(_Section):
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(8.0, gt=0)
+
+
+class ModelConfig(_Section):
+    family: Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"] = "mixtral"
+    preset: Optional[Literal["tiny", "small"]] = "tiny"
+    """Build a randomly initialised model of this size from a config (offline)."""
+    path: Optional[str] = None
+    """Local Hugging Face checkpoint directory (overrides preset)."""
+    finetune: Literal["full", "lora"] = "full"
+    freeze: list[str] = Field(default_factory=list)
+    """Substrings of parameter names kept frozen in `full` mode (e.g. embed_tokens)."""
+    lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    num_experts: int = Field(4, ge=2)
+    top_k: int = Field(2, ge=1)
+    router_aux_loss_coef: float = Field(0.01, ge=0)
+    experts_implementation: Literal["grouped_mm", "batched_mm", "eager"] = "grouped_mm"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k > self.num_experts:
+            raise ValueError(f"model.top_k ({self.top_k}) must be <= model.num_experts ({self.num_experts})")
+        if self.path is None and self.preset is None:
+            raise ValueError("set model.preset (tiny|small) or model.path (a local checkpoint directory)")
+        return self
+
+
+class DataConfig(_Section):
+    name: Literal["bbc_news", "news_outlets"] = "bbc_news"
+    partition: Literal["dirichlet", "label_shards", "iid", "natural"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)
+    """Dirichlet concentration (smaller = more skewed label mixes)."""
+    shards_per_client: int = Field(2, ge=1)
+    tokenizer: Literal["byte", "gpt2", "model"] = "byte"
+    """byte: 256 bytes + specials; gpt2: GPT-2 BPE shipped in a package; model: from model.path."""
+    max_length: int = Field(128, ge=16)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    min_client_examples: int = Field(10, ge=3)
+    max_examples: Optional[int] = Field(None, ge=10)
+    """Use only this many examples of the data set (seeded subsample): for quick runs."""
+
+
+class FedConfig(_Section):
+    num_clients: int = Field(8, ge=1)
+    clients_per_round: int = Field(4, ge=1)
+    rounds: int = Field(5, ge=1)
+    client_state: Literal["memory", "disk"] = "memory"
+    """Where per-client state (local-only weights) lives between rounds."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"fed.clients_per_round ({self.clients_per_round}) exceeds fed.num_clients "
+                f"({self.num_clients}): lower clients_per_round or raise num_clients")
+        return self
+
+
+class LocalConfig(_Section):
+    steps: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    reset_optimizer: bool = True
+    """Fresh optimizer state for every client-round (the federated default)."""
+
+
+class FedProxConfig(_Section):
+    mu: float = Field(0.01, ge=0)
+
+
+class StrategyConfig(_Section):
+    name: str = "fedavg"
+    fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: int = Field(0, ge=0, le=3)
+    bf16: bool = False
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(0, ge=0)
+    """Save a checkpoint every N rounds (0 = only the final state)."""
+    keep: int = Field(2, ge=1)
+
+
+class EvalConfig(_Section):
+    every: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class DistConfig(_Section):
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    fed: FedConfig = Field(default_factory=FedConfig)
+    local: LocalConfig = Field(default_factory=LocalConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        from fedalign_dist.strategies import registered_strategies
+        if self.strategy.name not in registered_strategies():
+            raise ValueError(_unknown("strategy.name", self.strategy.name, registered_strategies()))
+        if self.data.partition == "natural" and self.data.name != "news_outlets":
+            raise ValueError("data.partition=natural needs a data set with natural clients (data.name=news_outlets)")
+        if self.data.tokenizer == "model" and self.model.path is None:
+            raise ValueError("data.tokenizer=model needs model.path (a local checkpoint with a tokenizer)")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+def _unknown(key: str, value: str, valid) -> str:
+    close = difflib.get_close_matches(value, list(valid), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"unknown {key} '{value}' (valid: {', '.join(sorted(valid))}){hint}"
+
+
+def _check_keys(raw: dict, model_cls: type[BaseModel], prefix: str = "") -> None:
+    """Reject keys the schema does not declare, naming the closest valid key."""
+    fields = model_cls.model_fields
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            valid = [f"{prefix}{k}" for k in fields]
+            close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (valid here: {', '.join(valid)})"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        annotation = fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' is a section; give it as a mapping, not {value!r}")
+            _check_keys(value, annotation, dotted + ".")
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' is not of the form key=value (e.g. fed.rounds=3)")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+    value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(value, str) and value.lower() in {"inf", "+inf", ".inf"}:
+        value = math.inf
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file, apply dotted overrides, validate; raise ConfigError on any problem."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    _check_keys(raw, Config)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            lines.append(f"  {loc or 'config'}: {e['msg']}" + (f" (got {e['input']!r})" if loc else ""))
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

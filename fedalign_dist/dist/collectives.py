@@ -1,0 +1,92 @@
+"""Collectives over named tensors, with byte accounting. One process: pass-through.
+
+Bytes are payload bytes per rank under the ring algorithms: all_reduce sends and receives
+2(W-1)/W of the buffer; all_gather sends (W-1) chunks of its own size and receives the W-1
+others; broadcast: the root sends one copy per peer, each peer receives one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ByteCounter:
+    sent: int = 0
+    received: int = 0
+
+    def reset(self) -> tuple[int, int]:
+        out = (self.sent, self.received)
+        self.sent = self.received = 0
+        return out
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors.values()]) if tensors else torch.zeros(0)
+
+
+def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for name, ref in like.items():
+        out[name] = flat[offset:offset + ref.numel()].view_as(ref)
+        offset += ref.numel()
+    return out
+
+
+def all_reduce_sum(tensors: dict[str, torch.Tensor], counter: ByteCounter,
+                   device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Sum named tensors over ranks with ONE collective on a flat buffer."""
+    flat = flatten(tensors)
+    world = world_size()
+    if world > 1:
+        flat = flat.to(device) if device is not None else flat
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        nbytes = flat.numel() * flat.element_size()
+        counter.sent += 2 * (world - 1) * nbytes // world
+        counter.received += 2 * (world - 1) * nbytes // world
+        flat = flat.cpu()
+    return unflatten(flat, tensors)
+
+
+def broadcast_(tensors: dict[str, torch.Tensor], counter: ByteCounter, src: int = 0,
+               device: torch.device | None = None) -> None:
+    """Overwrite every rank's tensors with rank `src`'s, in place."""
+    world = world_size()
+    if world == 1:
+        return
+    flat = flatten(tensors)
+    flat = flat.to(device) if device is not None else flat
+    dist.broadcast(flat, src=src)
+    nbytes = flat.numel() * flat.element_size()
+    if dist.get_rank() == src:
+        counter.sent += (world - 1) * nbytes
+    else:
+        counter.received += nbytes
+    for name, part in unflatten(flat.cpu(), tensors).items():
+        tensors[name].copy_(part)
+
+
+def all_gather_objects(obj, counter: ByteCounter | None = None) -> list:
+    """Small Python objects (statistics, counts) from every rank, in rank order."""
+    world = world_size()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    if counter is not None:
+        import pickle
+        nbytes = len(pickle.dumps(obj))
+        counter.sent += (world - 1) * nbytes
+        counter.received += sum(len(pickle.dumps(o)) for i, o in enumerate(out) if i != dist.get_rank())
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,36 @@
+"""Round metrics: one JSON object per round in metrics.jsonl, TensorBoard scalars, and one
+console line. Only the coordinator (rank 0) writes."""
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["round"]
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "round":
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def console_line(r: dict) -> str:
+    return (f"round {r['round']:>3} | {r['strategy']} | loss {r['train_loss']:.4f} | "
+            f"global acc {r['global_accuracy']:.3f} | pers acc {r['personalized_accuracy']:.3f} | "
+            f"sent {r['bytes_sent'] / 1e6:.2f} MB | {r['time_round_s']:.1f} s")

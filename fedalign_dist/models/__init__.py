@@ -1,0 +1,1 @@
+"""Models: tiny presets per MoE family, MoE anatomy, LoRA."""

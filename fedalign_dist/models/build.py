@@ -1,0 +1,69 @@
+"""Build the MoE causal LM (tiny preset offline, or a local checkpoint) and make the
+federated parameters trainable: `full` (experts, routers and the rest unless frozen) or
+`lora` (a PEFT LoRA per expert on the fused expert tensors; routers trained in full)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+from fedalign_dist.models.anatomy import MoEAnatomy
+from fedalign_dist.models.families import FAMILIES, family_of, preset_config
+
+_NUM_EXPERTS_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def check_model_path(path: str) -> None:
+    """Fail fast (before any process group) on a path that is not a checkpoint directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"model.path '{path}' is not a directory: give a local Hugging Face checkpoint")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"model.path '{path}' has no config.json: is it a Hugging Face checkpoint?")
+    model_type = tf.AutoConfig.from_pretrained(path, local_files_only=True).model_type
+    if model_type not in FAMILIES:
+        raise ValueError(f"model.path '{path}' is a '{model_type}' model; supported MoE families: "
+                         f"{', '.join(FAMILIES)}")
+
+
+def build_base_model(model_cfg, tokenizer, max_length: int, seed: int) -> tuple[torch.nn.Module, str, int]:
+    """Returns (model, family name, number of experts). Same seed -> same weights on every rank."""
+    torch.manual_seed(seed)
+    if model_cfg.path is not None:
+        model = tf.AutoModelForCausalLM.from_pretrained(model_cfg.path, local_files_only=True,
+                                                        dtype=torch.float32)
+        family = model.config.model_type
+    else:
+        family = model_cfg.family
+        config = preset_config(family, model_cfg.preset, model_cfg.num_experts, model_cfg.top_k,
+                               tokenizer.vocab_size, max_length, tokenizer.pad_id, tokenizer.bos_id,
+                               tokenizer.eos_id, model_cfg.router_aux_loss_coef)
+        model = tf.AutoModelForCausalLM.from_config(config)
+    model.config.output_router_logits = True
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(model_cfg.experts_implementation)
+    num_experts = next(getattr(model.config, a) for a in _NUM_EXPERTS_ATTRS if hasattr(model.config, a))
+    return model, family, num_experts
+
+
+def make_trainable(model: torch.nn.Module, model_cfg, family_name: str) -> torch.nn.Module:
+    family = family_of(family_name)
+    if model_cfg.finetune == "full":
+        for name, param in model.named_parameters():
+            param.requires_grad_(not any(tag in name for tag in model_cfg.freeze))
+        return model
+    import peft
+    lora = peft.LoraConfig(
+        r=model_cfg.lora.rank, lora_alpha=model_cfg.lora.alpha, lora_dropout=0.0, target_modules=[],
+        target_parameters=[f"experts.{p}" for p in family.lora_expert_params],
+        # The router, addressed by its path inside the layer so that e.g. Qwen2-MoE's
+        # `shared_expert_gate` is not caught by a bare "gate".
+        modules_to_save=[family.router_module])
+    return peft.get_peft_model(model, lora)
+
+
+def build_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
+    model, family, num_experts = build_base_model(cfg.model, tokenizer, cfg.data.max_length, cfg.seed)
+    model = make_trainable(model, cfg.model, family)
+    return model, MoEAnatomy(model, family_of(family), num_experts)

@@ -1,0 +1,173 @@
+"""The round loop: select, train, aggregate, evaluate, checkpoint, log."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedalign_dist import checkpoint
+from fedalign_dist.clients.state import make_client_store
+from fedalign_dist.clients.trainer import LocalTrainer, client_batches
+from fedalign_dist.comm import Communicator
+from fedalign_dist.config import Config, dump_config
+from fedalign_dist.dist.env import DistEnv
+from fedalign_dist.dist.placement import round_clients_on_rank
+from fedalign_dist.eval import evaluate_sums, summarise
+from fedalign_dist.metrics import MetricsWriter, console_line, peak_rss_mb
+from fedalign_dist.models.build import build_base_model, build_model
+from fedalign_dist.strategies import ClientUpdate, build_strategy
+
+log = logging.getLogger(__name__)
+
+
+class Runner:
+    def __init__(self, cfg: Config, env: DistEnv, data, tokenizer):
+        self.cfg, self.env, self.data, self.tokenizer = cfg, env, data, tokenizer
+        self.run_dir = cfg.run_dir
+        model, self.anatomy = build_model(cfg, tokenizer)
+        self.trainer = LocalTrainer(model, cfg, env.device)
+        self.global_state = self.trainer.read_state()
+        self.strategy = build_strategy(cfg)
+        self.store = make_client_store(cfg.fed.client_state, self.run_dir / "clients" / f"rank{env.rank}")
+        self.comm = Communicator(env.rank, env.world_size, env.device)  # aggregation traffic (counted)
+        self.side = Communicator(env.rank, env.world_size, env.device)  # metrics bookkeeping
+        self.writer = MetricsWriter(self.run_dir) if env.is_coordinator else None  # rank 0 does the I/O
+        self.trainable_bytes = sum(t.numel() * 4 for t in self.global_state.values())
+
+    # -- one round ---------------------------------------------------------------------
+    def run_round(self, round_idx: int) -> dict | None:
+        cfg, t_start = self.cfg, time.perf_counter()
+        my_clients = round_clients_on_rank(cfg.seed, round_idx, cfg.fed.num_clients, cfg.fed.clients_per_round,
+                                           self.env.rank, self.env.world_size)
+        updates, personal_sums, time_eval = [], torch.zeros(4, dtype=torch.float64), 0.0
+        for client_id in my_clients:
+            update, sums, seconds = self.train_client(round_idx, client_id)
+            updates.append(update)
+            personal_sums += sums
+            time_eval += seconds
+        time_local = time.perf_counter() - t_start - time_eval
+
+        t_agg = time.perf_counter()
+        self.global_state, diagnostics = self.strategy.aggregate(self.global_state, updates, self.comm)
+        time_aggregate = time.perf_counter() - t_agg
+
+        t_eval = time.perf_counter()
+        evaluate_now = (round_idx + 1) % cfg.eval.every == 0 or round_idx + 1 == cfg.fed.rounds
+        global_sums = self.evaluate_global() if evaluate_now else torch.zeros(4, dtype=torch.float64)
+        time_eval += time.perf_counter() - t_eval
+
+        if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0 and self.env.is_coordinator:
+            checkpoint.save_checkpoint(self.run_dir, round_idx, self.global_state, self.strategy.state_dict(),
+                                       cfg.checkpoint.keep)
+        local = dict(updates=[(u.num_examples, u.train_loss) for u in updates], personal=personal_sums.tolist(),
+                     global_=global_sums.tolist(), sent=self.comm.bytes.sent, received=self.comm.bytes.received,
+                     time_local=time_local, time_aggregate=time_aggregate, time_eval=time_eval,
+                     time_round=time.perf_counter() - t_start, rss=peak_rss_mb())
+        self.comm.bytes.reset()
+        per_rank = self.side.all_gather_objects(local)
+        return self.round_record(round_idx, per_rank, evaluate_now, diagnostics)
+
+    def train_client(self, round_idx: int, client_id: int) -> tuple[ClientUpdate, torch.Tensor, float]:
+        cfg, data = self.cfg, self.data
+        start = self.strategy.client_start_state(client_id, self.global_state, self.store)
+        self.trainer.load_state(start)
+        if cfg.local.reset_optimizer:
+            self.trainer.reset_optimizer()
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client_id]).generate_state(1)[0]))
+        batches = client_batches(data.task, data.prompts, data.labels, data.clients[client_id]["train"],
+                                 cfg.local.steps, cfg.local.batch_size, cfg.seed, round_idx, client_id)
+        loss = self.trainer.train(batches, lambda params: self.strategy.local_regularizer(params, start))
+        trained = self.trainer.read_state()
+        self.strategy.after_local_training(client_id, trained, self.store)
+        delta = {n: trained[n] - self.global_state[n].float() for n in trained}
+        t_eval = time.perf_counter()
+        test_idx = data.clients[client_id]["test"]
+        sums = evaluate_sums(self.trainer.module, data.task, [data.prompts[i] for i in test_idx],
+                             [int(data.labels[i]) for i in test_idx], cfg.eval.batch_size, self.env.device)
+        update = ClientUpdate(client_id, data.num_train(client_id), delta, loss)
+        return update, sums, time.perf_counter() - t_eval
+
+    def evaluate_global(self) -> torch.Tensor:
+        """The aggregated global model on the pooled test data, sharded over ranks."""
+        self.trainer.load_state(self.global_state)
+        pooled = self.data.pooled("test")[self.env.rank::self.env.world_size]
+        return evaluate_sums(self.trainer.module, self.data.task, [self.data.prompts[i] for i in pooled],
+                             [int(self.data.labels[i]) for i in pooled], self.cfg.eval.batch_size, self.env.device)
+
+    def round_record(self, round_idx, per_rank, evaluated, diagnostics) -> dict:
+        pairs = [p for r in per_rank for p in r["updates"]]
+        examples = sum(n for n, _ in pairs)
+        personal = summarise(torch.tensor([r["personal"] for r in per_rank]).sum(0))
+        glob = summarise(torch.tensor([r["global_"] for r in per_rank]).sum(0))
+        record = {
+            "round": round_idx,
+            "strategy": self.cfg.strategy.name,
+            "num_clients_trained": len(pairs),
+            "train_loss": sum(n * loss for n, loss in pairs) / examples,
+            "global_accuracy": glob["accuracy"] if evaluated else None,
+            "global_perplexity": glob["perplexity"] if evaluated else None,
+            "personalized_accuracy": personal["accuracy"],
+            "personalized_perplexity": personal["perplexity"],
+            "bytes_sent": max(r["sent"] for r in per_rank),
+            "bytes_received": max(r["received"] for r in per_rank),
+            "bytes_sent_per_rank": [r["sent"] for r in per_rank],
+            "bytes_received_per_rank": [r["received"] for r in per_rank],
+            "trainable_bytes": self.trainable_bytes,
+            **{k: max(r[k.removesuffix("_s")] for r in per_rank)
+               for k in ("time_local_s", "time_aggregate_s", "time_eval_s", "time_round_s")},
+            "peak_rss_mb": max(r["rss"] for r in per_rank),
+            "peak_rss_mb_per_rank": [r["rss"] for r in per_rank],
+            **diagnostics,
+        }
+        if self.writer is not None:
+            self.writer.write(record)
+        return record
+
+    # -- whole run ---------------------------------------------------------------------
+    def run(self, progress: bool = True) -> list[dict]:
+        from tqdm import tqdm
+        t0, records = time.perf_counter(), []
+        bar = tqdm(range(self.cfg.fed.rounds), desc="rounds", disable=not (progress and self.env.is_coordinator))
+        for round_idx in bar:
+            record = self.run_round(round_idx)
+            records.append(record)
+            if self.env.is_coordinator:
+                bar.write(console_line(record))
+        self.finish(records, time.perf_counter() - t0)
+        return records
+
+    def finish(self, records: list[dict], wall_s: float) -> None:
+        inits = self.side.all_gather_objects(LocalTrainer.engine_inits)
+        if not self.env.is_coordinator:
+            return
+        self.trainer.load_state(self.global_state)
+        base = None
+        if self.cfg.model.finetune == "lora" and self.cfg.model.path is None:
+            base, _, _ = build_base_model(self.cfg.model, self.tokenizer, self.cfg.data.max_length, self.cfg.seed)
+        checkpoint.save_final(self.run_dir, self.global_state, self.trainer.module, self.cfg.model.finetune, base)
+        last = records[-1]
+        summary = {"rounds": len(records), "wall_s": wall_s, "engine_inits_per_rank": inits,
+                   "world_size": self.env.world_size, "trainable_bytes": self.trainable_bytes,
+                   "final_global_accuracy": last["global_accuracy"],
+                   "final_personalized_accuracy": last["personalized_accuracy"]}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.writer.close()
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Rank 0, before training: refuse to overwrite unless told; save the resolved config."""
+    import shutil
+    run_dir = cfg.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.run.overwrite:
+            raise FileExistsError(f"run folder {run_dir} already exists: choose another run.name, "
+                                  f"or pass run.overwrite=true to replace it")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    return run_dir
+

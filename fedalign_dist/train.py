@@ -1,0 +1,58 @@
+"""Per-rank entry point, started by torchrun, accelerate launch or srun:
+
+    python -m fedalign_dist train --config configs/demo.yaml fed.rounds=3
+
+Order matters: everything a user can get wrong is checked before the process group starts."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from fedalign_dist.config import Config, ConfigError, load_config
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Checks that need no process group: model path, world size against clients."""
+    if cfg.model.path is not None:
+        from fedalign_dist.models.build import check_model_path
+        check_model_path(cfg.model.path)
+    if world_size > cfg.fed.num_clients:
+        raise ConfigError(f"world size {world_size} exceeds fed.num_clients ({cfg.fed.num_clients}): every rank "
+                          f"must host at least one client; start fewer processes or raise fed.num_clients")
+
+
+def quiet_libraries() -> None:
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def train_main(config_path: str | None, overrides: list[str], progress: bool = True) -> list[dict]:
+    cfg = load_config(config_path, overrides)
+    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    preflight(cfg, world_size)
+    quiet_libraries()
+    from fedalign_dist.data.federated import build_federated_data
+    from fedalign_dist.data.tokenizer import build_tokenizer
+    tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.model.path)
+    data = build_federated_data(cfg.data, cfg.fed.num_clients, cfg.seed, tokenizer)  # partition errors here
+
+    from fedalign_dist.dist.env import init_distributed, shutdown
+    from fedalign_dist.runner import Runner, prepare_run_dir
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank == 0:
+        prepare_run_dir(cfg)  # refuses to clobber an existing run before anything starts
+    env = init_distributed(cfg.dist.backend)
+    try:
+        from fedalign_dist.dist.collectives import barrier
+        barrier()
+        return Runner(cfg, env, data, tokenizer).run(progress=progress)
+    finally:
+        shutdown()
