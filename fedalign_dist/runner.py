@@ -14,6 +14,7 @@ from fedalign_dist.clients.state import make_client_store
 from fedalign_dist.clients.trainer import LocalTrainer, client_batches
 from fedalign_dist.comm import Communicator
 from fedalign_dist.config import Config, dump_config
+from fedalign_dist.dist.collectives import barrier
 from fedalign_dist.dist.env import DistEnv
 from fedalign_dist.dist.placement import round_clients_on_rank
 from fedalign_dist.eval import evaluate_sums, summarise
@@ -51,6 +52,10 @@ class Runner:
             time_eval += seconds
         time_local = time.perf_counter() - t_start - time_eval
 
+        # Waiting for the slowest rank is not aggregation: time it apart.
+        t_sync = time.perf_counter()
+        barrier()
+        time_sync = time.perf_counter() - t_sync
         t_agg = time.perf_counter()
         self.global_state, diagnostics = self.strategy.aggregate(self.global_state, updates, self.comm)
         time_aggregate = time.perf_counter() - t_agg
@@ -65,7 +70,7 @@ class Runner:
                                        cfg.checkpoint.keep)
         local = dict(updates=[(u.num_examples, u.train_loss) for u in updates], personal=personal_sums.tolist(),
                      global_=global_sums.tolist(), sent=self.comm.bytes.sent, received=self.comm.bytes.received,
-                     time_local=time_local, time_aggregate=time_aggregate, time_eval=time_eval,
+                     time_local=time_local, time_aggregate=time_aggregate, time_sync=time_sync, time_eval=time_eval,
                      time_round=time.perf_counter() - t_start, rss=peak_rss_mb())
         self.comm.bytes.reset()
         per_rank = self.side.all_gather_objects(local)
@@ -118,7 +123,7 @@ class Runner:
             "bytes_received_per_rank": [r["received"] for r in per_rank],
             "trainable_bytes": self.trainable_bytes,
             **{k: max(r[k.removesuffix("_s")] for r in per_rank)
-               for k in ("time_local_s", "time_aggregate_s", "time_eval_s", "time_round_s")},
+               for k in ("time_local_s", "time_sync_s", "time_aggregate_s", "time_eval_s", "time_round_s")},
             "peak_rss_mb": max(r["rss"] for r in per_rank),
             "peak_rss_mb_per_rank": [r["rss"] for r in per_rank],
             **diagnostics,

@@ -1,0 +1,17 @@
+"""Real 2-process gloo jobs launched from pytest."""
+import pytest
+
+from tests.conftest import torchrun
+
+SCRIPTS = "tests/distributed/scripts"
+
+
+def test_fedavg_all_reduce_equals_hand_computed_average():
+    out = torchrun([f"{SCRIPTS}/fedavg_check.py"], nproc=2)
+    assert out.stdout.count("equals the hand-computed average") == 2
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_deepspeed_engine_per_rank_is_an_independent_client(stage):
+    out = torchrun([f"{SCRIPTS}/local_trainer_check.py", str(stage)], nproc=2)
+    assert out.stdout.count(f"stage {stage} OK") == 2
