@@ -1,0 +1,47 @@
+"""Bad input fails fast with a message that says what to change, and nothing is clobbered."""
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+BASE = [sys.executable, "-m", "fedalign_dist"]
+
+
+def _fail(args, env=None):
+    out = subprocess.run(BASE + args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+    return out.stderr
+
+
+def test_bad_configs_fail_before_anything_starts(tmp_path):
+    assert "did you mean 'fed.rounds'" in _fail(["run", "--config", "configs/demo.yaml", "fed.round=2"])
+    assert "exceeds fed.num_clients" in _fail(["train", "--config", "configs/demo.yaml", "fed.clients_per_round=9"])
+    assert "not a directory" in _fail(["train", "--config", "configs/demo.yaml", f"model.path={tmp_path}/none"])
+    assert "data.alpha" in _fail(["train", "--config", "configs/demo.yaml", "fed.num_clients=200",
+                                  "fed.clients_per_round=2", "data.alpha=0.01"])
+
+
+def test_world_size_larger_than_clients():
+    import os
+    env = dict(os.environ, WORLD_SIZE="4", RANK="0")
+    assert "world size 4 exceeds fed.num_clients (2)" in _fail(
+        ["train", "--config", "configs/demo.yaml", "fed.num_clients=2", "fed.clients_per_round=1"], env=env)
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    run = tmp_path / "demo"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("precious\n")
+    err = _fail(["train", "--config", "configs/demo.yaml", f"run.output_dir={tmp_path}"])
+    assert "run.overwrite=true" in err
+    assert (run / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_partition_command_prints_table_and_writes_png(tmp_path):
+    png = tmp_path / "p.png"
+    out = subprocess.run(BASE + ["partition", "--config", "configs/demo.yaml", "--png", str(png)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "business" in lines[1] and len([l for l in lines if l.strip()[:1].isdigit()]) == 8
+    assert png.stat().st_size > 1000
