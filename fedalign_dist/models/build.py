@@ -40,6 +40,10 @@ def build_base_model(model_cfg, tokenizer, max_length: int, seed: int) -> tuple[
                                tokenizer.vocab_size, max_length, tokenizer.pad_id, tokenizer.bos_id,
                                tokenizer.eos_id, model_cfg.router_aux_loss_coef)
         model = tf.AutoModelForCausalLM.from_config(config)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+                         f"{model.config.vocab_size}: use the tokenizer the model was trained with "
+                         f"(data.tokenizer=model, or the one used to build it)")
     model.config.output_router_logits = True
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(model_cfg.experts_implementation)

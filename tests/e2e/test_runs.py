@@ -26,8 +26,10 @@ def test_results_do_not_depend_on_client_placement(tmp_path, tiny_overrides):
     one, two = load_file(tmp_path / "one/final/global.safetensors"), load_file(tmp_path / "two/final/global.safetensors")
     assert one.keys() == two.keys()
     for name in one:
-        # summation order differs (one all_reduce vs local sums): float tolerance, not bitwise
-        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-5)
+        # Summation order differs (one all_reduce vs local sums), and Adam's normalisation can
+        # magnify a last-bit difference where a gradient is ~0: float tolerance, not bitwise.
+        torch.testing.assert_close(one[name], two[name], rtol=1e-3, atol=1e-4)
+        assert (one[name] - two[name]).norm() <= 1e-5 * one[name].norm() + 1e-6
     r1, r2 = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert r1[-1]["train_loss"] == pytest.approx(r2[-1]["train_loss"], rel=1e-5)
     assert r1[-1]["global_accuracy"] == pytest.approx(r2[-1]["global_accuracy"], abs=1e-9)
@@ -77,10 +79,11 @@ def test_local_only_and_model_path(tmp_path, tiny_overrides):
     from fedalign_dist.config import load_config
     from fedalign_dist.data.tokenizer import ByteTokenizer
     from fedalign_dist.models.build import build_base_model
-    cfg = load_config("configs/demo.yaml", ["model.family=olmoe"])
+    cfg = load_config("configs/demo.yaml", ["model.family=olmoe", "data.tokenizer=byte"])
     model, _, _ = build_base_model(cfg.model, ByteTokenizer(), cfg.data.max_length, 0)
     model.save_pretrained(tmp_path / "ckpt")
     torchrun(TRAIN + tiny_overrides + ["run.name=local", f"model.path={tmp_path / 'ckpt'}", "strategy.name=local",
+                                       "data.tokenizer=byte",
                                        "fed.client_state=disk"], nproc=2)
     stored = list((tmp_path / "local/clients").rglob("*.safetensors"))
     assert stored, "local-only clients kept no state"
