@@ -114,6 +114,13 @@ class DeepSpeedConfig(_Section):
     zero_stage: int = Field(0, ge=0, le=3)
     bf16: bool = False
 
+    @model_validator(mode="after")
+    def _check(self):
+        if self.zero_stage == 3:
+            raise ValueError("deepspeed.zero_stage=3 is not supported: it partitions one client's weights "
+                             "across ranks, but every rank here trains an independent client; use 0, 1 or 2")
+        return self
+
 
 class CheckpointConfig(_Section):
     every: int = Field(0, ge=0)

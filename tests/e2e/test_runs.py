@@ -37,7 +37,8 @@ def test_results_do_not_depend_on_client_placement(tmp_path, tiny_overrides):
 
 def test_demo_two_ranks_writes_the_run_folder(tmp_path, tiny_overrides):
     out = subprocess.run([sys.executable, "-m", "fedalign_dist", "run", "--nproc", "2", "--config",
-                          "configs/demo.yaml", *tiny_overrides, "run.name=demo"],
+                          "configs/demo.yaml", *tiny_overrides, "run.name=demo", "checkpoint.every=1",
+                          "checkpoint.keep=1"],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-5000:]
     run = tmp_path / "demo"
@@ -48,6 +49,10 @@ def test_demo_two_ranks_writes_the_run_folder(tmp_path, tiny_overrides):
     assert (run / "config.yaml").is_file() and any((run / "tb").iterdir())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["engine_inits_per_rank"] == [1, 1]
+    checkpoints = sorted((run / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["round_00001"]  # keep=1 pruned round 0
+    torch.testing.assert_close(load_file(checkpoints[0] / "global.safetensors"),
+                               load_file(run / "final/global.safetensors"))
     final = load_file(run / "final/global.safetensors")
     assert any("mlp.experts.gate_up_proj" in k for k in final) and any("mlp.gate.weight" in k for k in final)
     from transformers import AutoModelForCausalLM

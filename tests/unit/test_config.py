@@ -42,6 +42,7 @@ def test_unknown_strategy_suggests():
     ("model.top_k=9", "model.top_k"),
     ("model.finetune=half", "model.finetune"),
     ("fed.rounds=many", "fed.rounds"),
+    ("deepspeed.zero_stage=3", "zero_stage=3 is not supported"),
 ])
 def test_bad_values_fail_with_the_key(override, words):
     with pytest.raises(ConfigError, match=words):
