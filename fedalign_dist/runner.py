@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from fedalign_dist.metrics import MetricsWriter, console_line, peak_rss_mb
 from fedalign_dist.models.build import build_base_model, build_model
 from fedalign_dist.strategies import ClientUpdate, build_strategy
 
-log = logging.getLogger(__name__)
 
 
 class Runner:

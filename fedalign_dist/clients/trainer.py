@@ -5,7 +5,6 @@ are views into flat buffers: rebinding `.data` would be lost), then the optimize
 master copies are refreshed and its state reset."""
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import numpy as np
@@ -14,7 +13,6 @@ import torch
 from fedalign_dist.clients.solo_mpu import SoloMPU
 
 NamedTensors = dict[str, torch.Tensor]
-log = logging.getLogger(__name__)
 
 
 def deepspeed_config(cfg) -> dict:
