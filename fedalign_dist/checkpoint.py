@@ -7,14 +7,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 
-def _atomic_write_dir(target: Path, fill) -> None:
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
+def _publish(tmp: Path, target: Path) -> None:
+    """fsync every file of `tmp`, then swap it in under `target` by rename."""
     for path in tmp.rglob("*"):
         if path.is_file():
             with open(path, "rb") as f:
@@ -23,18 +20,56 @@ def _atomic_write_dir(target: Path, fill) -> None:
     os.replace(tmp, target)
 
 
-def save_checkpoint(run_dir: Path, round_idx: int, global_state: dict, strategy_state: dict, keep: int) -> Path:
-    target = run_dir / "checkpoints" / f"round_{round_idx:05d}"
+def _atomic_write_dir(target: Path, fill) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    _publish(tmp, target)
 
-    def fill(folder: Path):
-        save_file({n: t.contiguous() for n, t in global_state.items()}, str(folder / "global.safetensors"))
-        torch.save(strategy_state, folder / "strategy.pt")
-        (folder / "meta.json").write_text(json.dumps({"round": round_idx}))
 
-    _atomic_write_dir(target, fill)
+# -- periodic checkpoints: staged by every rank, committed by the coordinator ---------------
+#   1. coordinator: begin_checkpoint()    (empty staging folder)
+#   2. every rank:  its client states into staging_dir()/clients
+#   3. coordinator: commit_checkpoint()   (global + strategy state, fsync, rename, prune)
+
+def checkpoint_dir(run_dir: Path, round_idx: int) -> Path:
+    return run_dir / "checkpoints" / f"round_{round_idx:05d}"
+
+
+def staging_dir(run_dir: Path, round_idx: int) -> Path:
+    target = checkpoint_dir(run_dir, round_idx)
+    return target.with_name(target.name + ".tmp")
+
+
+def begin_checkpoint(run_dir: Path, round_idx: int) -> Path:
+    tmp = staging_dir(run_dir, round_idx)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_checkpoint(run_dir: Path, round_idx: int, global_state: dict, strategy_state: dict,
+                      keep: int) -> Path:
+    tmp, target = staging_dir(run_dir, round_idx), checkpoint_dir(run_dir, round_idx)
+    save_file({n: t.contiguous() for n, t in global_state.items()}, str(tmp / "global.safetensors"))
+    torch.save(strategy_state, tmp / "strategy.pt")
+    (tmp / "meta.json").write_text(json.dumps({"round": round_idx}))
+    _publish(tmp, target)
     for old in sorted((run_dir / "checkpoints").glob("round_?????"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = sorted(p for p in (run_dir / "checkpoints").glob("round_?????") if (p / "meta.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(folder: Path) -> tuple[int, dict, dict]:
+    """(round, global state, strategy state) of a committed checkpoint."""
+    meta = json.loads((folder / "meta.json").read_text())
+    return meta["round"], load_file(str(folder / "global.safetensors")), torch.load(folder / "strategy.pt")
 
 
 def save_final(run_dir: Path, global_state: dict, module: torch.nn.Module, finetune: str,

@@ -21,6 +21,9 @@ class Communicator:
     def broadcast_(self, tensors, src: int = 0):
         collectives.broadcast_(tensors, self.bytes, src, self._wire_device())
 
+    def all_gather_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        return collectives.all_gather_rows(rows, self.bytes, self._wire_device())
+
     def all_gather_objects(self, obj):
         return collectives.all_gather_objects(obj, self.bytes)
 

@@ -28,6 +28,8 @@ class RunConfig(_Section):
     output_dir: str = "runs"
     overwrite: bool = False
     """Replace an existing run folder instead of refusing to start."""
+    resume: bool = False
+    """Continue the run folder's latest checkpoint (global, strategy and client states)."""
 
 
 class LoraConfigSection(_Section):
@@ -105,9 +107,43 @@ class FedProxConfig(_Section):
     mu: float = Field(0.01, ge=0)
 
 
+class FedAlignConfig(_Section):
+    """FedAlign-MoE knobs (../shared/design/fedalign_moe.md). Ablations by config alone:
+    mu=0 (no routing regulariser), consistency_temperature=inf (c_i = 1), beta=inf
+    (aggregate every active client)."""
+    mu: float = Field(0.01, ge=0)
+    """Weight of the batch-level KL(qbar || prior) routing regulariser."""
+    consistency_temperature: float = Field(0.1, gt=0)
+    """T_c in c_i = exp(-JS(u_i, Pbar) / T_c)."""
+    beta: float = Field(1.0, ge=0)
+    """Selection threshold tau = mean - beta * std of the similarities."""
+    mode: Literal["centroid", "pairwise"] = "centroid"
+    signature: Literal["output", "input", "probe"] = "output"
+    signature_dim: int | None = Field(None, ge=1)
+    """Seeded random projection of the signatures to this size (None: keep hidden size)."""
+    min_tokens: int = Field(1, ge=0)
+    """A client takes part in expert e's selection only if it routed this many tokens to it."""
+    stats_batches: int = Field(2, ge=1)
+    comm: Literal["allgather", "reduce"] = "reduce"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode == "pairwise" and self.comm != "allgather":
+            raise ValueError("strategy.fedalign.mode=pairwise needs every client's expert deltas: "
+                             "set strategy.fedalign.comm=allgather")
+        return self
+
+
+class FedMoEConfig(_Section):
+    stats_batches: int = Field(2, ge=1)
+    """Local batches over which routed-token counts are measured after training."""
+
+
 class StrategyConfig(_Section):
     name: str = "fedavg"
     fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
+    fedalign: FedAlignConfig = Field(default_factory=FedAlignConfig)
+    fedmoe: FedMoEConfig = Field(default_factory=FedMoEConfig)
 
 
 class DeepSpeedConfig(_Section):

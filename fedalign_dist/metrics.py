@@ -24,7 +24,19 @@ class MetricsWriter:
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "round":
                 self.tb.add_scalar(key, value, step)
+        for name in ("consensus", "prior"):
+            for layer, dist in enumerate((record.get("routing") or {}).get(name, [])):
+                self.add_distribution(f"routing/{name}/layer{layer}", dist, step)
         self.tb.flush()
+
+    def add_distribution(self, tag: str, probs: list[float], step: int) -> None:
+        """A distribution over expert indices as a histogram with one bucket per expert, so
+        TensorBoard draws p(e) against e."""
+        experts = len(probs)
+        centres = [e + 0.5 for e in range(experts)]
+        self.tb.add_histogram_raw(tag, min=0.0, max=float(experts), num=sum(probs), sum=sum(
+            c * p for c, p in zip(centres, probs)), sum_squares=sum(c * c * p for c, p in zip(centres, probs)),
+            bucket_limits=[float(e + 1) for e in range(experts)], bucket_counts=list(probs), global_step=step)
 
     def close(self) -> None:
         self.tb.close()

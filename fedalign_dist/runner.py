@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fedalign_dist import checkpoint
+from fedalign_dist.clients.routing_stats import probe_batch, routing_statistics
 from fedalign_dist.clients.state import make_client_store
 from fedalign_dist.clients.trainer import LocalTrainer, client_batches
 from fedalign_dist.comm import Communicator
@@ -16,10 +18,11 @@ from fedalign_dist.config import Config, dump_config
 from fedalign_dist.data.task import answer_loss
 from fedalign_dist.dist.collectives import barrier
 from fedalign_dist.dist.env import DistEnv
-from fedalign_dist.dist.placement import round_clients_on_rank
+from fedalign_dist.dist.placement import clients_of_rank, round_clients_on_rank
 from fedalign_dist.eval import evaluate_sums, summarise
 from fedalign_dist.metrics import MetricsWriter, console_line, peak_rss_mb
 from fedalign_dist.models.build import build_base_model, build_model
+from fedalign_dist.models.router_tap import RouterTap
 from fedalign_dist.strategies import ClientUpdate, build_strategy
 
 
@@ -31,26 +34,33 @@ class Runner:
         model, self.anatomy = build_model(cfg, tokenizer)
         self.trainer = LocalTrainer(model, cfg, env.device)
         self.global_state = self.trainer.read_state()
-        self.strategy = build_strategy(cfg)
         self.store = make_client_store(cfg.fed.client_state, self.run_dir / "clients" / f"rank{env.rank}")
+        self.strategy = build_strategy(cfg, self.anatomy, self.store)
+        request = self.strategy.stats_request
+        self.probe = (probe_batch(tokenizer.vocab_size, cfg.seed)
+                      if request is not None and request.signature == "probe" else None)
         self.comm = Communicator(env.rank, env.world_size, env.device)  # aggregation traffic (counted)
         self.side = Communicator(env.rank, env.world_size, env.device)  # metrics bookkeeping
         self.writer = MetricsWriter(self.run_dir) if env.is_coordinator else None  # rank 0 does the I/O
         self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
         self.trainable_bytes = sum(t.numel() * 4 for t in self.global_state.values())
+        self.start_round, self.past_records = 0, []
+        if cfg.run.resume:
+            self.resume()
 
     # -- one round ---------------------------------------------------------------------
     def run_round(self, round_idx: int) -> dict | None:
         cfg, t_start = self.cfg, time.perf_counter()
         my_clients = round_clients_on_rank(cfg.seed, round_idx, cfg.fed.num_clients, cfg.fed.clients_per_round,
                                            self.env.rank, self.env.world_size)
-        updates, personal_sums, time_eval = [], torch.zeros(4, dtype=torch.float64), 0.0
+        updates, personal_sums, time_eval, time_stats = [], torch.zeros(4, dtype=torch.float64), 0.0, 0.0
         for client_id in my_clients:
             update, sums, seconds = self.train_client(round_idx, client_id)
             updates.append(update)
             personal_sums += sums
-            time_eval += seconds
-        time_local = time.perf_counter() - t_start - time_eval
+            time_eval += seconds["eval"]
+            time_stats += seconds["stats"]
+        time_local = time.perf_counter() - t_start - time_eval - time_stats
 
         # Waiting for the slowest rank is not aggregation: time it apart.
         t_sync = time.perf_counter()
@@ -65,38 +75,51 @@ class Runner:
         global_sums = self.evaluate_global() if evaluate_now else torch.zeros(4, dtype=torch.float64)
         time_eval += time.perf_counter() - t_eval
 
-        if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0 and self.env.is_coordinator:
-            checkpoint.save_checkpoint(self.run_dir, round_idx, self.global_state, self.strategy.state_dict(),
-                                       cfg.checkpoint.keep)
+        if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0:
+            self.save_checkpoint(round_idx)
         local = dict(updates=[(u.num_examples, u.train_loss) for u in updates], personal=personal_sums.tolist(),
                      global_=global_sums.tolist(), sent=self.comm.bytes.sent, received=self.comm.bytes.received,
-                     time_local=time_local, time_aggregate=time_aggregate, time_sync=time_sync, time_eval=time_eval,
-                     time_round=time.perf_counter() - t_start, rss=peak_rss_mb())
+                     time_local=time_local, time_stats=time_stats, time_aggregate=time_aggregate,
+                     time_sync=time_sync, time_eval=time_eval, time_round=time.perf_counter() - t_start,
+                     rss=peak_rss_mb())
         self.comm.bytes.reset()
         per_rank = self.side.all_gather_objects(local)
         return self.round_record(round_idx, per_rank, evaluate_now, diagnostics)
 
-    def train_client(self, round_idx: int, client_id: int) -> tuple[ClientUpdate, torch.Tensor, float]:
+    def train_client(self, round_idx: int, client_id: int) -> tuple[ClientUpdate, torch.Tensor, dict]:
         cfg, data = self.cfg, self.data
         start = self.strategy.client_start_state(client_id, self.global_state, self.store)
         self.trainer.load_state(start)
         if cfg.local.reset_optimizer:
             self.trainer.reset_optimizer()
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client_id]).generate_state(1)[0]))
-        batches = client_batches(data.task, data.prompts, data.labels, data.clients[client_id]["train"],
-                                 cfg.local.steps, cfg.local.batch_size, cfg.seed, round_idx, client_id)
-        loss = self.trainer.train(batches, lambda model, batch: answer_loss(model, batch, data.task.window,
-                                                                        self.aux_coef),
-                                  lambda params: self.strategy.local_regularizer(params, start))
+        batches = lambda steps: client_batches(data.task, data.prompts, data.labels,  # noqa: E731
+                                               data.clients[client_id]["train"], steps, cfg.local.batch_size,
+                                               cfg.seed, round_idx, client_id)
+        tap = RouterTap(self.trainer.module, self.anatomy.family) if self.strategy.wants_router_probs else None
+        with tap or nullcontext():
+            loss = self.trainer.train(batches(cfg.local.steps), lambda model, batch: self.local_loss(model, batch, tap),
+                                      lambda params: self.strategy.local_regularizer(params, start))
         trained = self.trainer.read_state()
         self.strategy.after_local_training(client_id, trained, self.store)
         delta = {n: trained[n] - self.global_state[n].float() for n in trained}
+
+        t_stats, stats, request = time.perf_counter(), {}, self.strategy.stats_request
+        if request is not None:
+            stats = routing_statistics(self.trainer.module, self.anatomy.family, self.anatomy.num_experts,
+                                       batches(request.batches), request, self.env.device, self.probe)
         t_eval = time.perf_counter()
         test_idx = data.clients[client_id]["test"]
         sums = evaluate_sums(self.trainer.module, data.task, [data.prompts[i] for i in test_idx],
                              [int(data.labels[i]) for i in test_idx], cfg.eval.batch_size, self.env.device)
-        update = ClientUpdate(client_id, data.num_train(client_id), delta, loss)
-        return update, sums, time.perf_counter() - t_eval
+        update = ClientUpdate(client_id, data.num_train(client_id), delta, loss, stats)
+        return update, sums, {"stats": t_eval - t_stats, "eval": time.perf_counter() - t_eval}
+
+    def local_loss(self, model, batch, tap: RouterTap | None):
+        """(objective, task loss): the answer loss plus the strategy's routing regulariser."""
+        loss = answer_loss(model, batch, self.data.task.window, self.aux_coef)
+        extra = self.strategy.routing_regularizer(tap.router_probs(batch["attention_mask"])) if tap else None
+        return (loss if extra is None else loss + extra), loss
 
     def evaluate_global(self) -> torch.Tensor:
         """The aggregated global model on the pooled test data, sharded over ranks."""
@@ -125,7 +148,8 @@ class Runner:
             "bytes_received_per_rank": [r["received"] for r in per_rank],
             "trainable_bytes": self.trainable_bytes,
             **{k: max(r[k.removesuffix("_s")] for r in per_rank)
-               for k in ("time_local_s", "time_sync_s", "time_aggregate_s", "time_eval_s", "time_round_s")},
+               for k in ("time_local_s", "time_stats_s", "time_sync_s", "time_aggregate_s", "time_eval_s",
+                         "time_round_s")},
             "peak_rss_mb": max(r["rss"] for r in per_rank),
             "peak_rss_mb_per_rank": [r["rss"] for r in per_rank],
             **diagnostics,
@@ -134,11 +158,43 @@ class Runner:
             self.writer.write(record)
         return record
 
+    # -- checkpoints ---------------------------------------------------------------------
+    def save_checkpoint(self, round_idx: int) -> None:
+        """Global and strategy state from the coordinator, client states from every rank."""
+        if self.env.is_coordinator:
+            checkpoint.begin_checkpoint(self.run_dir, round_idx)
+        barrier()
+        self.store.export_to(checkpoint.staging_dir(self.run_dir, round_idx) / "clients")
+        barrier()
+        if self.env.is_coordinator:
+            checkpoint.commit_checkpoint(self.run_dir, round_idx, self.global_state, self.strategy.state_dict(),
+                                         self.cfg.checkpoint.keep)
+
+    def resume(self) -> None:
+        folder = checkpoint.latest_checkpoint(self.run_dir)
+        if folder is None:
+            raise FileNotFoundError(f"run.resume=true but {self.run_dir} has no completed checkpoint "
+                                    f"(set checkpoint.every to write them)")
+        done, global_state, strategy_state = checkpoint.load_checkpoint(folder)
+        self.global_state = {n: global_state[n] for n in self.global_state}
+        self.strategy.load_state_dict(strategy_state)
+        self.store.clear()
+        hosted = set(clients_of_rank(self.env.rank, self.cfg.fed.num_clients, self.env.world_size))
+        self.store.import_from(folder / "clients", hosted)
+        self.start_round = done + 1
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():
+            self.past_records = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["round"] <= done]
+        barrier()  # every rank has read the old metrics before the coordinator rewrites them
+        if self.env.is_coordinator:
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in self.past_records))
+
     # -- whole run ---------------------------------------------------------------------
     def run(self, progress: bool = True) -> list[dict]:
         from tqdm import tqdm
-        t0, records = time.perf_counter(), []
-        bar = tqdm(range(self.cfg.fed.rounds), desc="rounds", disable=not (progress and self.env.is_coordinator))
+        t0, records = time.perf_counter(), list(self.past_records)
+        bar = tqdm(range(self.start_round, self.cfg.fed.rounds), desc="rounds",
+                   disable=not (progress and self.env.is_coordinator))
         for round_idx in bar:
             record = self.run_round(round_idx)
             records.append(record)
@@ -169,6 +225,10 @@ def prepare_run_dir(cfg: Config) -> Path:
     """Rank 0, before training: refuse to overwrite unless told; save the resolved config."""
     import shutil
     run_dir = cfg.run_dir
+    if cfg.run.resume:
+        if checkpoint.latest_checkpoint(run_dir) is None:
+            raise FileNotFoundError(f"run.resume=true but {run_dir} has no completed checkpoint to resume from")
+        return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.run.overwrite:
             raise FileExistsError(f"run folder {run_dir} already exists: choose another run.name, "

@@ -66,16 +66,17 @@ class LocalTrainer:
 
     def train(self, batches, loss_fn: Callable, regularizer: Callable[[dict], torch.Tensor | None]) -> float:
         """Run one client's local steps; returns the mean task loss (aux loss included).
-        `loss_fn(model, batch)` computes the task loss through the engine."""
+        `loss_fn(model, batch)` returns (objective to minimise, task loss to report), both
+        computed through the engine; `regularizer(params)` may add a parameter-space term."""
         self.engine.train()
         losses = []
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss = loss_fn(self.engine, batch)
+            objective, task_loss = loss_fn(self.engine, batch)
             extra = regularizer(self.params)
-            self.engine.backward(loss if extra is None else loss + extra)
+            self.engine.backward(objective if extra is None else objective + extra)
             self.engine.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(task_loss.detach()))
         return float(np.mean(losses)) if losses else float("nan")
 
 

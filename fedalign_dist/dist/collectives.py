@@ -87,6 +87,26 @@ def all_gather_objects(obj, counter: ByteCounter | None = None) -> list:
     return out
 
 
+def all_gather_rows(rows: torch.Tensor, counter: ByteCounter,
+                    device: torch.device | None = None) -> list[torch.Tensor]:
+    """Every rank's (k_r, D) block of rows, in rank order; k_r may differ between ranks
+    (blocks are padded to the largest for one all_gather; the padding is counted)."""
+    world = world_size()
+    if world == 1:
+        return [rows]
+    counts = all_gather_objects(int(rows.shape[0]), counter)
+    width = rows.shape[1]
+    padded = torch.zeros(max(counts), width, dtype=rows.dtype)
+    padded[:rows.shape[0]] = rows
+    padded = padded.to(device) if device is not None else padded
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    nbytes = padded.numel() * padded.element_size()
+    counter.sent += (world - 1) * nbytes
+    counter.received += (world - 1) * nbytes
+    return [block.cpu()[:k] for block, k in zip(out, counts)]
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -94,5 +94,17 @@ class MoEAnatomy:
         """Write expert `expert`'s part of `tensor` in place."""
         self.expert_slice(name, tensor, expert).copy_(value)
 
+    def expert_axis_weights(self, name: str, weights: torch.Tensor, ndim: int) -> torch.Tensor:
+        """Per-expert weights (E,) shaped to broadcast over parameter `name` (ndim axes), so
+        that expert e's part of the tensor is scaled by weights[e]."""
+        role = self.roles[name]
+        if role.kind in ("router", "expert"):
+            return weights.reshape(-1, *([1] * (ndim - 1)))
+        if role.kind == "expert_lora_A":
+            return weights.repeat_interleave(role.lora_rank).reshape(-1, *([1] * (ndim - 1)))
+        if role.kind == "expert_lora_B":
+            return weights.repeat_interleave(role.lora_rank).reshape(1, -1)
+        raise ValueError(f"{name} is not a per-expert parameter")
+
     def layers(self) -> list[int]:
         return sorted({r.layer for r in self.roles.values() if r.kind == "router"})

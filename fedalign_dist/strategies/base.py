@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 if TYPE_CHECKING:
+    from fedalign_dist.clients.routing_stats import StatsRequest
     from fedalign_dist.clients.state import ClientStore
     from fedalign_dist.comm import Communicator
     from fedalign_dist.config import Config
+    from fedalign_dist.models.anatomy import MoEAnatomy
 
 NamedTensors = dict[str, torch.Tensor]
 
@@ -25,6 +27,7 @@ class ClientUpdate:
     """trained - start, for every federated trainable parameter."""
     train_loss: float
     stats: dict[str, Any] = field(default_factory=dict)
+    """Routing statistics (usage, load, tokens, signature) when the strategy asks for them."""
 
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
@@ -44,15 +47,35 @@ def registered_strategies() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_strategy(config: "Config") -> "Strategy":
-    return _REGISTRY[config.strategy.name](config)
+def build_strategy(config: "Config", anatomy: "MoEAnatomy | None" = None,
+                   store: "ClientStore | None" = None) -> "Strategy":
+    return _REGISTRY[config.strategy.name](config, anatomy, store)
 
 
 class Strategy(ABC):
     name: str = ""
 
-    def __init__(self, config: "Config"):
+    def __init__(self, config: "Config", anatomy: "MoEAnatomy | None" = None,
+                 store: "ClientStore | None" = None):
         self.config = config
+        self.anatomy = anatomy
+        """Which federated parameter is a router row block, an expert tensor, or other."""
+        self.store = store
+        """This rank's per-client state (personal weights live here, never in the global model)."""
+
+    @property
+    def stats_request(self) -> "StatsRequest | None":
+        """Routing statistics each client computes after local training (None: none)."""
+        return None
+
+    @property
+    def wants_router_probs(self) -> bool:
+        """Whether the local loss needs the routers' probabilities (routing_regularizer)."""
+        return False
+
+    def routing_regularizer(self, router_probs: list[torch.Tensor]) -> torch.Tensor | None:
+        """An extra local-loss term from each MoE layer's (tokens, E) routing probabilities."""
+        return None
 
     def client_start_state(self, client_id: int, global_state: NamedTensors,
                            store: "ClientStore") -> NamedTensors:

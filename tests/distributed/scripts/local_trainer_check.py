@@ -33,7 +33,7 @@ def train_client(client_id):
     trainer.reset_optimizer()
     batches = client_batches(data.task, data.prompts, data.labels, data.clients[client_id]["train"], 4, 4, 0, 0,
                              client_id)
-    trainer.train(batches, lambda m, b: answer_loss(m, b, data.task.window, 0.01), lambda p: None)
+    trainer.train(batches, lambda m, b: (answer_loss(m, b, data.task.window, 0.01),) * 2, lambda p: None)
     return trainer.read_state()
 
 

@@ -1,0 +1,143 @@
+"""Shared machinery of strategies that aggregate expert by expert from routing statistics
+(FedMoE-style, FedAlign-MoE): gather the small statistics, let the subclass turn them into
+a plan (pure), apply it through one of two communication paths, keep personal experts.
+
+  reduce     all-gather statistics only; each rank pre-sums sum_i W_i delta_i over its own
+             clients; one all_reduce gives the update. Bytes per rank ~ 2x the delta size.
+  allgather  all-gather statistics and every client's delta; the coordinator (rank 0)
+             computes the new global state and broadcasts it. Bytes grow with clients.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from fedalign_dist.aggregation.expertwise import ExpertwiseWeights, weighted_delta_sum
+from fedalign_dist.aggregation.weighted import apply_delta
+from fedalign_dist.dist.collectives import flatten, unflatten
+from fedalign_dist.strategies.base import ClientUpdate, NamedTensors, Strategy
+
+PERSONAL_KEY = "personal_experts"
+
+# What happens to a client's expert (l, e) after aggregation.
+ALIGNED, OWN, PAIRWISE, INACTIVE = 0, 1, 2, 3
+"""ALIGNED: drop its personal copy; OWN: keep its trained expert as personal copy;
+PAIRWISE: keep the gated mix of similar clients' experts; INACTIVE: unchanged (a personal
+copy it already has is refreshed with the trained one)."""
+
+
+@dataclass
+class ClientTable:
+    """Every sampled client's statistics, in client-id order (the same on every rank)."""
+    client_ids: list[int]
+    n: torch.Tensor
+    usage: torch.Tensor
+    load: torch.Tensor
+    tokens: torch.Tensor
+    signature: torch.Tensor | None
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[int, int, dict]]) -> "ClientTable":
+        rows = sorted(rows, key=lambda r: r[0])
+        stack = lambda key: torch.stack([r[2][key] for r in rows])  # noqa: E731
+        has_signature = rows[0][2].get("signature") is not None
+        return cls([r[0] for r in rows], torch.tensor([float(r[1]) for r in rows]), stack("usage"),
+                   stack("load"), stack("tokens"), stack("signature") if has_signature else None)
+
+
+@dataclass
+class AggregationPlan:
+    weights: ExpertwiseWeights
+    personal: torch.Tensor | None = None
+    """(N, L, E) codes ALIGNED / OWN / PAIRWISE / INACTIVE; None: no personal experts."""
+    gates: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    """(layer position, expert) -> (N, N) pairwise personalisation weights."""
+    diagnostics: dict = field(default_factory=dict)
+
+
+class ExpertwiseStrategy(Strategy):
+    comm_path = "reduce"
+
+    def __init__(self, config, anatomy=None, store=None):
+        super().__init__(config, anatomy, store)
+        self.layer_pos = {layer: i for i, layer in enumerate(anatomy.layers())} if anatomy is not None else {}
+
+    @abstractmethod
+    def plan(self, table: ClientTable) -> AggregationPlan:
+        """Aggregation weights (and personal-expert decisions) from the statistics alone."""
+
+    # -- client side -------------------------------------------------------------------
+    def client_start_state(self, client_id, global_state, store):
+        personal = store.get(client_id, PERSONAL_KEY)
+        if not personal:
+            return global_state
+        state = dict(global_state)
+        for key, value in personal.items():
+            name, expert = key.rsplit("|", 1)
+            if state[name] is global_state[name]:
+                state[name] = global_state[name].clone()
+            self.anatomy.put_expert(name, state[name], int(expert), value)
+        return state
+
+    # -- coordinator side ----------------------------------------------------------------
+    def aggregate(self, global_state: NamedTensors, updates: list[ClientUpdate], comm):
+        mine = [(u.client_id, u.num_examples, u.stats) for u in updates]
+        table = ClientTable.from_rows([row for part in comm.all_gather_objects(mine) for row in part])
+        plan = self.plan(table)
+        row_of = {cid: i for i, cid in enumerate(table.client_ids)}
+        if self.comm_path == "reduce":
+            partial = weighted_delta_sum([u.delta for u in updates], [row_of[u.client_id] for u in updates],
+                                         plan.weights, self.anatomy, self.layer_pos, like=global_state)
+            new_state = apply_delta(global_state, comm.all_reduce_sum(partial))
+            everyone = None
+        else:
+            everyone = self._gather_deltas(updates, global_state, comm)
+            if comm.is_coordinator:
+                ids = sorted(everyone)
+                total = weighted_delta_sum([everyone[c] for c in ids], [row_of[c] for c in ids], plan.weights,
+                                           self.anatomy, self.layer_pos, like=global_state)
+                new_state = apply_delta(global_state, total)
+            else:
+                new_state = {n: t.clone() for n, t in global_state.items()}
+            comm.broadcast_(new_state)
+        if plan.personal is not None and self.store is not None:
+            for update in updates:
+                self._keep_personal_experts(update, row_of[update.client_id], plan, global_state, everyone, row_of)
+        return new_state, plan.diagnostics
+
+    @staticmethod
+    def _gather_deltas(updates, like, comm) -> dict[int, NamedTensors]:
+        rows = torch.stack([flatten(u.delta) for u in updates]) if updates else torch.zeros(0, len(flatten(like)))
+        ids = comm.all_gather_objects([u.client_id for u in updates])
+        blocks = comm.all_gather_rows(rows)
+        return {cid: unflatten(row, like) for part_ids, block in zip(ids, blocks)
+                for cid, row in zip(part_ids, block)}
+
+    def _keep_personal_experts(self, update: ClientUpdate, row: int, plan: AggregationPlan,
+                               start_global: NamedTensors, everyone, row_of) -> None:
+        """A client outside the aligned set keeps its expert; aligned again, it drops it."""
+        personal = self.store.get(update.client_id, PERSONAL_KEY) or {}
+        for name in self.anatomy.names_of("expert", "expert_lora_A", "expert_lora_B", among=update.delta):
+            li = self.layer_pos[self.anatomy.role(name).layer]
+            for e in range(self.anatomy.num_experts):
+                key, code = f"{name}|{e}", int(plan.personal[row, li, e])
+                if code == ALIGNED:
+                    personal.pop(key, None)
+                    continue
+                if code == INACTIVE and key not in personal:
+                    continue
+                if code == PAIRWISE:
+                    gate = plan.gates[(li, e)][row]
+                    mixed = sum(float(gate[row_of[c]]) * self.anatomy.expert_slice(name, d[name], e)
+                                for c, d in everyone.items() if gate[row_of[c]] > 0)
+                    value = self.anatomy.expert_slice(name, start_global[name], e).float() + mixed
+                else:  # OWN, or INACTIVE with a copy: its trained expert = global + delta
+                    value = (self.anatomy.expert_slice(name, start_global[name], e).float()
+                             + self.anatomy.expert_slice(name, update.delta[name], e))
+                personal[key] = value.clone()
+        if personal:
+            self.store.put(update.client_id, PERSONAL_KEY, personal)
+        else:
+            self.store.drop(update.client_id, PERSONAL_KEY)

@@ -1,0 +1,103 @@
+"""FedAlign-MoE as specified in ../shared/design/fedalign_moe.md: routing-consistency
+weighted, row-wise router aggregation; a batch-level KL regulariser toward the global
+routing prior; semantic-consistency-gated expert averaging with personal experts."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedalign_dist.aggregation import alignment as A
+from fedalign_dist.aggregation.expertwise import ExpertwiseWeights
+from fedalign_dist.clients.routing_stats import StatsRequest
+from fedalign_dist.strategies.base import register
+from fedalign_dist.strategies.expertwise import (ALIGNED, INACTIVE, OWN, PAIRWISE, AggregationPlan, ClientTable,
+                                                 ExpertwiseStrategy)
+
+
+@register("fedalign")
+class FedAlign(ExpertwiseStrategy):
+    def __init__(self, config, anatomy=None, store=None):
+        super().__init__(config, anatomy, store)
+        self.knobs = config.strategy.fedalign
+        self.comm_path = self.knobs.comm
+        self.prior: torch.Tensor | None = None
+        """(L, E) global routing prior pi; None = uniform (before the first aggregation)."""
+
+    @property
+    def stats_request(self):
+        k = self.knobs
+        return StatsRequest(batches=k.stats_batches, signature=k.signature, signature_dim=k.signature_dim,
+                            seed=self.config.seed)
+
+    # -- client side -------------------------------------------------------------------
+    @property
+    def wants_router_probs(self) -> bool:
+        return self.knobs.mu > 0
+
+    def routing_regularizer(self, router_probs):
+        """mu * sum_l KL(qbar_l || pi_l), qbar_l = the batch's mean routing distribution."""
+        if self.knobs.mu == 0:
+            return None
+        total = 0.0
+        for li, probs in enumerate(router_probs):
+            qbar = probs.mean(0)
+            prior = (torch.full_like(qbar, 1.0 / qbar.numel()) if self.prior is None
+                     else self.prior[li].to(qbar.device, qbar.dtype))
+            total = total + A.kl_divergence(qbar, prior)
+        return self.knobs.mu * total
+
+    # -- coordinator side ----------------------------------------------------------------
+    def plan(self, table: ClientTable) -> AggregationPlan:
+        k, n, usage = self.knobs, table.n, table.usage
+        consensus = A.consensus_distribution(usage, n)
+        js = A.js_divergence(usage, consensus.unsqueeze(0))
+        consistency = A.routing_consistency(usage, consensus, k.consistency_temperature)
+        router_w = A.consistency_weights(n, consistency, usage)
+        self.prior = A.routing_prior(n, consistency, usage)
+
+        active = A.active_mask(table.tokens, k.min_tokens)
+        aligned = torch.zeros_like(active)
+        num_clients, num_layers, num_experts = usage.shape
+        taus, sims, gates = torch.full((num_layers, num_experts), math.nan), [], {}
+        select = A.pairwise_selection if k.mode == "pairwise" else A.centroid_selection
+        for li in range(num_layers):
+            for e in range(num_experts):
+                chosen = select(table.signature[:, li, e], n * usage[:, li, e], active[:, li, e], k.beta)
+                aligned[:, li, e] = chosen.aligned
+                taus[li, e] = chosen.tau
+                sims.append(chosen.similarity_mean)
+                if chosen.gate is not None:
+                    gates[(li, e)] = chosen.gate
+        expert_w = A.expert_update_weights(n, usage, aligned)
+
+        personal = torch.full(active.shape, INACTIVE, dtype=torch.int8)
+        personal[active & ~aligned] = PAIRWISE if k.mode == "pairwise" else OWN
+        personal[aligned] = ALIGNED
+        weights = ExpertwiseWeights(other=n / n.sum(), router=router_w, expert=expert_w)
+        return AggregationPlan(weights, personal, gates, self._diagnostics(table, consensus, js, consistency,
+                                                                           active, aligned, taus, sims))
+
+    def _diagnostics(self, table, consensus, js, consistency, active, aligned, taus, sims) -> dict:
+        def nanmean(values) -> float | None:
+            values = torch.as_tensor(values, dtype=torch.float64).flatten()
+            values = values[~values.isnan()]
+            return float(values.mean()) if values.numel() else None
+
+        layers = self.anatomy.layers() if self.anatomy is not None else list(range(consensus.shape[0]))
+        out = {"routing_js_mean": float(js.mean()), "consistency_mean": float(consistency.mean()),
+               "consistency_min": float(consistency.min()),
+               "aligned_fraction": float(aligned.sum()) / max(int(active.sum()), 1),
+               "tau_mean": nanmean(taus), "similarity_mean": nanmean(sims)}
+        for li, layer in enumerate(layers):
+            out[f"aligned_fraction_l{layer}"] = float(aligned[:, li].sum()) / max(int(active[:, li].sum()), 1)
+            out[f"tau_l{layer}"] = nanmean(taus[li])
+        out["routing"] = {"consensus": consensus.tolist(), "prior": self.prior.tolist(),
+                          "client_usage": {str(c): table.usage[i].tolist() for i, c in enumerate(table.client_ids)}}
+        return out
+
+    def state_dict(self):
+        return {"prior": self.prior}
+
+    def load_state_dict(self, state):
+        self.prior = state.get("prior")
