@@ -31,6 +31,13 @@ class RunConfig(_Section):
     resume: bool = False
     """Continue the run folder's latest checkpoint (global, strategy and client states)."""
 
+    @model_validator(mode="after")
+    def _check(self):
+        if self.resume and self.overwrite:
+            raise ValueError("run.resume=true continues the existing run folder; run.overwrite=true would delete "
+                             "it: set only one of them")
+        return self
+
 
 class LoraConfigSection(_Section):
     rank: int = Field(4, ge=1)

@@ -46,6 +46,9 @@ def _olmoe(size, E, k, **kw):
 
 def _deepseek_v3(size, E, k, **kw):
     head = size["hidden"] // size["heads"]
+    # Multi-head latent attention gives every head its own key and value: grouped KV heads
+    # would make sdpa repeat them and break as soon as an attention mask is passed.
+    kw["num_key_value_heads"] = kw["num_attention_heads"]
     return tf.DeepseekV3Config(**kw, intermediate_size=size["ffn"], moe_intermediate_size=size["ffn"],
                                n_routed_experts=E, num_experts_per_tok=k, n_shared_experts=1,
                                first_k_dense_replace=0, n_group=1, topk_group=1, q_lora_rank=None,

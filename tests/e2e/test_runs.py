@@ -59,7 +59,7 @@ def test_demo_two_ranks_writes_the_run_folder(tmp_path, tiny_overrides):
     model = AutoModelForCausalLM.from_pretrained(run / "final/model")
     key = next(k for k in final if k.endswith("mlp.gate.weight"))
     torch.testing.assert_close(model.state_dict()[key], final[key])
-    assert "round   1 | fedavg" in out.stdout + out.stderr
+    assert "round   1 | fedalign" in out.stdout + out.stderr
 
 
 def test_lora_fedprox_zero2_run_saves_a_loadable_peft_adapter(tmp_path, tiny_overrides):

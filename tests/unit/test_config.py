@@ -52,3 +52,17 @@ def test_bad_values_fail_with_the_key(override, words):
 def test_override_without_equals_is_an_error():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(DEMO, ["fed.rounds"])
+
+
+def test_fedalign_knobs_are_validated():
+    cfg = load_config("configs/demo.yaml", ["strategy.fedalign.beta=inf", "strategy.fedalign.consistency_temperature=inf",
+                                            "strategy.fedalign.mu=0"])
+    assert math.isinf(cfg.strategy.fedalign.beta) and cfg.strategy.fedalign.mu == 0
+    with pytest.raises(ConfigError, match="comm=allgather"):
+        load_config("configs/demo.yaml", ["strategy.fedalign.mode=pairwise"])
+    with pytest.raises(ConfigError, match="did you mean 'strategy.fedalign.signature'"):
+        load_config("configs/demo.yaml", ["strategy.fedalign.signatur=probe"])
+    with pytest.raises(ConfigError, match="signature"):
+        load_config("configs/demo.yaml", ["strategy.fedalign.signature=weights"])
+    with pytest.raises(ConfigError, match="mu"):
+        load_config("configs/demo.yaml", ["strategy.fedalign.mu=-1"])

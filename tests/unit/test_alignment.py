@@ -1,0 +1,153 @@
+"""FedAlign-MoE formulas on hand-computed cases: 3 clients, 2 layers, 4 experts. Expected
+values are written out with plain Python arithmetic, not with the code under test."""
+import math
+
+import pytest
+import torch
+
+from fedalign_dist.aggregation import alignment as A
+
+N_EX = torch.tensor([10.0, 20.0, 30.0])
+# usage[i][l] over 4 experts
+U = torch.tensor([
+    [[0.7, 0.1, 0.1, 0.1], [0.4, 0.3, 0.2, 0.1]],
+    [[0.1, 0.7, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]],
+    [[0.25, 0.25, 0.25, 0.25], [0.25, 0.25, 0.25, 0.25]],
+])
+
+
+def _kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def _js(p, q):
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    return 0.5 * _kl(p, m) + 0.5 * _kl(q, m)
+
+
+def test_consensus_is_examples_weighted_mean():
+    pbar = A.consensus_distribution(U, N_EX)
+    assert pbar.shape == (2, 4)
+    torch.testing.assert_close(pbar[0], torch.tensor([16.5, 22.5, 10.5, 10.5]) / 60)
+    torch.testing.assert_close(pbar[1], torch.tensor([4 + 2 + 7.5, 3 + 4 + 7.5, 2 + 6 + 7.5, 1 + 8 + 7.5]) / 60)
+
+
+def test_js_divergence_matches_hand_value_and_bounds():
+    p, q = [0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]
+    assert float(A.js_divergence(torch.tensor(p), torch.tensor(q))) == pytest.approx(_js(p, q), rel=1e-5)
+    assert float(A.js_divergence(torch.tensor(p), torch.tensor(p))) == pytest.approx(0.0, abs=1e-7)
+    disjoint = A.js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    assert float(disjoint) == pytest.approx(math.log(2), rel=1e-4)
+
+
+def test_consistency_weights_and_prior_by_hand():
+    pbar = A.consensus_distribution(U, N_EX)
+    c = A.routing_consistency(U, pbar, temperature=0.1)
+    for i in range(3):
+        for l in range(2):
+            expected = math.exp(-_js(U[i, l].tolist(), pbar[l].tolist()) / 0.1)
+            assert float(c[i, l]) == pytest.approx(expected, rel=1e-5)
+    w = A.consistency_weights(N_EX, c, U)
+    for l in range(2):
+        for e in range(4):
+            mass = [float(N_EX[i] * c[i, l] * U[i, l, e]) for i in range(3)]
+            for i in range(3):
+                assert float(w[i, l, e]) == pytest.approx(mass[i] / sum(mass), rel=1e-5)
+    prior = A.routing_prior(N_EX, c, U)
+    for l in range(2):
+        mass = [sum(float(N_EX[i] * c[i, l] * U[i, l, e]) for i in range(3)) + 1e-8 for e in range(4)]
+        torch.testing.assert_close(prior[l], torch.tensor([m / sum(mass) for m in mass]))
+
+
+def test_infinite_temperature_switches_consistency_off():
+    c = A.routing_consistency(U, A.consensus_distribution(U, N_EX), temperature=math.inf)
+    assert torch.equal(c, torch.ones(3, 2))
+
+
+def test_weights_sum_to_one_per_expert():
+    c = A.routing_consistency(U, A.consensus_distribution(U, N_EX), 0.1)
+    torch.testing.assert_close(A.consistency_weights(N_EX, c, U).sum(0), torch.ones(2, 4))
+    aligned = torch.tensor([[[True] * 4] * 2, [[True, False, True, False]] * 2, [[False, False, True, True]] * 2])
+    w = A.expert_update_weights(N_EX, U, aligned)
+    torch.testing.assert_close(w.sum(0), torch.ones(2, 4))
+    assert float(w[1, 0, 1]) == 0.0 and float(w[2, 0, 0]) == 0.0
+    # expert 1, layer 0: only client 0 aligned -> weight 1
+    assert float(w[0, 0, 1]) == pytest.approx(1.0)
+    # expert 2, layer 0: all three: n_i u_i(2) = 1, 2, 7.5
+    assert float(w[2, 0, 2]) == pytest.approx(7.5 / 10.5)
+
+
+def test_active_mask_and_token_weights():
+    tokens = torch.tensor([[[0.0, 5, 1, 2]], [[0, 0, 3, 2]], [[4, 0, 0, 0]]])
+    assert A.active_mask(tokens, 1).tolist() == [[[False, True, True, True]], [[False, False, True, True]],
+                                                  [[True, False, False, False]]]
+    w = A.token_weights(tokens)
+    torch.testing.assert_close(w[:, 0, 2], torch.tensor([0.25, 0.75, 0.0]))
+    torch.testing.assert_close(w[:, 0, 3], torch.tensor([0.5, 0.5, 0.0]))
+    assert float(w[2, 0, 0]) == 1.0 and float(w[:, 0, 1].sum()) == 1.0
+
+
+# Signatures of one (layer, expert) for 3 clients: (1,0), (0,1), (1,1)/sqrt 2; masses 1, 1, 2.
+H = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+MASS = torch.tensor([1.0, 1.0, 2.0])
+ALL = torch.ones(3, dtype=torch.bool)
+R = 1 / math.sqrt(2)
+
+
+def test_centroid_selection_by_hand():
+    # z = normalise(1*(1,0) + 1*(0,1) + 2*(r,r)) = (r, r): s = (r, r, 1)
+    s = [R, R, 1.0]
+    mean = sum(s) / 3
+    std = math.sqrt(sum((x - mean) ** 2 for x in s) / 3)
+    wide = A.centroid_selection(H, MASS, ALL, beta=1.0)
+    assert wide.tau == pytest.approx(mean - std, rel=1e-6)
+    assert wide.aligned.tolist() == [True, True, True]
+    assert wide.similarity_mean == pytest.approx(mean, rel=1e-6)
+    strict = A.centroid_selection(H, MASS, ALL, beta=0.0)
+    assert strict.tau == pytest.approx(mean, rel=1e-6)
+    assert strict.aligned.tolist() == [False, False, True]
+
+
+def test_pairwise_selection_by_hand():
+    # sims: 12 = 0, 13 = 23 = r; pairs i != j: mean M = 2r/3, population std S
+    pairs = [0.0, R, R]
+    m = sum(pairs) / 3
+    s = math.sqrt(sum((x - m) ** 2 for x in pairs) / 3)
+    wide = A.pairwise_selection(H, MASS, ALL, beta=1.0)
+    assert wide.tau == pytest.approx(m - s, rel=1e-6)
+    assert wide.aligned.tolist() == [True, True, True]
+    strict = A.pairwise_selection(H, MASS, ALL, beta=0.0)
+    assert strict.tau == pytest.approx(m, rel=1e-6)
+    # row means: (0 + r)/2, (0 + r)/2, r -> only client 2 reaches tau = 2r/3
+    assert strict.aligned.tolist() == [False, False, True]
+    # client 0 links to itself and to client 2 (sim r >= tau): weights 1 : 2
+    torch.testing.assert_close(strict.gate[0], torch.tensor([1 / 3, 0.0, 2 / 3], dtype=torch.float64))
+    torch.testing.assert_close(strict.gate.sum(1), torch.ones(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("select", [A.centroid_selection, A.pairwise_selection])
+def test_small_n_fallback_and_inactive_clients(select):
+    two_active = torch.tensor([True, False, True])
+    chosen = select(H, MASS, two_active, beta=0.0)
+    assert chosen.aligned.tolist() == [True, False, True] and math.isnan(chosen.tau)
+    none = select(H, MASS, torch.zeros(3, dtype=torch.bool), beta=1.0)
+    assert not none.aligned.any()
+    everyone = select(H, MASS, ALL, beta=math.inf)
+    assert everyone.aligned.all() and math.isnan(everyone.tau)
+
+
+@pytest.mark.parametrize("select", [A.centroid_selection, A.pairwise_selection])
+def test_aligned_set_is_never_empty(select):
+    # A huge negative beta puts tau above every score; the best client still stays in.
+    chosen = select(H, MASS, ALL, beta=-100.0)
+    assert chosen.aligned.sum() == 1
+
+
+def test_kl_regulariser_is_zero_at_the_prior_and_differentiable():
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25], requires_grad=True)
+    assert float(A.kl_divergence(q.detach(), torch.full((4,), 0.25))) == pytest.approx(0.0, abs=1e-7)
+    p = torch.tensor([0.6, 0.2, 0.1, 0.1])
+    value = A.kl_divergence(q, p)
+    assert float(value) == pytest.approx(_kl([0.25] * 4, p.tolist()), rel=1e-5)
+    value.backward()
+    assert torch.isfinite(q.grad).all()
