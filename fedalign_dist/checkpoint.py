@@ -1,9 +1,11 @@
 """Saving run state: periodic checkpoints (atomic) and the final artefacts. Rank 0 calls these."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -54,16 +56,50 @@ def commit_checkpoint(run_dir: Path, round_idx: int, global_state: dict, strateg
     tmp, target = staging_dir(run_dir, round_idx), checkpoint_dir(run_dir, round_idx)
     save_file({n: t.contiguous() for n, t in global_state.items()}, str(tmp / "global.safetensors"))
     torch.save(strategy_state, tmp / "strategy.pt")
-    (tmp / "meta.json").write_text(json.dumps({"round": round_idx}))
+    # The manifest is written last: a checkpoint without it, or whose files do not match
+    # it, is incomplete or corrupt.
+    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / "meta.json").write_text(json.dumps({"round": round_idx, "files": files}))
     _publish(tmp, target)
     for old in sorted((run_dir / "checkpoints").glob("round_?????"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p for p in (run_dir / "checkpoints").glob("round_?????") if (p / "meta.json").is_file())
-    return done[-1] if done else None
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        files = meta["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"no readable manifest ({type(err).__name__})"
+    for rel, digest in files.items():
+        path = folder / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if _sha256(path) != digest:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
+    """The newest intact checkpoint; damaged newer ones are skipped with a warning."""
+    for folder in sorted((run_dir / "checkpoints").glob("round_?????"), reverse=True):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            return folder
+        if warn:
+            print(f"WARNING: checkpoint {folder} is unusable ({problem}); trying the previous one",
+                  file=sys.stderr, flush=True)
+    return None
 
 
 def load_checkpoint(folder: Path) -> tuple[int, dict, dict]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,12 +28,13 @@ class RunConfig(_Section):
     output_dir: str = "runs"
     overwrite: bool = False
     """Replace an existing run folder instead of refusing to start."""
-    resume: bool = False
-    """Continue the run folder's latest checkpoint (global, strategy and client states)."""
+    resume: Union[bool, Literal["auto"]] = False
+    """Continue the run folder's latest intact checkpoint (global, strategy and client states):
+    true = it must exist; auto = if there is one, else start (how a restarted job resumes)."""
 
     @model_validator(mode="after")
     def _check(self):
-        if self.resume and self.overwrite:
+        if self.resume is not False and self.overwrite:
             raise ValueError("run.resume=true continues the existing run folder; run.overwrite=true would delete "
                              "it: set only one of them")
         return self

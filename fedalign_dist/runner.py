@@ -45,8 +45,14 @@ class Runner:
         self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
         self.trainable_bytes = sum(t.numel() * 4 for t in self.global_state.values())
         self.start_round, self.past_records = 0, []
-        if cfg.run.resume:
-            self.resume()
+        if cfg.run.resume is not False:
+            # The coordinator picks the checkpoint (checksums verified once) for every rank.
+            folder = checkpoint.latest_checkpoint(self.run_dir) if env.is_coordinator else None
+            folder = self.side.all_gather_objects(folder)[0]
+            if folder is not None:
+                self.resume(folder)
+            elif cfg.run.resume is True:
+                raise FileNotFoundError(f"run.resume=true but {self.run_dir} has no intact checkpoint")
 
     # -- one round ---------------------------------------------------------------------
     def run_round(self, round_idx: int) -> dict | None:
@@ -170,11 +176,7 @@ class Runner:
             checkpoint.commit_checkpoint(self.run_dir, round_idx, self.global_state, self.strategy.state_dict(),
                                          self.cfg.checkpoint.keep)
 
-    def resume(self) -> None:
-        folder = checkpoint.latest_checkpoint(self.run_dir)
-        if folder is None:
-            raise FileNotFoundError(f"run.resume=true but {self.run_dir} has no completed checkpoint "
-                                    f"(set checkpoint.every to write them)")
+    def resume(self, folder: Path) -> None:
         done, global_state, strategy_state = checkpoint.load_checkpoint(folder)
         self.global_state = {n: global_state[n] for n in self.global_state}
         self.strategy.load_state_dict(strategy_state)
@@ -188,6 +190,7 @@ class Runner:
         barrier()  # every rank has read the old metrics before the coordinator rewrites them
         if self.env.is_coordinator:
             metrics.write_text("".join(json.dumps(r) + "\n" for r in self.past_records))
+            print(f"resumed from {folder.name}: continuing at round {self.start_round}", flush=True)
 
     # -- whole run ---------------------------------------------------------------------
     def run(self, progress: bool = True) -> list[dict]:
@@ -225,10 +228,13 @@ def prepare_run_dir(cfg: Config) -> Path:
     """Rank 0, before training: refuse to overwrite unless told; save the resolved config."""
     import shutil
     run_dir = cfg.run_dir
-    if cfg.run.resume:
-        if checkpoint.latest_checkpoint(run_dir) is None:
-            raise FileNotFoundError(f"run.resume=true but {run_dir} has no completed checkpoint to resume from")
-        return run_dir
+    if cfg.run.resume is not False and checkpoint.latest_checkpoint(run_dir, warn=False) is not None:
+        return run_dir  # the Runner restores it
+    if cfg.run.resume is True:
+        raise FileNotFoundError(f"run.resume=true but {run_dir} has no intact checkpoint to resume from "
+                                f"(checkpoint.every writes them)")
+    if cfg.run.resume == "auto" and run_dir.exists() and not (run_dir / "final").exists():
+        shutil.rmtree(run_dir)  # a run that died before its first checkpoint: start it again
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.run.overwrite:
             raise FileExistsError(f"run folder {run_dir} already exists: choose another run.name, "

@@ -52,9 +52,23 @@ def init_distributed(backend: str = "auto") -> DistEnv:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                store=_restart_store(rank, world, timeout))
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=device)
+
+
+def _restart_store(rank: int, world: int, timeout) -> "dist.Store | None":
+    """After a torchrun restart the agent's store still holds the dead workers' gloo
+    addresses under the same keys (seen with torch 2.13): the new workers would connect to
+    them. A prefix per restart attempt keeps the generations apart. None: the default."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0:
+        return None
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                         is_master=not agent_hosts and rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"/fedalign_dist/attempt_{attempt}", base)
 
 
 def shutdown() -> None:

@@ -1,0 +1,47 @@
+"""Surviving failures: a rank killed mid-round under torchrun --max-restarts=1 costs at most
+one round and changes nothing; damaged checkpoints are detected and skipped."""
+import torch
+from safetensors.torch import load_file
+
+from fedalign_dist import checkpoint
+from tests.conftest import free_port, torchrun
+from tests.faults import final_records, run_and_kill
+
+TRAIN = ["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml"]
+
+
+def test_killed_rank_restarts_resumes_and_matches_uninterrupted_run(tmp_path, tiny_overrides):
+    common = tiny_overrides + ["fed.rounds=4", "checkpoint.every=1", "run.resume=auto",
+                               "strategy.fedalign.beta=0", "fed.num_clients=6"]
+    torchrun(TRAIN + common + ["run.name=clean"], nproc=2)
+    out = run_and_kill(TRAIN + common + ["run.name=killed"], tmp_path / "killed", free_port(),
+                       kill_rank=1, after_rounds=2)
+    assert out["killed_pid"] is not None, out["output"][-3000:]
+    assert out["returncode"] == 0, out["output"][-5000:]
+    assert "resumed from round_00001: continuing at round 2" in out["output"]
+    assert [r["round"] for r in final_records(tmp_path / "killed")] == [0, 1, 2, 3]
+    clean = load_file(tmp_path / "clean/final/global.safetensors")
+    resumed = load_file(tmp_path / "killed/final/global.safetensors")
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean), "resumed run differs from the clean run"
+
+
+def test_corrupt_or_partial_latest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_overrides, capfd):
+    torchrun(TRAIN + tiny_overrides + ["run.name=r", "fed.rounds=3", "checkpoint.every=1", "checkpoint.keep=3"],
+             nproc=1)
+    run = tmp_path / "r"
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["round_00000", "round_00001", "round_00002"]
+    assert checkpoint.latest_checkpoint(run).name == "round_00002"
+    # flip one byte of the newest global state: its checksum no longer matches
+    target = run / "checkpoints/round_00002/global.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert checkpoint.latest_checkpoint(run).name == "round_00001"
+    assert "round_00002 is unusable (global.safetensors does not match its checksum)" in capfd.readouterr().err
+    # a partial one (no manifest yet) is skipped too
+    (run / "checkpoints/round_00001/meta.json").unlink()
+    assert checkpoint.latest_checkpoint(run).name == "round_00000"
+    out = torchrun(TRAIN + tiny_overrides + ["run.name=r", "fed.rounds=3", "checkpoint.every=1",
+                                             "checkpoint.keep=3", "run.resume=true"], nproc=1)
+    assert "continuing at round 1" in out.stdout + out.stderr
+    assert [r["round"] for r in final_records(run)] == [0, 1, 2]
