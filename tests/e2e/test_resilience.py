@@ -45,3 +45,4 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back_to_the_previous(tmp_pat
                                              "checkpoint.keep=3", "run.resume=true"], nproc=1)
     assert "continuing at round 1" in out.stdout + out.stderr
     assert [r["round"] for r in final_records(run)] == [0, 1, 2]
+
