@@ -70,7 +70,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Literal["bbc_news", "news_outlets"] = "bbc_news"
+    name: Literal["bbc_news", "news_outlets", "health_tweets"] = "bbc_news"
     partition: Literal["dirichlet", "label_shards", "iid", "natural"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)
     """Dirichlet concentration (smaller = more skewed label mixes)."""
@@ -175,6 +175,9 @@ class CheckpointConfig(_Section):
 class EvalConfig(_Section):
     every: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
+    global_examples: Optional[int] = Field(None, ge=1)
+    """Evaluate the global model on this many pooled test examples (a seeded sample, the same
+    every round); None = all of them."""
 
 
 class DistConfig(_Section):

@@ -44,5 +44,9 @@ class MetricsWriter:
 
 def console_line(r: dict) -> str:
     return (f"round {r['round']:>3} | {r['strategy']} | loss {r['train_loss']:.4f} | "
-            f"global acc {r['global_accuracy']:.3f} | pers acc {r['personalized_accuracy']:.3f} | "
+            f"global acc {_fmt(r['global_accuracy'])} | pers acc {_fmt(r['personalized_accuracy'])} | "
             f"sent {r['bytes_sent'] / 1e6:.2f} MB | {r['time_round_s']:.1f} s")
+
+
+def _fmt(value) -> str:
+    return "  -  " if value is None else f"{value:.3f}"

@@ -130,7 +130,11 @@ class Runner:
     def evaluate_global(self) -> torch.Tensor:
         """The aggregated global model on the pooled test data, sharded over ranks."""
         self.trainer.load_state(self.global_state)
-        pooled = self.data.pooled("test")[self.env.rank::self.env.world_size]
+        pooled = self.data.pooled("test")
+        limit = self.cfg.eval.global_examples
+        if limit is not None and limit < len(pooled):
+            pooled = np.sort(np.random.default_rng([self.cfg.seed, 0xE7A1]).choice(pooled, limit, replace=False))
+        pooled = pooled[self.env.rank::self.env.world_size]
         return evaluate_sums(self.trainer.module, self.data.task, [self.data.prompts[i] for i in pooled],
                              [int(self.data.labels[i]) for i in pooled], self.cfg.eval.batch_size, self.env.device)
 
