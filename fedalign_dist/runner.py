@@ -233,6 +233,7 @@ def prepare_run_dir(cfg: Config) -> Path:
     import shutil
     run_dir = cfg.run_dir
     if cfg.run.resume is not False and checkpoint.latest_checkpoint(run_dir, warn=False) is not None:
+        check_resumable(cfg, run_dir / "config.yaml")
         return run_dir  # the Runner restores it
     if cfg.run.resume is True:
         raise FileNotFoundError(f"run.resume=true but {run_dir} has no intact checkpoint to resume from "
@@ -248,3 +249,31 @@ def prepare_run_dir(cfg: Config) -> Path:
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     return run_dir
 
+
+
+# Keys a resumed run may change: how it is run, not what it computes.
+_RESUME_FREE = {("run", "resume"), ("run", "overwrite"), ("fed", "rounds"), ("checkpoint", "every"),
+                ("checkpoint", "keep"), ("eval", "batch_size"), ("dist", "backend")}
+
+
+def check_resumable(cfg: Config, saved_path: Path) -> None:
+    """Resuming with a different experiment would silently mix two runs: refuse it."""
+    from fedalign_dist.config import ConfigError, load_config
+    if not saved_path.exists():
+        return
+    saved = load_config(saved_path).model_dump()
+    now = cfg.model_dump()
+
+    def leaves(tree, prefix=()):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from leaves(value, prefix + (key,))
+            else:
+                yield prefix + (key,), value
+
+    old = dict(leaves(saved))
+    changed = [".".join(k) for k, v in leaves(now) if k not in _RESUME_FREE and old.get(k) != v]
+    if changed:
+        raise ConfigError(f"cannot resume {saved_path.parent}: its run used different values of "
+                          f"{', '.join(changed)}; resume with the same configuration (only "
+                          f"{', '.join('.'.join(k) for k in sorted(_RESUME_FREE))} may change) or start a new run.name")

@@ -45,3 +45,26 @@ def test_partition_command_prints_table_and_writes_png(tmp_path):
     lines = out.stdout.splitlines()
     assert "business" in lines[1] and len([l for l in lines if l.strip()[:1].isdigit()]) == 8
     assert png.stat().st_size > 1000
+
+
+def test_resume_refuses_what_cannot_be_resumed(tmp_path):
+    finished = tmp_path / "demo"
+    (finished / "final").mkdir(parents=True)
+    (finished / "metrics.jsonl").write_text("precious\n")
+    base = ["train", "--config", "configs/demo.yaml", f"run.output_dir={tmp_path}"]
+    assert "no intact checkpoint" in _fail(base + ["run.resume=true"])
+    # auto with a finished run and no checkpoint: nothing to resume, and it is not deleted
+    assert "run.overwrite=true" in _fail(base + ["run.resume=auto"])
+    assert (finished / "metrics.jsonl").read_text() == "precious\n"
+    assert "set only one of them" in _fail(base + ["run.resume=true", "run.overwrite=true"])
+
+
+def test_resume_with_a_different_experiment_is_refused(tmp_path, tiny_overrides):
+    from fedalign_dist import checkpoint
+    from tests.conftest import torchrun
+    torchrun(["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml", *tiny_overrides, "run.name=r",
+              "fed.rounds=1", "checkpoint.every=1"], nproc=1)
+    assert checkpoint.latest_checkpoint(tmp_path / "r") is not None
+    err = _fail(["train", "--config", "configs/demo.yaml", *tiny_overrides, "run.name=r", "run.resume=true",
+                 "strategy.name=fedavg", "fed.rounds=2"])
+    assert "different values of strategy.name" in err and "fed.rounds" not in err.split("may change")[0]
