@@ -252,7 +252,8 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 
 # Keys a resumed run may change: how it is run, not what it computes.
-_RESUME_FREE = {("run", "resume"), ("run", "overwrite"), ("fed", "rounds"), ("checkpoint", "every"),
+_RESUME_FREE = {("run", "name"), ("run", "output_dir"), ("run", "resume"), ("run", "overwrite"), ("fed", "rounds"),
+                ("checkpoint", "every"),
                 ("checkpoint", "keep"), ("eval", "batch_size"), ("dist", "backend")}
 
 
