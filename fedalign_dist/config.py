@@ -46,7 +46,8 @@ class LoraConfigSection(_Section):
 
 
 class ModelConfig(_Section):
-    family: Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"] = "mixtral"
+    family: Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama"] = "mixtral"
+    """An MoE family, or `llama` (dense; for strategy fedamole, which adds its own LoRA experts)."""
     preset: Optional[Literal["tiny", "small"]] = "tiny"
     """Build a randomly initialised model of this size from a config (offline)."""
     path: Optional[str] = None
@@ -142,6 +143,31 @@ class FedAlignConfig(_Section):
         return self
 
 
+class FedAMoLEConfig(_Section):
+    """FedAMoLE knobs (../shared/design/fedamole.md)."""
+    num_experts: int = Field(30, ge=2)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    top_k: int = Field(2, ge=1)
+    expert_choices: int = Field(2, ge=1)
+    """beta: how many clients every expert selects (holds it) per round."""
+    max_experts: int = Field(8, ge=2)
+    """M: the most routed experts one client may hold per layer (at least 2)."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    aux_fraction: float = Field(0.05, gt=0, le=1)
+    """Share of a client's training examples (at most aux_max) used for its embeddings."""
+    aux_max: int = Field(200, ge=1)
+    weighting: Literal["examples", "uniform"] = "examples"
+    """Averages over holders / clients weighted by examples, or equally (the original code)."""
+    balance_coef: float = Field(0.001, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k > self.max_experts:
+            raise ValueError(f"strategy.fedamole.top_k ({self.top_k}) must be <= max_experts ({self.max_experts})")
+        return self
+
+
 class FedMoEConfig(_Section):
     stats_batches: int = Field(2, ge=1)
     """Local batches over which routed-token counts are measured after training."""
@@ -152,6 +178,7 @@ class StrategyConfig(_Section):
     fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
     fedalign: FedAlignConfig = Field(default_factory=FedAlignConfig)
     fedmoe: FedMoEConfig = Field(default_factory=FedMoEConfig)
+    fedamole: FedAMoLEConfig = Field(default_factory=FedAMoLEConfig)
 
 
 class DeepSpeedConfig(_Section):
@@ -202,6 +229,16 @@ class Config(_Section):
         from fedalign_dist.strategies import registered_strategies
         if self.strategy.name not in registered_strategies():
             raise ValueError(_unknown("strategy.name", self.strategy.name, registered_strategies()))
+        dense = self.model.family == "llama"
+        if self.strategy.name == "fedamole" and not dense:
+            raise ValueError("strategy.name=fedamole adds its own LoRA experts to a dense model: set model.family=llama")
+        if dense and self.strategy.name != "fedamole":
+            raise ValueError(f"model.family=llama is a dense model; strategy {self.strategy.name} needs an MoE family "
+                             f"(or use strategy.name=fedamole)")
+        if self.strategy.name == "fedamole":
+            from fedalign_dist.aggregation.rsea import check_feasible
+            k = self.strategy.fedamole
+            check_feasible(k.num_experts, self.fed.num_clients, k.expert_choices, k.max_experts)
         if self.data.partition == "natural" and self.data.name != "news_outlets":
             raise ValueError("data.partition=natural needs a data set with natural clients (data.name=news_outlets)")
         if self.data.tokenizer == "model" and self.model.path is None:

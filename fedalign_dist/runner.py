@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from fedalign_dist import checkpoint
+from fedalign_dist.clients.amole_stats import amole_embeddings, aux_indices
 from fedalign_dist.clients.routing_stats import probe_batch, routing_statistics
 from fedalign_dist.clients.state import make_client_store
 from fedalign_dist.clients.trainer import LocalTrainer, client_batches
@@ -21,6 +22,7 @@ from fedalign_dist.dist.env import DistEnv
 from fedalign_dist.dist.placement import clients_of_rank, round_clients_on_rank
 from fedalign_dist.eval import evaluate_sums, summarise
 from fedalign_dist.metrics import MetricsWriter, console_line, peak_rss_mb
+from fedalign_dist.models.amole import set_held
 from fedalign_dist.models.build import build_base_model, build_model
 from fedalign_dist.models.router_tap import RouterTap
 from fedalign_dist.strategies import ClientUpdate, build_strategy
@@ -96,6 +98,9 @@ class Runner:
         cfg, data = self.cfg, self.data
         start = self.strategy.client_start_state(client_id, self.global_state, self.store)
         self.trainer.load_state(start)
+        architecture = self.strategy.client_architecture(client_id)
+        if architecture is not None:
+            set_held(self.trainer.module, architecture)
         if cfg.local.reset_optimizer:
             self.trainer.reset_optimizer()
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client_id]).generate_state(1)[0]))
@@ -111,7 +116,9 @@ class Runner:
         delta = {n: trained[n] - self.global_state[n].float() for n in trained}
 
         t_stats, stats, request = time.perf_counter(), {}, self.strategy.stats_request
-        if request is not None:
+        if request is not None and request.kind == "amole":
+            stats = amole_embeddings(self.trainer.module, self.aux_batches(client_id), self.env.device)
+        elif request is not None:
             stats = routing_statistics(self.trainer.module, self.anatomy.family, self.anatomy.num_experts,
                                        batches(request.batches), request, self.env.device, self.probe)
         t_eval = time.perf_counter()
@@ -122,14 +129,26 @@ class Runner:
         return update, sums, {"stats": t_eval - t_stats, "eval": time.perf_counter() - t_eval}
 
     def local_loss(self, model, batch, tap: RouterTap | None):
-        """(objective, task loss): the answer loss plus the strategy's routing regulariser."""
+        """(objective, task loss): the answer loss plus the strategy's routing regulariser and
+        any loss the model recorded (FedAMoLE's load balance)."""
         loss = answer_loss(model, batch, self.data.task.window, self.aux_coef)
-        extra = self.strategy.routing_regularizer(tap.router_probs(batch["attention_mask"])) if tap else None
-        return (loss if extra is None else loss + extra), loss
+        extras = [self.strategy.routing_regularizer(tap.router_probs(batch["attention_mask"])) if tap else None,
+                  self.strategy.model_loss(self.trainer.module)]
+        objective = loss + sum(e for e in extras if e is not None)
+        return objective, loss
+
+    def aux_batches(self, client_id: int):
+        """FedAMoLE's auxiliary split of the client's training data, in local batches."""
+        k, data, size = self.cfg.strategy.fedamole, self.data, self.cfg.local.batch_size
+        idx = aux_indices(data.clients[client_id]["train"], k.aux_fraction, k.aux_max, self.cfg.seed, client_id)
+        for start in range(0, len(idx), size):
+            chunk = idx[start:start + size]
+            yield data.task.train_batch([data.prompts[i] for i in chunk], [int(data.labels[i]) for i in chunk])
 
     def evaluate_global(self) -> torch.Tensor:
         """The aggregated global model on the pooled test data, sharded over ranks."""
         self.trainer.load_state(self.global_state)
+        set_held(self.trainer.module, None)  # FedAMoLE: the global model routes over every expert
         pooled = self.data.pooled("test")
         limit = self.cfg.eval.global_examples
         if limit is not None and limit < len(pooled):

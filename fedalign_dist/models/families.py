@@ -81,6 +81,14 @@ PRESET_SIZES = {
 }
 
 
+def dense_preset_config(preset: str, vocab_size: int, max_positions: int, pad_id: int, bos_id: int,
+                        eos_id: int) -> tf.PretrainedConfig:
+    """A dense Llama-architecture decoder (the base FedAMoLE adds LoRA experts to)."""
+    size = PRESET_SIZES[preset]
+    special = dict(pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=False)
+    return tf.LlamaConfig(**_common(size, vocab_size, max_positions, special), intermediate_size=size["ffn"])
+
+
 def family_of(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"unsupported MoE family '{name}' (supported: {', '.join(FAMILIES)})")

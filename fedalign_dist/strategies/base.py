@@ -77,6 +77,16 @@ class Strategy(ABC):
         """An extra local-loss term from each MoE layer's (tokens, E) routing probabilities."""
         return None
 
+    def model_loss(self, model: torch.nn.Module) -> torch.Tensor | None:
+        """An extra local-loss term the model itself recorded in its last forward (FedAMoLE's
+        load balance); None for none."""
+        return None
+
+    def client_architecture(self, client_id: int) -> torch.Tensor | None:
+        """Per-client architecture (FedAMoLE: which routed experts each adapted layer holds,
+        (layers, E) bool); None: every client uses the whole model."""
+        return None
+
     def client_start_state(self, client_id: int, global_state: NamedTensors,
                            store: "ClientStore") -> NamedTensors:
         """The weights a client starts its local training from (default: the global state)."""

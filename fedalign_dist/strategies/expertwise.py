@@ -64,6 +64,10 @@ class ExpertwiseStrategy(Strategy):
         super().__init__(config, anatomy, store)
         self.layer_pos = {layer: i for i, layer in enumerate(anatomy.layers())} if anatomy is not None else {}
 
+    def make_table(self, rows: list[tuple[int, int, dict]]):
+        """The gathered (client id, examples, statistics) rows as tensors, in client-id order."""
+        return ClientTable.from_rows(rows)
+
     @abstractmethod
     def plan(self, table: ClientTable) -> AggregationPlan:
         """Aggregation weights (and personal-expert decisions) from the statistics alone."""
@@ -84,7 +88,7 @@ class ExpertwiseStrategy(Strategy):
     # -- coordinator side ----------------------------------------------------------------
     def aggregate(self, global_state: NamedTensors, updates: list[ClientUpdate], comm):
         mine = [(u.client_id, u.num_examples, u.stats) for u in updates]
-        table = ClientTable.from_rows([row for part in comm.all_gather_objects(mine) for row in part])
+        table = self.make_table([row for part in comm.all_gather_objects(mine) for row in part])
         plan = self.plan(table)
         row_of = {cid: i for i, cid in enumerate(table.client_ids)}
         if self.comm_path == "reduce":

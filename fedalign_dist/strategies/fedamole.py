@@ -1,0 +1,122 @@
+"""FedAMoLE (../shared/design/fedamole.md, written from the description, not the published
+code): every client holds its own subset of LoRA experts per adapted layer, chosen by
+reverse selection (each expert ranks the clients); routed experts are averaged over the
+clients that held them, the shared expert and token projection over all clients."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from fedalign_dist.aggregation.expertwise import ExpertwiseWeights
+from fedalign_dist.aggregation.rsea import random_assignment, selection_scores, solve_assignment
+from fedalign_dist.clients.routing_stats import StatsRequest
+from fedalign_dist.strategies.base import register
+from fedalign_dist.strategies.expertwise import AggregationPlan, ExpertwiseStrategy
+
+
+@dataclass
+class EmbeddingTable:
+    client_ids: list[int]
+    n: torch.Tensor
+    t: torch.Tensor
+    """(N, layers, r) client embeddings"""
+    e: torch.Tensor
+    """(N, layers, E, r) expert embeddings per client (0 where not held)"""
+    held: torch.Tensor
+    """(N, layers, E) bool"""
+
+
+@register("fedamole")
+class FedAMoLE(ExpertwiseStrategy):
+    def __init__(self, config, anatomy=None, store=None):
+        super().__init__(config, anatomy, store)
+        k = self.knobs = config.strategy.fedamole
+        layers, clients = len(self.layer_pos), config.fed.num_clients
+        self.assignment = torch.stack([torch.from_numpy(random_assignment(
+            k.num_experts, clients, k.expert_choices, k.max_experts, config.seed * 1000 + layer))
+            for layer in range(layers)]) if layers else torch.zeros(0, k.num_experts, clients, dtype=torch.bool)
+        """(layers, E, N): X[l, i, c] = client c holds routed expert i of adapted layer l."""
+        self.client_emb = torch.zeros(clients, layers, k.rank)
+        self.expert_emb = torch.zeros(layers, k.num_experts, k.rank)
+
+    @property
+    def stats_request(self):
+        return StatsRequest(batches=0, kind="amole")
+
+    def client_architecture(self, client_id: int) -> torch.Tensor:
+        return self.assignment[:, :, client_id]
+
+    def model_loss(self, model):
+        from fedalign_dist.models.amole import balance_loss
+        loss = balance_loss(model)
+        return None if loss is None or self.knobs.balance_coef == 0 else self.knobs.balance_coef * loss
+
+    def make_table(self, rows):
+        rows = sorted(rows, key=lambda r: r[0])
+        stack = lambda key: torch.stack([r[2][key] for r in rows])  # noqa: E731
+        return EmbeddingTable([r[0] for r in rows], torch.tensor([float(r[1]) for r in rows]), stack("t"),
+                              stack("e"), stack("held"))
+
+    def plan(self, table: EmbeddingTable) -> AggregationPlan:
+        weight = table.n if self.knobs.weighting == "examples" else torch.ones_like(table.n)
+        holders = table.held.float() * weight[:, None, None]
+        total = holders.sum(0, keepdim=True)
+        expert_w = torch.where(total > 0, holders / total.clamp(min=1e-30), torch.zeros_like(holders))
+        weights = ExpertwiseWeights(other=weight / weight.sum(), router=torch.zeros_like(holders), expert=expert_w)
+        # embeddings for the next assignment: the latest t_c of each client that trained,
+        # and each held expert's e_i as the mean over its holders
+        self.client_emb[table.client_ids] = table.t
+        held_count = table.held.float().sum(0)
+        mean_e = (table.e * table.held[..., None]).sum(0) / held_count.clamp(min=1)[..., None]
+        self.expert_emb = torch.where((held_count > 0)[..., None], mean_e, self.expert_emb)
+        diagnostics = {"held_experts_mean": float(table.held.float().sum(-1).mean()),
+                       "experts_trained_fraction": float((held_count > 0).float().mean()),
+                       **self._bytes_per_client(table.held)}
+        return AggregationPlan(weights, diagnostics=diagnostics)
+
+    def reverse_selection(self) -> torch.Tensor:
+        k = self.knobs
+        return torch.stack([torch.from_numpy(solve_assignment(
+            selection_scores(self.expert_emb[layer], self.client_emb[:, layer]).numpy(), k.expert_choices,
+            k.max_experts)) for layer in range(self.expert_emb.shape[0])])
+
+    def aggregate(self, global_state, updates, comm):
+        self._sizes = self._param_sizes(global_state)
+        new_state, diagnostics = super().aggregate(global_state, updates, comm)
+        t0 = time.perf_counter()
+        if comm.is_coordinator:
+            self.assignment = self.reverse_selection()
+        solved = {"assignment": self.assignment.to(torch.uint8)}
+        comm.broadcast_(solved)  # the coordinator's assignment, for every rank
+        self.assignment = solved["assignment"].bool()
+        diagnostics["rsea_time_s"] = time.perf_counter() - t0
+        return new_state, diagnostics
+
+    def _param_sizes(self, state) -> tuple[torch.Tensor, int]:
+        """Values per routed expert in each adapted layer, and values shared by everyone."""
+        per_expert, common = torch.zeros(len(self.layer_pos)), 0
+        for name, tensor in state.items():
+            role = self.anatomy.role(name)
+            if role.kind == "expert":
+                per_expert[self.layer_pos[role.layer]] += tensor[0].numel()
+            else:
+                common += tensor.numel()
+        return per_expert, common
+
+    def _bytes_per_client(self, held: torch.Tensor) -> dict:
+        """What a client downloads (its experts, the shared experts, W_t) and uploads (the same
+        plus its embeddings), 4 bytes per value; means over the round's clients."""
+        per_expert, common = self._sizes
+        down = 4 * (common + (held.float().sum(-1) * per_expert).sum(-1))
+        embeddings = 4 * self.knobs.rank * (held.shape[1] + held.float().sum((1, 2)))
+        return {"download_bytes_per_client": float(down.mean()),
+                "upload_bytes_per_client": float((down + embeddings).mean())}
+
+    def state_dict(self):
+        return {"assignment": self.assignment, "client_emb": self.client_emb, "expert_emb": self.expert_emb}
+
+    def load_state_dict(self, state):
+        self.assignment, self.client_emb, self.expert_emb = (state["assignment"], state["client_emb"],
+                                                             state["expert_emb"])
