@@ -43,6 +43,8 @@ class RunConfig(_Section):
 class LoraConfigSection(_Section):
     rank: int = Field(4, ge=1)
     alpha: float = Field(8.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Dense models (model.family=llama) only: the linear layers that get one LoRA each."""
 
 
 class ModelConfig(_Section):
@@ -232,9 +234,8 @@ class Config(_Section):
         dense = self.model.family == "llama"
         if self.strategy.name == "fedamole" and not dense:
             raise ValueError("strategy.name=fedamole adds its own LoRA experts to a dense model: set model.family=llama")
-        if dense and self.strategy.name != "fedamole":
-            raise ValueError(f"model.family=llama is a dense model; strategy {self.strategy.name} needs an MoE family "
-                             f"(or use strategy.name=fedamole)")
+        if dense and self.strategy.name in ("fedalign", "fedmoe"):
+            raise ValueError(f"model.family=llama is a dense model; strategy {self.strategy.name} needs an MoE family")
         if self.strategy.name == "fedamole":
             from fedalign_dist.aggregation.rsea import check_feasible
             k = self.strategy.fedamole

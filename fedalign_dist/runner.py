@@ -23,7 +23,7 @@ from fedalign_dist.dist.placement import clients_of_rank, round_clients_on_rank
 from fedalign_dist.eval import evaluate_sums, summarise
 from fedalign_dist.metrics import MetricsWriter, console_line, peak_rss_mb
 from fedalign_dist.models.amole import set_held
-from fedalign_dist.models.build import build_base_model, build_model
+from fedalign_dist.models.build import build_base_model, build_model, dense_base
 from fedalign_dist.models.router_tap import RouterTap
 from fedalign_dist.strategies import ClientUpdate, build_strategy
 
@@ -235,8 +235,9 @@ class Runner:
             return
         self.trainer.load_state(self.global_state)
         base = None
-        if self.cfg.model.finetune == "lora" and self.cfg.model.path is None:
-            base, _, _ = build_base_model(self.cfg.model, self.tokenizer, self.cfg.data.max_length, self.cfg.seed)
+        if self.cfg.model.finetune == "lora" and self.cfg.model.path is None and self.cfg.strategy.name != "fedamole":
+            base = (dense_base(self.cfg, self.tokenizer) if self.cfg.model.family == "llama" else
+                    build_base_model(self.cfg.model, self.tokenizer, self.cfg.data.max_length, self.cfg.seed)[0])
         checkpoint.save_final(self.run_dir, self.global_state, self.trainer.module, self.cfg.model.finetune, base)
         last = records[-1]
         summary = {"rounds": len(records), "wall_s": wall_s, "engine_inits_per_rank": inits,

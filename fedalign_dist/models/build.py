@@ -69,9 +69,7 @@ def make_trainable(model: torch.nn.Module, model_cfg, family_name: str) -> torch
     return peft.get_peft_model(model, lora)
 
 
-def build_amole_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
-    """A dense decoder, frozen, with AMoLE adapters on the target linear layers (FedAMoLE).
-    Each adapted layer is one 'layer' of the anatomy; its routed experts are role expert."""
+def dense_base(cfg, tokenizer) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     if cfg.model.path is not None:
         model = load_causal_lm(cfg.model.path)
@@ -82,6 +80,13 @@ def build_amole_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "
                          f"{model.config.vocab_size}: use the tokenizer the model was trained with")
+    return model
+
+
+def build_amole_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
+    """A dense decoder, frozen, with AMoLE adapters on the target linear layers (FedAMoLE).
+    Each adapted layer is one 'layer' of the anatomy; its routed experts are role expert."""
+    model = dense_base(cfg, tokenizer)
     for param in model.parameters():
         param.requires_grad_(False)
     k = cfg.strategy.fedamole
@@ -97,9 +102,25 @@ def build_amole_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
     return model, MoEAnatomy.from_roles(roles, k.num_experts)
 
 
+def build_dense_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
+    """A dense decoder for the baselines on FedAMoLE's base: full fine-tuning, or one PEFT
+    LoRA per target linear layer (`model.lora.*`); every parameter is role `other`."""
+    model = dense_base(cfg, tokenizer)
+    if cfg.model.finetune == "lora":
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=cfg.model.lora.rank, lora_alpha=cfg.model.lora.alpha,
+                                                           lora_dropout=0.0,
+                                                           target_modules=cfg.model.lora.target_modules))
+    else:
+        for name, param in model.named_parameters():
+            param.requires_grad_(not any(tag in name for tag in cfg.model.freeze))
+    roles = {name: ParamRole("other") for name, _ in model.named_parameters()}
+    return model, MoEAnatomy.from_roles(roles, num_experts=0)
+
+
 def build_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
     if cfg.model.family == "llama":
-        return build_amole_model(cfg, tokenizer)
+        return (build_amole_model if cfg.strategy.name == "fedamole" else build_dense_model)(cfg, tokenizer)
     model, family, num_experts = build_base_model(cfg.model, tokenizer, cfg.data.max_length, cfg.seed)
     model = make_trainable(model, cfg.model, family)
     return model, MoEAnatomy(model, family_of(family), num_experts)

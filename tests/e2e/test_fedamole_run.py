@@ -25,3 +25,12 @@ def test_fedamole_two_ranks(tmp_path, tiny_overrides):
     assert any(not torch.equal(x[:, :, a], x[:, :, b]) for a in (0, 1) for b in (2, 3))
     final = load_file(run / "final/global.safetensors")
     assert any(k.endswith("experts_A") for k in final) and not any("base.weight" in k for k in final)
+
+
+def test_fedavg_with_one_lora_on_the_same_dense_base(tmp_path, tiny_overrides):
+    """The baseline FedAMoLE is compared with: one PEFT LoRA per q_proj / v_proj, FedAvg."""
+    torchrun(["-m", "fedalign_dist", "train", "--config", "configs/fedamole.yaml", *tiny_overrides, "run.name=lora",
+              "strategy.name=fedavg", "model.finetune=lora", "model.lora.rank=8", "fed.rounds=1"], nproc=1)
+    final = load_file(tmp_path / "lora/final/global.safetensors")
+    assert final and all("lora_" in k for k in final)
+    assert (tmp_path / "lora/final/adapter/adapter_config.json").is_file()

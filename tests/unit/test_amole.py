@@ -108,7 +108,7 @@ def test_fedamole_config_checks():
     with pytest.raises(ConfigError, match="model.family=llama"):
         load_config(None, ["strategy.name=fedamole"])
     with pytest.raises(ConfigError, match="dense model"):
-        load_config(None, ["model.family=llama"])
+        load_config(None, ["model.family=llama", "strategy.name=fedalign"])
     with pytest.raises(ConfigError, match="infeasible"):
         load_config(None, ["strategy.name=fedamole", "model.family=llama", "fed.num_clients=1000"])
 
