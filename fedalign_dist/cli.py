@@ -3,6 +3,7 @@
   fedalign-dist train --config configs/demo.yaml fed.rounds=3      one rank (under torchrun/srun: each rank)
   fedalign-dist run --nproc 2 --config configs/demo.yaml           local multi-process run (wraps torchrun)
   fedalign-dist partition --config configs/demo.yaml               per-client label table + PNG
+  fedalign-dist report runs/demo                                   summary.md + plots of a run folder
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     part = with_config(sub.add_parser("partition", help="print the per-client label table and write a PNG",
                                       epilog=EPILOG))
     part.add_argument("--png", default=None, help="where to write the PNG (default: partition_<data>.png)")
+    report = sub.add_parser("report", help="write RUN_DIR/summary.md and RUN_DIR/report/*.png from a run folder")
+    report.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
     return parser
 
 
@@ -81,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
             code = 0
         elif args.command == "run":
             code = cmd_run(args)
+        elif args.command == "report":
+            from fedalign_dist.report import write_report
+            print(f"wrote {write_report(args.run_dir)}")
+            code = 0
         else:
             code = cmd_partition(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:

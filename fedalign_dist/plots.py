@@ -20,3 +20,46 @@ def plot_label_table(table: np.ndarray, label_names: list[str], path: str, title
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(rounds: list[int], series: dict[str, list[float | None]], path, ylabel: str, title: str = "") -> None:
+    """One line per series against the round (missing values skipped)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, values in series.items():
+        points = [(r, v) for r, v in zip(rounds, values) if v is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_routing_heatmap(usage: dict[str, list[list[float]]], path, title: str = "") -> None:
+    """Rows: clients; columns: (layer, expert); colour: the client's routing probability."""
+    plt = _pyplot()
+    clients = sorted(usage, key=int)
+    table = np.array([np.concatenate(usage[c]) for c in clients])
+    layers, experts = len(usage[clients[0]]), len(usage[clients[0]][0])
+    fig, ax = plt.subplots(figsize=(1.5 + 0.35 * table.shape[1], 1 + 0.35 * len(clients)))
+    im = ax.imshow(table, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_xticks(range(table.shape[1]), [f"L{l}E{e}" for l in range(layers) for e in range(experts)],
+                  rotation=90, fontsize=7)
+    ax.set_yticks(range(len(clients)), [f"client {c}" for c in clients], fontsize=7)
+    ax.set_title(title or "routing distribution per client")
+    fig.colorbar(im, ax=ax, label="mean routing probability")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -60,6 +60,12 @@ def test_demo_two_ranks_writes_the_run_folder(tmp_path, tiny_overrides):
     key = next(k for k in final if k.endswith("mlp.gate.weight"))
     torch.testing.assert_close(model.state_dict()[key], final[key])
     assert "round   1 | fedalign" in out.stdout + out.stderr
+    report = subprocess.run([sys.executable, "-m", "fedalign_dist", "report", str(run)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    summary_md = (run / "summary.md").read_text()
+    assert "| strategy | fedalign |" in summary_md and "| 1 |" in summary_md
+    assert {p.name for p in (run / "report").iterdir()} == {"accuracy.png", "alignment.png", "routing.png"}
 
 
 def test_lora_fedprox_zero2_run_saves_a_loadable_peft_adapter(tmp_path, tiny_overrides):

@@ -1,0 +1,77 @@
+"""`fedalign-dist report RUN_DIR`: a run folder -> summary.md and PNG plots (accuracy curves,
+routing distribution per client as a heat map, aligned fraction over rounds)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedalign_dist.plots import plot_curves, plot_routing_heatmap
+
+
+def load_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: is it a fedalign_dist run folder?")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{path} is empty: the run has not finished a round yet")
+    return records
+
+
+def _mean(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    records = load_records(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    rounds = [r["round"] for r in records]
+    plots = []
+    plot_curves(rounds, {"global": [r.get("global_accuracy") for r in records],
+                         "personalized": [r.get("personalized_accuracy") for r in records]},
+                out / "accuracy.png", "accuracy", f"{records[-1]['strategy']}: accuracy per round")
+    plots.append(("accuracy per round", "accuracy.png"))
+    if any("aligned_fraction" in r for r in records):
+        plot_curves(rounds, {"aligned fraction": [r.get("aligned_fraction") for r in records],
+                             "consistency (mean)": [r.get("consistency_mean") for r in records]},
+                    out / "alignment.png", "fraction", "FedAlign-MoE: aligned fraction and routing consistency")
+        plots.append(("aligned fraction over rounds", "alignment.png"))
+    last_routing = next((r["routing"] for r in reversed(records) if r.get("routing")), None)
+    if last_routing and last_routing.get("client_usage"):
+        plot_routing_heatmap(last_routing["client_usage"], out / "routing.png",
+                             "routing per client (last logged round)")
+        plots.append(("routing distribution per client", "routing.png"))
+
+    evaluated = [r for r in records if r.get("global_accuracy") is not None]
+    best = max(evaluated, key=lambda r: r["global_accuracy"]) if evaluated else None
+    last = records[-1]
+    rows = [("strategy", last["strategy"]), ("rounds", len(records)),
+            ("final global accuracy", last.get("global_accuracy")),
+            ("final personalized accuracy", last.get("personalized_accuracy")),
+            ("best global accuracy (round)", f"{best['global_accuracy']:.4f} ({best['round']})" if best else None),
+            ("mean seconds per round", _mean(records, "time_round_s")),
+            ("mean local / stats / aggregate / eval seconds", " / ".join(
+                f"{_mean(records, k) or 0:.3f}" for k in ("time_local_s", "time_stats_s", "time_aggregate_s",
+                                                         "time_eval_s"))),
+            ("mean bytes sent per rank per round", _mean(records, "bytes_sent")),
+            ("peak RSS per rank (MB)", max(r["peak_rss_mb"] for r in records))]
+    lines = [f"# Run report: {run_dir.name}", "", "| metric | value |", "|---|---|"]
+    for name, value in rows:
+        if value is None:
+            text = "-"
+        elif isinstance(value, float):
+            text = f"{value:,.0f}" if abs(value) >= 1000 or value == 0 else f"{value:.4f}"
+        else:
+            text = str(value)
+        lines.append(f"| {name} | {text} |")
+    lines += ["", "| round | global acc | personalized acc | train loss |", "|---|---|---|---|"]
+    for r in records:
+        g = "-" if r.get("global_accuracy") is None else f"{r['global_accuracy']:.4f}"
+        lines.append(f"| {r['round']} | {g} | {r['personalized_accuracy']:.4f} | {r['train_loss']:.4f} |")
+    lines += [""] + [f"![{title}](report/{name})" for title, name in plots] + [""]
+    summary = run_dir / "summary.md"
+    summary.write_text("\n".join(lines))
+    return summary
