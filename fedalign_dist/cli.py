@@ -4,6 +4,7 @@
   fedalign-dist run --nproc 2 --config configs/demo.yaml           local multi-process run (wraps torchrun)
   fedalign-dist partition --config configs/demo.yaml               per-client label table + PNG
   fedalign-dist report runs/demo                                   summary.md + plots of a run folder
+  fedalign-dist bench --grid configs/bench/quality.yaml --out DIR  a (scenario x method x seed) grid, resumable
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     part.add_argument("--png", default=None, help="where to write the PNG (default: partition_<data>.png)")
     report = sub.add_parser("report", help="write RUN_DIR/summary.md and RUN_DIR/report/*.png from a run folder")
     report.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
+    bench = sub.add_parser("bench", help="run a benchmark grid (resumable) and write results.md, results.json, PNGs")
+    bench.add_argument("--grid", required=True, help="grid YAML (e.g. configs/bench/quality.yaml)")
+    bench.add_argument("--out", required=True, help="results folder; rerunning resumes a half-finished grid")
+    bench.add_argument("--quick", action="store_true", help="one seed, no tuning, the grid's quick overrides")
     return parser
 
 
@@ -84,6 +89,13 @@ def main(argv: list[str] | None = None) -> None:
             code = 0
         elif args.command == "run":
             code = cmd_run(args)
+        elif args.command == "bench":
+            from pathlib import Path
+
+            from fedalign_dist.benchmark.grid import load_grid, run_grid
+            run_grid(load_grid(args.grid), Path(args.out), quick=args.quick)
+            print(f"wrote {Path(args.out) / 'results.md'}")
+            code = 0
         elif args.command == "report":
             from fedalign_dist.report import write_report
             print(f"wrote {write_report(args.run_dir)}")

@@ -204,6 +204,8 @@ class CheckpointConfig(_Section):
 class EvalConfig(_Section):
     every: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
+    split: Literal["test", "val"] = "test"
+    """Which split every evaluation uses: val for hyper-parameter selection, test to report."""
     global_examples: Optional[int] = Field(None, ge=1)
     """Evaluate the global model on this many pooled test examples (a seeded sample, the same
     every round); None = all of them."""
@@ -231,6 +233,8 @@ class Config(_Section):
         from fedalign_dist.strategies import registered_strategies
         if self.strategy.name not in registered_strategies():
             raise ValueError(_unknown("strategy.name", self.strategy.name, registered_strategies()))
+        if self.eval.split == "val" and self.data.val_fraction == 0:
+            raise ValueError("eval.split=val needs validation data: set data.val_fraction > 0")
         dense = self.model.family == "llama"
         if self.strategy.name == "fedamole" and not dense:
             raise ValueError("strategy.name=fedamole adds its own LoRA experts to a dense model: set model.family=llama")

@@ -63,3 +63,22 @@ def plot_routing_heatmap(usage: dict[str, list[list[float]]], path, title: str =
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_band_curves(curves: dict[str, tuple[list[float], list[float]]], path, ylabel: str, title: str = "") -> None:
+    """One line per method (mean over seeds) with a shaded +-std band."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (mean, std) in curves.items():
+        rounds = np.arange(1, len(mean) + 1)
+        m, s = np.asarray(mean, dtype=float), np.asarray(std, dtype=float)
+        ax.plot(rounds, m, label=name)
+        ax.fill_between(rounds, m - s, m + s, alpha=0.15)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

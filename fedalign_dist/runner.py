@@ -122,7 +122,7 @@ class Runner:
             stats = routing_statistics(self.trainer.module, self.anatomy.family, self.anatomy.num_experts,
                                        batches(request.batches), request, self.env.device, self.probe)
         t_eval = time.perf_counter()
-        test_idx = data.clients[client_id]["test"]
+        test_idx = data.clients[client_id][cfg.eval.split]
         sums = evaluate_sums(self.trainer.module, data.task, [data.prompts[i] for i in test_idx],
                              [int(data.labels[i]) for i in test_idx], cfg.eval.batch_size, self.env.device)
         update = ClientUpdate(client_id, data.num_train(client_id), delta, loss, stats)
@@ -149,7 +149,7 @@ class Runner:
         """The aggregated global model on the pooled test data, sharded over ranks."""
         self.trainer.load_state(self.global_state)
         set_held(self.trainer.module, None)  # FedAMoLE: the global model routes over every expert
-        pooled = self.data.pooled("test")
+        pooled = self.data.pooled(self.cfg.eval.split)
         limit = self.cfg.eval.global_examples
         if limit is not None and limit < len(pooled):
             pooled = np.sort(np.random.default_rng([self.cfg.seed, 0xE7A1]).choice(pooled, limit, replace=False))

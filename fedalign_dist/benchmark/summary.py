@@ -1,0 +1,33 @@
+"""Pure summaries of finished runs: mean +- std over seeds, rounds to reach a target."""
+from __future__ import annotations
+
+import math
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); nan for none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def mean_curve(curves: list[list[float | None]]) -> tuple[list[float], list[float]]:
+    """Per round mean and std over seeds (curves of equal length)."""
+    out = [mean_std([c[i] for c in curves]) for i in range(min(len(c) for c in curves))]
+    return [m for m, _ in out], [s for _, s in out]
+
+
+def rounds_to_reach(curve: list[float], target: float) -> int | None:
+    """First round (1-based count) at which the curve reaches the target; None if never."""
+    for i, value in enumerate(curve):
+        if value is not None and not math.isnan(value) and value >= target - 1e-12:
+            return i + 1
+    return None
+
+
+def fmt(mean: float, std: float, digits: int = 3) -> str:
+    return "-" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"

@@ -1,0 +1,36 @@
+"""Benchmark summaries: mean +- std, curves over seeds, rounds to reach a target; grid specs."""
+import math
+
+import pytest
+
+from fedalign_dist.benchmark.grid import load_grid
+from fedalign_dist.benchmark.summary import fmt, mean_curve, mean_std, rounds_to_reach
+from fedalign_dist.config import ConfigError
+
+
+def test_mean_std_and_format():
+    assert mean_std([0.5, 0.7]) == pytest.approx((0.6, math.sqrt(0.02)))
+    assert mean_std([0.4]) == (0.4, 0.0)
+    assert all(math.isnan(x) for x in mean_std([]))
+    assert fmt(0.61234, 0.01) == "0.612 ± 0.010"
+
+
+def test_mean_curve_and_rounds_to_reach():
+    mean, std = mean_curve([[0.2, 0.5, 0.7], [0.4, 0.5, 0.9]])
+    assert mean == pytest.approx([0.3, 0.5, 0.8]) and std[1] == 0.0
+    assert rounds_to_reach(mean, 0.5) == 2
+    assert rounds_to_reach(mean, 0.81) is None
+    assert rounds_to_reach([None, 0.6], 0.5) == 2
+
+
+def test_grid_spec_is_validated_before_anything_runs(tmp_path):
+    spec = load_grid("configs/bench/quality.yaml")
+    assert len(spec.candidates(False)) == 2 and spec.candidates(True) == [["local.lr=0.005"]]
+    assert {"fedalign_mu0", "fedalign_uniform_c", "fedalign_beta_inf", "fedamole", "local"} <= set(spec.methods)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: configs/demo.yaml\nseeds: [0]\nscenarios: {a: [fed.rouds=2]}\nmethods: {m: []}\n")
+    with pytest.raises(ConfigError, match="did you mean 'fed.rounds'"):
+        load_grid(bad)
+    bad.write_text("base: configs/demo.yaml\nseeds: [0]\nscenarios: {}\nmethods: {}\nsedes: [1]\n")
+    with pytest.raises(ConfigError, match="unknown grid keys"):
+        load_grid(bad)
