@@ -122,6 +122,8 @@ def routing_statistics(module: nn.Module, family: Family, num_experts: int, batc
              "load": (counts / slots.clamp(min=1)[:, None]).float(),
              "tokens": counts.float(), "signature": None}
     if mode is not None:
+        if sig_num is None:  # no routed token at all: every expert inactive, signatures zero
+            sig_num = torch.zeros(L, E, module.config.hidden_size, dtype=torch.float64)
         signature = (sig_num / sig_den.clamp(min=1e-12)[..., None]).float()
         if request.signature_dim:
             signature = signature @ projection_matrix(signature.shape[-1], request.signature_dim, request.seed)

@@ -55,10 +55,10 @@ class AMoLELinear(nn.Module):
         slots = torch.zeros_like(flat_p).scatter(-1, top_idx.reshape(-1, k), 1.0).mean(0) / k
         self.balance_loss = idx.numel() * (flat_p.mean(0) * slots).sum()
         if self._embeddings is not None:
-            self._accumulate(x.detach(), ax.detach(), tx.detach(), idx)
+            self._accumulate(ax.detach(), tx.detach(), idx)
         return y
 
-    def _accumulate(self, x, ax, tx, idx) -> None:
+    def _accumulate(self, ax, tx, idx) -> None:
         keep = self._embeddings["mask"]
         flat_ax, flat_tx = ax.reshape(-1, *ax.shape[-2:]), tx.reshape(-1, tx.shape[-1])
         if keep is not None:

@@ -3,8 +3,6 @@ federated parameters trainable: `full` (experts, routers and the rest unless fro
 `lora` (a PEFT LoRA per expert on the fused expert tensors; routers trained in full)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import transformers as tf
 

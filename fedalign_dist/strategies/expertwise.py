@@ -40,11 +40,17 @@ class ClientTable:
 
     @classmethod
     def from_rows(cls, rows: list[tuple[int, int, dict]]) -> "ClientTable":
-        rows = sorted(rows, key=lambda r: r[0])
-        stack = lambda key: torch.stack([r[2][key] for r in rows])  # noqa: E731
-        has_signature = rows[0][2].get("signature") is not None
-        return cls([r[0] for r in rows], torch.tensor([float(r[1]) for r in rows]), stack("usage"),
-                   stack("load"), stack("tokens"), stack("signature") if has_signature else None)
+        ids, n, stats = stack_rows(rows)
+        return cls(ids, n, stats["usage"], stats["load"], stats["tokens"], stats.get("signature"))
+
+
+def stack_rows(rows: list[tuple[int, int, dict]]) -> tuple[list[int], torch.Tensor, dict[str, torch.Tensor]]:
+    """Gathered (client id, examples, statistics) rows -> ids, examples and each statistic
+    stacked over clients, in client-id order (the same on every rank); None values skipped."""
+    rows = sorted(rows, key=lambda r: r[0])
+    keys = [k for k, v in rows[0][2].items() if v is not None]
+    return ([r[0] for r in rows], torch.tensor([float(r[1]) for r in rows]),
+            {k: torch.stack([r[2][k] for r in rows]) for k in keys})
 
 
 @dataclass

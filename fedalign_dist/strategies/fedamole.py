@@ -13,7 +13,7 @@ from fedalign_dist.aggregation.expertwise import ExpertwiseWeights
 from fedalign_dist.aggregation.rsea import random_assignment, selection_scores, solve_assignment
 from fedalign_dist.clients.routing_stats import StatsRequest
 from fedalign_dist.strategies.base import register
-from fedalign_dist.strategies.expertwise import AggregationPlan, ExpertwiseStrategy
+from fedalign_dist.strategies.expertwise import AggregationPlan, ExpertwiseStrategy, stack_rows
 
 
 @dataclass
@@ -54,10 +54,8 @@ class FedAMoLE(ExpertwiseStrategy):
         return None if loss is None or self.knobs.balance_coef == 0 else self.knobs.balance_coef * loss
 
     def make_table(self, rows):
-        rows = sorted(rows, key=lambda r: r[0])
-        stack = lambda key: torch.stack([r[2][key] for r in rows])  # noqa: E731
-        return EmbeddingTable([r[0] for r in rows], torch.tensor([float(r[1]) for r in rows]), stack("t"),
-                              stack("e"), stack("held"))
+        ids, n, stats = stack_rows(rows)
+        return EmbeddingTable(ids, n, stats["t"], stats["e"], stats["held"])
 
     def plan(self, table: EmbeddingTable) -> AggregationPlan:
         weight = table.n if self.knobs.weighting == "examples" else torch.ones_like(table.n)
