@@ -5,6 +5,7 @@
   fedalign-dist partition --config configs/demo.yaml               per-client label table + PNG
   fedalign-dist report runs/demo                                   summary.md + plots of a run folder
   fedalign-dist bench --grid configs/bench/quality.yaml --out DIR  a (scenario x method x seed) grid, resumable
+  fedalign-dist bench --systems --out DIR                          time split, bytes per path, scale (2 ranks)
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 
+from fedalign_dist.benchmark.cells import BenchmarkFailed
 from fedalign_dist.config import ConfigError, load_config
 
 EPILOG = ("Overrides are dotted key=value pairs after the options, e.g. fed.rounds=3 local.lr=5e-4 "
@@ -38,10 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     part.add_argument("--png", default=None, help="where to write the PNG (default: partition_<data>.png)")
     report = sub.add_parser("report", help="write RUN_DIR/summary.md and RUN_DIR/report/*.png from a run folder")
     report.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
-    bench = sub.add_parser("bench", help="run a benchmark grid (resumable) and write results.md, results.json, PNGs")
-    bench.add_argument("--grid", required=True, help="grid YAML (e.g. configs/bench/quality.yaml)")
-    bench.add_argument("--out", required=True, help="results folder; rerunning resumes a half-finished grid")
-    bench.add_argument("--quick", action="store_true", help="one seed, no tuning, the grid's quick overrides")
+    bench = sub.add_parser("bench", help="run a benchmark (resumable) and write tables (.md, .json) and PNGs")
+    suite = bench.add_mutually_exclusive_group(required=True)
+    suite.add_argument("--grid", help="learning-quality grid YAML (e.g. configs/bench/quality.yaml)")
+    suite.add_argument("--systems", action="store_true",
+                       help="systems suite: time split per method, bytes per comm path, scale to 1000 clients")
+    bench.add_argument("--out", required=True, help="results folder; rerunning resumes a half-finished benchmark")
+    bench.add_argument("--quick", action="store_true",
+                       help="a few minutes: grid = one seed, no tuning, its quick overrides; systems = tiny sizes")
+    bench.add_argument("--parallel", type=int, default=None, help="grid cells run at once (default: the grid's)")
     return parser
 
 
@@ -80,6 +87,26 @@ def cmd_partition(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from functools import partial
+    from pathlib import Path
+    log = partial(print, flush=True)
+    if args.systems:
+        from fedalign_dist.benchmark.systems import run_systems
+        run_systems(Path(args.out), quick=args.quick, log=log)
+        print(f"wrote {Path(args.out) / 'systems.md'}")
+        return 0
+    from fedalign_dist.benchmark.grid import load_grid, run_grid
+    spec = load_grid(args.grid)
+    if args.parallel is not None:
+        if args.parallel < 1:
+            raise ConfigError(f"--parallel must be >= 1 (got {args.parallel})")
+        spec.parallel = args.parallel
+    run_grid(spec, Path(args.out), quick=args.quick, log=log)
+    print(f"wrote {Path(args.out) / 'results.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
@@ -90,12 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "run":
             code = cmd_run(args)
         elif args.command == "bench":
-            from pathlib import Path
-
-            from fedalign_dist.benchmark.grid import load_grid, run_grid
-            run_grid(load_grid(args.grid), Path(args.out), quick=args.quick)
-            print(f"wrote {Path(args.out) / 'results.md'}")
-            code = 0
+            code = cmd_bench(args)
         elif args.command == "report":
             from fedalign_dist.report import write_report
             print(f"wrote {write_report(args.run_dir)}")
@@ -105,4 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"fedalign-dist: error: {err}", file=sys.stderr)
         code = 2
+    except BenchmarkFailed as err:
+        print(f"fedalign-dist: {err}", file=sys.stderr)
+        code = 1
     sys.exit(code)

@@ -23,6 +23,7 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
     name: str = "run"
     """Run folder name under output_dir."""
     output_dir: str = "runs"

@@ -87,6 +87,7 @@ class Runner:
             self.save_checkpoint(round_idx)
         local = dict(updates=[(u.num_examples, u.train_loss) for u in updates], personal=personal_sums.tolist(),
                      global_=global_sums.tolist(), sent=self.comm.bytes.sent, received=self.comm.bytes.received,
+                     time_comm=self.comm.bytes.seconds,
                      time_local=time_local, time_stats=time_stats, time_aggregate=time_aggregate,
                      time_sync=time_sync, time_eval=time_eval, time_round=time.perf_counter() - t_start,
                      rss=peak_rss_mb())
@@ -177,8 +178,8 @@ class Runner:
             "bytes_received_per_rank": [r["received"] for r in per_rank],
             "trainable_bytes": self.trainable_bytes,
             **{k: max(r[k.removesuffix("_s")] for r in per_rank)
-               for k in ("time_local_s", "time_stats_s", "time_sync_s", "time_aggregate_s", "time_eval_s",
-                         "time_round_s")},
+               for k in ("time_local_s", "time_stats_s", "time_sync_s", "time_aggregate_s", "time_comm_s",
+                         "time_eval_s", "time_round_s")},
             "peak_rss_mb": max(r["rss"] for r in per_rank),
             "peak_rss_mb_per_rank": [r["rss"] for r in per_rank],
             **diagnostics,

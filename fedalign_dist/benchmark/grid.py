@@ -13,20 +13,22 @@ half-written one is restarted):
             of the final round, rounds to reach FedAvg's final accuracy, time split), and
             convergence plots (accuracy per round, one line per method, shaded std).
 --quick: first seed only, no tuning (first candidate), the grid's `quick` overrides.
+Cells are independent runs of `nproc` ranks; `parallel` of them run at once (results do not
+depend on the rank count, so 2 one-rank cells on 2 cores beat one 2-rank cell: less waiting).
+A failed cell does not stop the others; the grid reports every failure at the end.
 """
 from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
-import subprocess
-import sys
+import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from fedalign_dist.benchmark.cells import BenchmarkFailed, launch_cell, read_records
 from fedalign_dist.benchmark.summary import fmt, mean_curve, mean_std, rounds_to_reach
 from fedalign_dist.config import ConfigError, load_config
 
@@ -44,6 +46,7 @@ class GridSpec:
     tune: dict[str, list] = field(default_factory=dict)
     quick: list[str] = field(default_factory=list)
     nproc: int = 2
+    parallel: int = 1
 
     def candidates(self, quick: bool) -> list[list[str]]:
         if not self.tune:
@@ -60,6 +63,8 @@ def load_grid(path: str | Path) -> GridSpec:
     if unknown:
         raise ConfigError(f"{path}: unknown grid keys {sorted(unknown)} (known: {sorted(known)})")
     spec = GridSpec(**raw)
+    if spec.nproc < 1 or spec.parallel < 1:
+        raise ConfigError(f"{path}: nproc and parallel must be >= 1 (got {spec.nproc}, {spec.parallel})")
     # every cell's configuration must be valid before anything runs
     for scenario, method in itertools.product(spec.scenarios.values(), spec.methods.values()):
         for candidate in spec.candidates(False):
@@ -68,20 +73,8 @@ def load_grid(path: str | Path) -> GridSpec:
     return spec
 
 
-def _launch(spec: GridSpec, run_dir: Path, overrides: list[str]) -> None:
-    if (run_dir / "summary.json").is_file():
-        return  # finished before: resume the grid, not the run
-    shutil.rmtree(run_dir, ignore_errors=True)  # a half-written cell starts again
-    cmd = [sys.executable, "-m", "fedalign_dist", "run", "--nproc", str(spec.nproc), "--config", spec.base,
-           f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"benchmark cell {run_dir} failed ({done.returncode}):\n{done.stdout[-4000:]}")
-
-
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def _tune_dir(out: Path, scenario: str, method: str, candidate: int) -> Path:
+    return out / "tune" / scenario / method / f"cand{candidate}"
 
 
 def _score(method: str, record: dict) -> float:
@@ -89,39 +82,64 @@ def _score(method: str, record: dict) -> float:
     return record[key] if record.get(key) is not None else float("-inf")
 
 
+def _run_cells(spec: GridSpec, cells: list[tuple[str, Path, list[str]]], log) -> None:
+    """Run (label, run_dir, overrides) cells, `spec.parallel` at a time; raise after all if any failed."""
+    def one(cell):
+        label, run_dir, overrides = cell
+        log(label)
+        try:
+            launch_cell(spec.base, spec.nproc, run_dir, overrides)
+        except BenchmarkFailed as err:
+            return str(err)
+        return None
+
+    with ThreadPoolExecutor(max_workers=spec.parallel) as pool:
+        failures = [f for f in pool.map(one, cells) if f]
+    if failures:
+        raise BenchmarkFailed(f"{len(failures)} benchmark cell(s) failed (finished cells are kept; rerun to resume):\n"
+                           + "\n".join(failures))
+
+
 def run_grid(spec: GridSpec, out: Path, quick: bool = False, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     extra = spec.quick if quick else []
     seeds = spec.seeds[:1] if quick else spec.seeds
     candidates = spec.candidates(quick)
+    pairs = [(scenario, method, spec.common + s_over + m_over + extra)
+             for scenario, s_over in spec.scenarios.items() for method, m_over in spec.methods.items()]
+    tuning = len(candidates) > 1
+    if tuning:
+        _run_cells(spec, [(f"tune  {scenario} / {method} / {' '.join(candidate)}", _tune_dir(out, scenario, method, i),
+                           base + candidate + [f"seed={seeds[0]}", "eval.split=val"])
+                          for scenario, method, base in pairs for i, candidate in enumerate(candidates)], log)
     chosen: dict[str, dict[str, list[str]]] = {}
-    for scenario, s_over in spec.scenarios.items():
-        for method, m_over in spec.methods.items():
-            base = spec.common + s_over + m_over + extra
-            if len(candidates) > 1:
-                scores = []
-                for i, candidate in enumerate(candidates):
-                    run_dir = out / "tune" / scenario / method / f"cand{i}"
-                    log(f"tune  {scenario} / {method} / {' '.join(candidate)}")
-                    _launch(spec, run_dir, base + candidate + [f"seed={seeds[0]}", "eval.split=val"])
-                    scores.append(_score(method, _records(run_dir)[-1]))
-                best = candidates[max(range(len(candidates)), key=scores.__getitem__)]
-            else:
-                best = candidates[0]
-            chosen.setdefault(scenario, {})[method] = best
-            for seed in seeds:
-                log(f"final {scenario} / {method} / seed {seed}")
-                _launch(spec, out / "runs" / scenario / method / f"seed{seed}",
-                        base + best + [f"seed={seed}", "eval.split=test"])
+    for scenario, method, _ in pairs:
+        best = 0
+        if tuning:
+            scores = [_score(method, read_records(_tune_dir(out, scenario, method, i))[-1]) for i in range(len(candidates))]
+            best = max(range(len(candidates)), key=scores.__getitem__)
+        chosen.setdefault(scenario, {})[method] = candidates[best]
+    _run_cells(spec, [(f"final {scenario} / {method} / seed {seed}", out / "runs" / scenario / method / f"seed{seed}",
+                       base + chosen[scenario][method] + [f"seed={seed}", "eval.split=test"])
+                      for scenario, method, base in pairs for seed in seeds], log)
     return write_results(spec, out, chosen, seeds)
+
+
+def _bold_best(value: tuple[float, float], best: float | None) -> str:
+    text = fmt(*value)
+    return f"**{text}**" if best is not None and value[0] == best else text
 
 
 def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> dict:
     from fedalign_dist.plots import plot_band_curves
     results = {"chosen": chosen, "runs": {}}
-    lines = ["# Benchmark results", ""]
+    lines = ["# Benchmark results", "",
+             f"Base config `{spec.base}`; common overrides `{' '.join(spec.common) or '-'}`; seeds {seeds}; "
+             f"{spec.nproc} rank(s) per run. Accuracies are the final round's on test data, mean ± std over "
+             f"seeds; the tuning budget {spec.tune or '-'} was spent per (scenario, method) on validation data "
+             f"with seed {seeds[0]}. Best mean per column in bold.", ""]
     for scenario in spec.scenarios:
-        per_method = {m: [_records(out / "runs" / scenario / m / f"seed{s}") for s in seeds] for m in spec.methods}
+        per_method = {m: [read_records(out / "runs" / scenario / m / f"seed{s}") for s in seeds] for m in spec.methods}
         results["runs"][scenario] = per_method
         target = None
         if "fedavg" in per_method:
@@ -130,9 +148,11 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
                   "| method | global acc | personalized acc | rounds to FedAvg's final | s/round | "
                   "local / stats / agg / eval s | MB sent/rank/round | chosen |", "|---|---|---|---|---|---|---|---|"]
         curves = {}
+        finals = {key: {m: mean_std([r[-1][key] for r in runs]) for m, runs in per_method.items()}
+                  for key in ("global_accuracy", "personalized_accuracy")}
+        best = {key: max((v[0] for v in column.values() if not math.isnan(v[0])), default=None)
+                for key, column in finals.items()}
         for method, runs in per_method.items():
-            glob = mean_std([r[-1]["global_accuracy"] for r in runs])
-            pers = mean_std([r[-1]["personalized_accuracy"] for r in runs])
             curve, band = mean_curve([[x.get("global_accuracy") for x in r] for r in runs])
             curves[method] = (curve, band)
             reach = rounds_to_reach(curve, target) if target is not None else None
@@ -140,8 +160,11 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
                                for k in ("time_local_s", "time_stats_s", "time_aggregate_s", "time_eval_s"))
             secs = mean_std([sum(x["time_round_s"] for x in r) / len(r) for r in runs])[0]
             sent = mean_std([sum(x["bytes_sent"] for x in r) / len(r) for r in runs])[0] / 1e6
-            lines.append(f"| {method} | {fmt(*glob)} | {fmt(*pers)} | {reach if reach else 'not reached'} | "
-                         f"{secs:.2f} | {split} | {sent:.2f} | `{' '.join(chosen[scenario][method]) or '-'}` |")
+            sent_text = f"{sent:.2f}" if spec.nproc > 1 else "- (1 rank)"
+            lines.append(f"| {method} | {_bold_best(finals['global_accuracy'][method], best['global_accuracy'])} | "
+                         f"{_bold_best(finals['personalized_accuracy'][method], best['personalized_accuracy'])} | "
+                         f"{reach if reach else 'not reached'} | {secs:.2f} | {split} | {sent_text} | "
+                         f"`{' '.join(chosen[scenario][method]) or '-'}` |")
         png = out / f"convergence_{scenario}.png"
         plot_band_curves(curves, png, "global accuracy (test)", f"{scenario}: mean ± std over {len(seeds)} seed(s)")
         lines += ["", f"![{scenario}]({png.name})", ""]

@@ -1,11 +1,15 @@
 """Collectives over named tensors, with byte accounting. One process: pass-through.
 
+Seconds are wall time spent inside the collectives (communication, as the time split reports it).
 Bytes are payload bytes per rank under the ring algorithms: all_reduce sends and receives
 2(W-1)/W of the buffer; all_gather sends (W-1) chunks of its own size and receives the W-1
 others; broadcast: the root sends one copy per peer, each peer receives one.
 """
 from __future__ import annotations
 
+import pickle
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +20,21 @@ import torch.distributed as dist
 class ByteCounter:
     sent: int = 0
     received: int = 0
+    seconds: float = 0.0
 
     def reset(self) -> tuple[int, int]:
         out = (self.sent, self.received)
         self.sent = self.received = 0
+        self.seconds = 0.0
         return out
+
+    @contextmanager
+    def timed(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def world_size() -> int:
@@ -45,12 +59,13 @@ def all_reduce_sum(tensors: dict[str, torch.Tensor], counter: ByteCounter,
     flat = flatten(tensors)
     world = world_size()
     if world > 1:
-        flat = flat.to(device) if device is not None else flat
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        with counter.timed():
+            flat = flat.to(device) if device is not None else flat
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat = flat.cpu()
         nbytes = flat.numel() * flat.element_size()
         counter.sent += 2 * (world - 1) * nbytes // world
         counter.received += 2 * (world - 1) * nbytes // world
-        flat = flat.cpu()
     return unflatten(flat, tensors)
 
 
@@ -61,14 +76,16 @@ def broadcast_(tensors: dict[str, torch.Tensor], counter: ByteCounter, src: int 
     if world == 1:
         return
     flat = flatten(tensors)
-    flat = flat.to(device) if device is not None else flat
-    dist.broadcast(flat, src=src)
+    with counter.timed():
+        flat = flat.to(device) if device is not None else flat
+        dist.broadcast(flat, src=src)
+        flat = flat.cpu()
     nbytes = flat.numel() * flat.element_size()
     if dist.get_rank() == src:
         counter.sent += (world - 1) * nbytes
     else:
         counter.received += nbytes
-    for name, part in unflatten(flat.cpu(), tensors).items():
+    for name, part in unflatten(flat, tensors).items():
         tensors[name].copy_(part)
 
 
@@ -78,12 +95,14 @@ def all_gather_objects(obj, counter: ByteCounter | None = None) -> list:
     if world == 1:
         return [obj]
     out = [None] * world
-    dist.all_gather_object(out, obj)
-    if counter is not None:
-        import pickle
-        nbytes = len(pickle.dumps(obj))
-        counter.sent += (world - 1) * nbytes
-        counter.received += sum(len(pickle.dumps(o)) for i, o in enumerate(out) if i != dist.get_rank())
+    if counter is None:
+        dist.all_gather_object(out, obj)
+        return out
+    with counter.timed():
+        dist.all_gather_object(out, obj)
+    nbytes = len(pickle.dumps(obj))
+    counter.sent += (world - 1) * nbytes
+    counter.received += sum(len(pickle.dumps(o)) for i, o in enumerate(out) if i != dist.get_rank())
     return out
 
 
@@ -98,13 +117,15 @@ def all_gather_rows(rows: torch.Tensor, counter: ByteCounter,
     width = rows.shape[1]
     padded = torch.zeros(max(counts), width, dtype=rows.dtype)
     padded[:rows.shape[0]] = rows
-    padded = padded.to(device) if device is not None else padded
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
+    with counter.timed():
+        padded = padded.to(device) if device is not None else padded
+        out = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(out, padded)
+        out = [block.cpu() for block in out]
     nbytes = padded.numel() * padded.element_size()
     counter.sent += (world - 1) * nbytes
     counter.received += (world - 1) * nbytes
-    return [block.cpu()[:k] for block, k in zip(out, counts)]
+    return [block[:k] for block, k in zip(out, counts)]
 
 
 def barrier() -> None:

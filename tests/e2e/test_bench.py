@@ -1,9 +1,14 @@
-"""The benchmark command end to end on a tiny grid: tuning on validation data, final runs on
-test data, results.md / results.json / PNG, and resuming a finished or half-finished grid."""
+"""The benchmark commands end to end: a tiny grid (tuning on validation data, final runs on test
+data, results folder, resuming), failures, and the --quick forms of the real quality grid and
+of the systems suite."""
 import json
 import subprocess
 import sys
 
+import pytest
+import yaml
+
+from fedalign_dist.benchmark.grid import load_grid
 from tests.conftest import REPO
 
 
@@ -33,3 +38,52 @@ def test_bench_grid_tunes_runs_reports_and_resumes(tmp_path):
     second = _bench(out)
     assert second.returncode == 0, second.stdout[-3000:]
     assert summary.is_file() and (out / "runs/bbc/fedavg/seed0/summary.json").stat().st_mtime_ns == kept
+
+
+def test_a_failed_cell_does_not_stop_the_others(tmp_path):
+    from fedalign_dist.benchmark.cells import BenchmarkFailed
+    from fedalign_dist.benchmark.grid import GridSpec, _run_cells
+    spec = GridSpec(base="configs/demo.yaml", seeds=[0], scenarios={}, methods={}, nproc=1, parallel=2)
+    tiny = ["fed.rounds=1", "local.steps=1", "local.batch_size=4", "data.max_examples=200",
+            "data.min_client_examples=5", "fed.num_clients=2", "fed.clients_per_round=2", "eval.batch_size=64"]
+    cells = [("bad", tmp_path / "bad", tiny + ["fed.rouds=1"]), ("good", tmp_path / "good", tiny)]
+    with pytest.raises(BenchmarkFailed, match=r"1 benchmark cell\(s\) failed[\s\S]*did you mean 'fed.rounds'"):
+        _run_cells(spec, cells, log=lambda _: None)
+    assert (tmp_path / "good/summary.json").is_file()
+
+
+def test_quick_quality_grid_covers_every_scenario_and_method(tmp_path):
+    """The real benchmark grid (configs/bench/quality.yaml) in its --quick form, so it never rots."""
+    out = tmp_path / "quick"
+    done = subprocess.run([sys.executable, "-m", "fedalign_dist", "bench", "--grid", "configs/bench/quality.yaml",
+                           "--out", str(out), "--quick"], cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    spec = load_grid(REPO / "configs/bench/quality.yaml")
+    table = (out / "results.md").read_text()
+    for scenario in spec.scenarios:
+        assert f"## {scenario}" in table and (out / f"convergence_{scenario}.png").stat().st_size > 0
+        for method in spec.methods:
+            assert f"| {method} |" in table
+    beta_inf = yaml.safe_load((out / "runs/outlets/fedalign_beta_inf/seed0/config.yaml").read_text())
+    assert beta_inf["strategy"]["fedalign"]["beta"] == float("inf") and beta_inf["eval"]["split"] == "test"
+    amole = yaml.safe_load((out / "runs/bbc_dir0.1/fedamole/seed0/config.yaml").read_text())
+    assert amole["strategy"]["name"] == "fedamole" and amole["data"]["partition"] == "dirichlet"
+
+
+def test_quick_systems_suite_writes_tables_and_plots(tmp_path):
+    out = tmp_path / "systems"
+    done = subprocess.run([sys.executable, "-m", "fedalign_dist", "bench", "--systems", "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "systems.json").read_text())
+    split = results["time_split"]
+    assert set(split) == {"fedavg", "fedprox", "fedmoe", "fedalign (reduce)", "fedalign (allgather)", "fedamole"}
+    assert split["fedavg"]["stats"] == 0 and split["fedalign (reduce)"]["stats"] > 0
+    assert all(row["comm"] > 0 for row in split.values())
+    # reduce sends about one model per rank whatever the clients; allgather grows with them
+    first, last = results["comm"][0], results["comm"][-1]
+    assert last["reduce"] < 1.1 * first["reduce"] and last["allgather"] > 2 * first["allgather"]
+    assert [row["clients"] for row in results["scale"]] == [16, 64]
+    assert all(len(row["peak_rss_mb_per_rank"]) == 2 for row in results["scale"])
+    for png in ("time_split.png", "bytes_vs_clients.png", "scale.png"):
+        assert (out / png).stat().st_size > 1000

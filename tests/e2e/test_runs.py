@@ -46,6 +46,8 @@ def test_demo_two_ranks_writes_the_run_folder(tmp_path, tiny_overrides):
     assert [r["round"] for r in records] == [0, 1]
     assert all(REQUIRED <= r.keys() for r in records)
     assert all(r["bytes_sent"] > 0 and len(r["bytes_sent_per_rank"]) == 2 for r in records)
+    # communication is timed inside the collectives, as part of the aggregation time
+    assert all(0 < r["time_comm_s"] <= r["time_aggregate_s"] for r in records)
     assert (run / "config.yaml").is_file() and any((run / "tb").iterdir())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["engine_inits_per_rank"] == [1, 1]

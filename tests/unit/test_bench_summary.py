@@ -34,3 +34,6 @@ def test_grid_spec_is_validated_before_anything_runs(tmp_path):
     bad.write_text("base: configs/demo.yaml\nseeds: [0]\nscenarios: {}\nmethods: {}\nsedes: [1]\n")
     with pytest.raises(ConfigError, match="unknown grid keys"):
         load_grid(bad)
+    bad.write_text("base: configs/demo.yaml\nseeds: [0]\nscenarios: {a: []}\nmethods: {m: []}\nparallel: 0\n")
+    with pytest.raises(ConfigError, match="parallel must be >= 1"):
+        load_grid(bad)
