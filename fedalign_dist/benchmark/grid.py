@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from fedalign_dist.benchmark.cells import BenchmarkFailed, launch_cell, read_records
+from fedalign_dist.benchmark.environment import environment_line
 from fedalign_dist.benchmark.summary import fmt, mean_curve, mean_std, rounds_to_reach
 from fedalign_dist.config import ConfigError, load_config
 
@@ -119,9 +120,10 @@ def run_grid(spec: GridSpec, out: Path, quick: bool = False, log=print) -> dict:
             scores = [_score(method, read_records(_tune_dir(out, scenario, method, i))[-1]) for i in range(len(candidates))]
             best = max(range(len(candidates)), key=scores.__getitem__)
         chosen.setdefault(scenario, {})[method] = candidates[best]
+    # seed-major, so that an interrupted grid holds whole seeds, comparable across methods
     _run_cells(spec, [(f"final {scenario} / {method} / seed {seed}", out / "runs" / scenario / method / f"seed{seed}",
                        base + chosen[scenario][method] + [f"seed={seed}", "eval.split=test"])
-                      for scenario, method, base in pairs for seed in seeds], log)
+                      for seed in seeds for scenario, method, base in pairs], log)
     return write_results(spec, out, chosen, seeds)
 
 
@@ -133,7 +135,7 @@ def _bold_best(value: tuple[float, float], best: float | None) -> str:
 def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> dict:
     from fedalign_dist.plots import plot_band_curves
     results = {"chosen": chosen, "runs": {}}
-    lines = ["# Benchmark results", "",
+    lines = ["# Benchmark results", "", environment_line(), "",
              f"Base config `{spec.base}`; common overrides `{' '.join(spec.common) or '-'}`; seeds {seeds}; "
              f"{spec.nproc} rank(s) per run. Accuracies are the final round's on test data, mean ± std over "
              f"seeds; the tuning budget {spec.tune or '-'} was spent per (scenario, method) on validation data "

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedalign_dist.benchmark.cells import launch_cell, read_records
+from fedalign_dist.benchmark.environment import environment_line
 from fedalign_dist.config import load_config
 
 HEALTH_TWEETS = 63_325
@@ -114,7 +115,8 @@ def collect(out: Path, p: SystemsPlan) -> dict:
 
 def write_systems(out: Path, results: dict) -> None:
     from fedalign_dist.plots import plot_lines, plot_stacked_bars
-    lines = ["# Systems benchmark", "", "Every cell is a 2-rank run on this machine (one run each).", "",
+    lines = ["# Systems benchmark", "", environment_line(), "",
+             "Every cell is a 2-rank run (gloo on CPU, NCCL on GPU), one run each.", "",
              "## Time split per round (demo config, 8 clients per round, seconds)", "",
              "| method | " + " | ".join(SPLIT_KEYS) + " | round |", "|---" * (len(SPLIT_KEYS) + 2) + "|"]
     for name, row in results["time_split"].items():

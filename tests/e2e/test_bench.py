@@ -78,7 +78,8 @@ def test_quick_systems_suite_writes_tables_and_plots(tmp_path):
     results = json.loads((out / "systems.json").read_text())
     split = results["time_split"]
     assert set(split) == {"fedavg", "fedprox", "fedmoe", "fedalign (reduce)", "fedalign (allgather)", "fedamole"}
-    assert split["fedavg"]["stats"] == 0 and split["fedalign (reduce)"]["stats"] > 0
+    # FedAvg has no statistics pass (its timer brackets nothing); FedAlign-MoE's is real work
+    assert split["fedavg"]["stats"] < 0.1 * split["fedalign (reduce)"]["stats"]
     assert all(row["comm"] > 0 for row in split.values())
     # reduce sends about one model per rank whatever the clients; allgather grows with them
     first, last = results["comm"][0], results["comm"][-1]
