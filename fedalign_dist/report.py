@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedalign_dist.markdown import table
 from fedalign_dist.plots import plot_curves, plot_routing_heatmap
 
 
@@ -21,6 +22,14 @@ def load_records(run_dir: Path) -> list[dict]:
 def _mean(records: list[dict], key: str) -> float | None:
     values = [r[key] for r in records if r.get(key) is not None]
     return sum(values) / len(values) if values else None
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 or value == 0 else f"{value:.4f}"
+    return str(value)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -58,19 +67,11 @@ def write_report(run_dir: str | Path) -> Path:
                                                          "time_eval_s"))),
             ("mean bytes sent per rank per round", _mean(records, "bytes_sent")),
             ("peak RSS per rank (MB)", max(r["peak_rss_mb"] for r in records))]
-    lines = [f"# Run report: {run_dir.name}", "", "| metric | value |", "|---|---|"]
-    for name, value in rows:
-        if value is None:
-            text = "-"
-        elif isinstance(value, float):
-            text = f"{value:,.0f}" if abs(value) >= 1000 or value == 0 else f"{value:.4f}"
-        else:
-            text = str(value)
-        lines.append(f"| {name} | {text} |")
-    lines += ["", "| round | global acc | personalized acc | train loss |", "|---|---|---|---|"]
-    for r in records:
-        g = "-" if r.get("global_accuracy") is None else f"{r['global_accuracy']:.4f}"
-        lines.append(f"| {r['round']} | {g} | {r['personalized_accuracy']:.4f} | {r['train_loss']:.4f} |")
+    metric_rows = [[name, _cell(value)] for name, value in rows]
+    round_rows = [[r["round"], "-" if r.get("global_accuracy") is None else f"{r['global_accuracy']:.4f}",
+                   f"{r['personalized_accuracy']:.4f}", f"{r['train_loss']:.4f}"] for r in records]
+    lines = [f"# Run report: {run_dir.name}", "", *table(["metric", "value"], metric_rows), "",
+             *table(["round", "global acc", "personalized acc", "train loss"], round_rows)]
     lines += [""] + [f"![{title}](report/{name})" for title, name in plots] + [""]
     summary = run_dir / "summary.md"
     summary.write_text("\n".join(lines))

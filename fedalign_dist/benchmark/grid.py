@@ -32,6 +32,7 @@ from fedalign_dist.benchmark.cells import BenchmarkFailed, launch_cell, read_rec
 from fedalign_dist.benchmark.environment import environment_line
 from fedalign_dist.benchmark.summary import fmt, mean_curve, mean_std, rounds_to_reach
 from fedalign_dist.config import ConfigError, load_config
+from fedalign_dist.markdown import table
 
 PERSONAL_ONLY = {"local"}
 """Methods judged by personalised accuracy (their global model is the initial one)."""
@@ -146,10 +147,7 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
         target = None
         if "fedavg" in per_method:
             target, _ = mean_std([recs[-1]["global_accuracy"] for recs in per_method["fedavg"]])
-        lines += [f"## {scenario}", "", f"Overrides: `{' '.join(spec.scenarios[scenario])}`", "",
-                  "| method | global acc | personalized acc | rounds to FedAvg's final | s/round | "
-                  "local / stats / agg / eval s | MB sent/rank/round | chosen |", "|---|---|---|---|---|---|---|---|"]
-        curves = {}
+        curves, rows = {}, []
         finals = {key: {m: mean_std([r[-1][key] for r in runs]) for m, runs in per_method.items()}
                   for key in ("global_accuracy", "personalized_accuracy")}
         best = {key: max((v[0] for v in column.values() if not math.isnan(v[0])), default=None)
@@ -163,13 +161,16 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
             secs = mean_std([sum(x["time_round_s"] for x in r) / len(r) for r in runs])[0]
             sent = mean_std([sum(x["bytes_sent"] for x in r) / len(r) for r in runs])[0] / 1e6
             sent_text = f"{sent:.2f}" if spec.nproc > 1 else "- (1 rank)"
-            lines.append(f"| {method} | {_bold_best(finals['global_accuracy'][method], best['global_accuracy'])} | "
-                         f"{_bold_best(finals['personalized_accuracy'][method], best['personalized_accuracy'])} | "
-                         f"{reach if reach else 'not reached'} | {secs:.2f} | {split} | {sent_text} | "
-                         f"`{' '.join(chosen[scenario][method]) or '-'}` |")
+            rows.append([method, _bold_best(finals["global_accuracy"][method], best["global_accuracy"]),
+                         _bold_best(finals["personalized_accuracy"][method], best["personalized_accuracy"]),
+                         reach if reach else "not reached", f"{secs:.2f}", split, sent_text,
+                         f"`{' '.join(chosen[scenario][method]) or '-'}`"])
         png = out / f"convergence_{scenario}.png"
         plot_band_curves(curves, png, "global accuracy (test)", f"{scenario}: mean ± std over {len(seeds)} seed(s)")
-        lines += ["", f"![{scenario}]({png.name})", ""]
+        lines += [f"## {scenario}", "", f"Overrides: `{' '.join(spec.scenarios[scenario])}`", "",
+                  *table(["method", "global acc", "personalized acc", "rounds to FedAvg's final", "s/round",
+                          "local / stats / agg / eval s", "MB sent/rank/round", "chosen"], rows),
+                  "", f"![{scenario}]({png.name})", ""]
     (out / "results.json").write_text(json.dumps(results))
     (out / "results.md").write_text("\n".join(lines))
     return results

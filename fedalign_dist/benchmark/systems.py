@@ -21,6 +21,7 @@ from pathlib import Path
 from fedalign_dist.benchmark.cells import launch_cell, read_records
 from fedalign_dist.benchmark.environment import environment_line
 from fedalign_dist.config import load_config
+from fedalign_dist.markdown import table
 
 HEALTH_TWEETS = 63_325
 """Examples in the health_tweets data set: runs with fewer clients keep the same examples per client."""
@@ -115,25 +116,21 @@ def collect(out: Path, p: SystemsPlan) -> dict:
 
 def write_systems(out: Path, results: dict) -> None:
     from fedalign_dist.plots import plot_lines, plot_stacked_bars
+    split_rows = [[name] + [f"{row[k]:.3f}" for k in SPLIT_KEYS] + [f"{row['round']:.2f}"]
+                  for name, row in results["time_split"].items()]
+    comm_rows = [[row["clients_per_rank"], f"{row['reduce']:,}", f"{row['allgather']:,}",
+                  f"{row['allgather'] / row['reduce']:.2f}"] for row in results["comm"]]
+    scale_rows = [[f"{row['clients']:,}", f"{row['s_per_round']:.2f}",
+                   ", ".join(str(round(x)) for x in row["peak_rss_mb_per_rank"])] for row in results["scale"]]
     lines = ["# Systems benchmark", "", environment_line(), "",
              "Every cell is a 2-rank run (gloo on CPU, NCCL on GPU), one run each.", "",
              "## Time split per round (demo config, 8 clients per round, seconds)", "",
-             "| method | " + " | ".join(SPLIT_KEYS) + " | round |", "|---" * (len(SPLIT_KEYS) + 2) + "|"]
-    for name, row in results["time_split"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.3f}" for k in SPLIT_KEYS) + f" | {row['round']:.2f} |")
-    lines += ["", "![time split](time_split.png)", "",
-              "## Bytes sent per rank per round: FedAlign-MoE comm paths", "",
-              "| clients per rank | reduce | allgather | allgather / reduce |", "|---|---|---|---|"]
-    for row in results["comm"]:
-        lines.append(f"| {row['clients_per_rank']} | {row['reduce']:,} | {row['allgather']:,} | "
-                     f"{row['allgather'] / row['reduce']:.2f} |")
-    lines += ["", "![bytes](bytes_vs_clients.png)", "",
-              "## Scale: configs/scale.yaml, 16 clients per round, same examples per client", "",
-              "| clients | s/round | peak RSS per rank (MB) |", "|---|---|---|"]
-    for row in results["scale"]:
-        lines.append(f"| {row['clients']:,} | {row['s_per_round']:.2f} | "
-                     f"{', '.join(str(round(x)) for x in row['peak_rss_mb_per_rank'])} |")
-    lines += ["", "![scale](scale.png)", ""]
+             *table(["method", *SPLIT_KEYS, "round"], split_rows), "", "![time split](time_split.png)", "",
+             "## Bytes sent per rank per round: FedAlign-MoE comm paths", "",
+             *table(["clients per rank", "reduce", "allgather", "allgather / reduce"], comm_rows), "",
+             "![bytes](bytes_vs_clients.png)", "",
+             "## Scale: configs/scale.yaml, 16 clients per round, same examples per client", "",
+             *table(["clients", "s/round", "peak RSS per rank (MB)"], scale_rows), "", "![scale](scale.png)", ""]
     (out / "systems.json").write_text(json.dumps(results, indent=1))
     (out / "systems.md").write_text("\n".join(lines))
     plot_stacked_bars({m: [row[k] for k in SPLIT_KEYS] for m, row in results["time_split"].items()}, SPLIT_KEYS,

@@ -39,3 +39,8 @@ def test_plot_helpers_write_pngs(tmp_path):
     plot_lines([1, 10, 100], {"line": [1.0, 2.0, 4.0]}, tmp_path / "lines.png", "n", "v", logy=True,
                right={"rss": [10.0, 10.0, 11.0]})
     assert (tmp_path / "bars.png").stat().st_size > 1000 and (tmp_path / "lines.png").stat().st_size > 1000
+
+
+def test_markdown_table():
+    from fedalign_dist.markdown import table
+    assert table(["a", "b"], [[1, "x"], [2.5, None]]) == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | None |"]
