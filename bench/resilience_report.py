@@ -1,13 +1,12 @@
-"""Scale and resilience numbers (issue 4), measured in one invocation on 2 ranks.
+"""Resilience numbers (issue 4), measured in one invocation on 2 ranks.
 
-    python bench/scale_report.py            # about 8 minutes on 2 CPU cores
+    python bench/resilience_report.py       # a few minutes on 2 CPU cores
 
-1. configs/scale.yaml with 1,000 clients vs 16 clients, the same 16 clients per round and
-   the same examples per client (the 16-client run keeps 16/1000 of the tweets): seconds
-   per round (rounds without global evaluation) and peak RSS per rank.
-2. Kill-and-resume: a 4-round run, once clean and once with rank 1 SIGKILLed after round 1
+Seconds per round and peak RSS from 16 to 1,000 clients are measured by the systems suite:
+fedalign-dist bench --systems --out DIR.
+1. Kill-and-resume: a 4-round run, once clean and once with rank 1 SIGKILLed after round 1
    under torchrun --max-restarts=1: wall times and the time lost.
-3. The one-node SLURM job (slurm/one_node.sbatch on a real local cluster), when SLURM is
+2. The one-node SLURM job (slurm/one_node.sbatch on a real local cluster), when SLURM is
    installed and this runs as root: submit-to-exit wall time.
 """
 from __future__ import annotations
@@ -32,28 +31,6 @@ TINY = ["data.max_examples=400", "data.max_length=64", "data.min_client_examples
 
 def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def launch(out_dir: Path, name: str, config: str, overrides: list[str]) -> float:
-    cmd = [sys.executable, "-m", "fedalign_dist", "run", "--nproc", "2", "--config", config,
-           f"run.output_dir={out_dir}", f"run.name={name}", *overrides]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
-
-
-def scale(out_dir: Path) -> None:
-    print("== 16 vs 1,000 clients (configs/scale.yaml, 16 per round, 4 rounds, 2 ranks) ==")
-    common = ["fed.clients_per_round=16", "fed.rounds=4", "eval.every=1000"]
-    runs = {16: common + ["fed.num_clients=16", "data.max_examples=1013"], 1000: common + ["fed.num_clients=1000"]}
-    for clients, overrides in runs.items():
-        launch(out_dir, f"scale_{clients}", "configs/scale.yaml", overrides)
-        recs = records(out_dir / f"scale_{clients}")
-        plain = [r["time_round_s"] for r in recs[:-1]]  # the last round also evaluates the global model
-        on_disk = sum(1 for _ in (out_dir / f"scale_{clients}" / "clients").rglob("*.safetensors"))
-        print(f"{clients:>5} clients: {sum(plain) / len(plain):6.2f} s/round (rounds 0-{len(plain) - 1}), "
-              f"peak RSS per rank {[round(x) for x in recs[-1]['peak_rss_mb_per_rank']]} MB, "
-              f"client state files on disk {on_disk}")
 
 
 def kill_and_resume(out_dir: Path) -> None:
@@ -89,6 +66,5 @@ def slurm(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     folder = Path(tempfile.mkdtemp(prefix="fedalign_scale_"))
-    scale(folder)
     kill_and_resume(folder)
     slurm(folder)
