@@ -2,9 +2,8 @@
 
     python bench/fedalign_report.py              # a few minutes on 2 CPU cores
 
-1. The demo config (2 ranks) with fedavg, fedmoe and fedalign at equal rounds: aggregation
-   time and bytes per rank (fedalign / fedavg ratios), statistics-pass time, accuracies.
-Bytes per rank per round for comm=allgather vs comm=reduce against clients per rank are
+The demo config (2 ranks) with fedavg, fedmoe and fedalign at equal rounds: aggregation time
+and bytes per rank (fedalign / fedavg ratios), statistics-pass time, accuracies. Bytes per rank per round for comm=allgather vs comm=reduce against clients per rank are
 measured by the systems suite: fedalign-dist bench --systems --out DIR."""
 from __future__ import annotations
 
