@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
+            import faulthandler
+            faulthandler.enable()  # a native crash in a rank prints every thread's Python stack
             from fedalign_dist.train import train_main
             train_main(args.config, args.overrides)
             code = 0

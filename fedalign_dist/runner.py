@@ -232,21 +232,27 @@ class Runner:
 
     def finish(self, records: list[dict], wall_s: float) -> None:
         inits = self.side.all_gather_objects(LocalTrainer.engine_inits)
-        if not self.env.is_coordinator:
-            return
+        if self.env.is_coordinator:
+            self.write_final(records, wall_s, inits)
+        barrier()  # no rank tears down (where third-party crashes happen) before the outputs are complete
+
+    def write_final(self, records: list[dict], wall_s: float, inits: list[int]) -> None:
+        """Final model, then summary.json: the marker of a finished run, written last and atomically."""
         self.trainer.load_state(self.global_state)
         base = None
         if self.cfg.model.finetune == "lora" and self.cfg.model.path is None and self.cfg.strategy.name != "fedamole":
             base = (dense_base(self.cfg, self.tokenizer) if self.cfg.model.family == "llama" else
                     build_base_model(self.cfg.model, self.tokenizer, self.cfg.data.max_length, self.cfg.seed)[0])
         checkpoint.save_final(self.run_dir, self.global_state, self.trainer.module, self.cfg.model.finetune, base)
+        self.writer.close()
         last = records[-1]
         summary = {"rounds": len(records), "wall_s": wall_s, "engine_inits_per_rank": inits,
                    "world_size": self.env.world_size, "trainable_bytes": self.trainable_bytes,
                    "final_global_accuracy": last["global_accuracy"],
                    "final_personalized_accuracy": last["personalized_accuracy"]}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.writer.close()
+        partial = self.run_dir / "summary.json.partial"
+        partial.write_text(json.dumps(summary, indent=2))
+        partial.replace(self.run_dir / "summary.json")
 
 
 def prepare_run_dir(cfg: Config) -> Path:

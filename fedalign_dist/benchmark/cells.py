@@ -14,16 +14,34 @@ class BenchmarkFailed(RuntimeError):
     """One or more cells failed; finished cells are kept, rerunning resumes."""
 
 
-def launch_cell(config: str, nproc: int, run_dir: Path, overrides: list[str]) -> None:
-    if (run_dir / "summary.json").is_file():
+def launch_cell(config: str, nproc: int, run_dir: Path, overrides: list[str], log=print) -> None:
+    if finished(run_dir):
         return  # finished before: resume the benchmark, not the run
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-written cell starts again
     cmd = [sys.executable, "-m", "fedalign_dist", "run", "--nproc", str(nproc), "--config", config,
            f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        raise BenchmarkFailed(f"benchmark cell {run_dir} failed ({done.returncode}):\n{done.stdout[-4000:]}")
+    warning = cell_outcome(run_dir, done.returncode, done.stdout)
+    if warning:
+        log(warning)
+
+
+def finished(run_dir: Path) -> bool:
+    """summary.json is the run's last output, written after the final model and metrics."""
+    return (run_dir / "summary.json").is_file()
+
+
+def cell_outcome(run_dir: Path, returncode: int, output: str) -> str | None:
+    """None for a clean cell; a warning for a cell that crashed in process teardown after
+    writing every output (kept: its results are complete, and a rerun would skip it anyway);
+    BenchmarkFailed for a cell that did not finish."""
+    if returncode == 0:
+        return None
+    if not finished(run_dir):
+        raise BenchmarkFailed(f"benchmark cell {run_dir} failed ({returncode}):\n{output[-4000:]}")
+    return (f"warning: benchmark cell {run_dir} finished, then a rank exited with an error ({returncode}) "
+            f"while shutting down; its results are complete and kept. Last output:\n{output[-1500:]}")
 
 
 def read_records(run_dir: Path) -> list[dict]:

@@ -90,7 +90,7 @@ def _run_cells(spec: GridSpec, cells: list[tuple[str, Path, list[str]]], log) ->
         label, run_dir, overrides = cell
         log(label)
         try:
-            launch_cell(spec.base, spec.nproc, run_dir, overrides)
+            launch_cell(spec.base, spec.nproc, run_dir, overrides, log=log)
         except BenchmarkFailed as err:
             return str(err)
         return None

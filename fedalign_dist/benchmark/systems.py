@@ -87,7 +87,7 @@ def run_systems(out: Path, quick: bool = False, log=print) -> dict:
         load_config(config, overrides)  # every cell valid before anything runs
     for name, (config, overrides) in cells.items():
         log(f"systems {name}")
-        launch_cell(config, 2, _cell_dir(out, name), overrides)
+        launch_cell(config, 2, _cell_dir(out, name), overrides, log=log)
     results = collect(out, p)
     write_systems(out, results)
     return results
