@@ -12,7 +12,6 @@ fedalign-dist bench --systems --out DIR.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import free_port, torchrun  # noqa: E402
 from tests.faults import run_and_kill  # noqa: E402
 from tests.slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
 
@@ -33,12 +32,9 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def torchrun(args: list[str]) -> float:
-    """Wall seconds of one 2-rank torchrun launch."""
+def timed(job) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
-                    f"--rdzv-endpoint=127.0.0.1:{free_port()}", *args], cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job()
     return time.perf_counter() - t0
 
 
@@ -48,8 +44,8 @@ def kill_and_resume(out_dir: Path) -> None:
             "fed.rounds=4", "checkpoint.every=1", "run.resume=auto"]
     # An untimed one-round run first: the first start on a machine pays one-off costs (op
     # builds, data caches) that would otherwise land on whichever run is measured first.
-    warm = torchrun(args + ["run.name=warmup", "fed.rounds=1"])
-    clean = torchrun(args + ["run.name=clean"])
+    warm = timed(lambda: torchrun(args + ["run.name=warmup", "fed.rounds=1"], nproc=2))
+    clean = timed(lambda: torchrun(args + ["run.name=clean"], nproc=2))
     killed = run_and_kill(args + ["run.name=killed"], out_dir / "killed", free_port(), kill_rank=1, after_rounds=2)
     if killed["returncode"] != 0:
         raise SystemExit(killed["output"][-3000:])

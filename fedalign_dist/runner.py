@@ -250,9 +250,9 @@ class Runner:
                    "world_size": self.env.world_size, "trainable_bytes": self.trainable_bytes,
                    "final_global_accuracy": last["global_accuracy"],
                    "final_personalized_accuracy": last["personalized_accuracy"]}
-        partial = self.run_dir / "summary.json.partial"
-        partial.write_text(json.dumps(summary, indent=2))
-        partial.replace(self.run_dir / "summary.json")
+        tmp = self.run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(self.run_dir / "summary.json")
 
 
 def prepare_run_dir(cfg: Config) -> Path:
