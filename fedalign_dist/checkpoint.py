@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fedalign_dist import faults
+
 
 def _publish(tmp: Path, target: Path) -> None:
     """fsync every file of `tmp`, then swap it in under `target` by rename."""
@@ -55,7 +57,8 @@ def commit_checkpoint(run_dir: Path, round_idx: int, global_state: dict, strateg
                       keep: int) -> Path:
     tmp, target = staging_dir(run_dir, round_idx), checkpoint_dir(run_dir, round_idx)
     save_file({n: t.contiguous() for n, t in global_state.items()}, str(tmp / "global.safetensors"))
-    torch.save(strategy_state, tmp / "strategy.pt")
+    save_strategy_state(tmp, strategy_state)
+    faults.maybe_raise("checkpoint_commit")
     # The manifest is written last: a checkpoint without it, or whose files do not match
     # it, is incomplete or corrupt.
     files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -102,10 +105,47 @@ def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
     return None
 
 
+def save_strategy_state(folder: Path, state: dict) -> None:
+    """Tensors as safetensors, everything else (None, numbers, strings) as JSON: a checkpoint
+    holds data only, never code that loading it would run (as unpickling can)."""
+    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    save_file(tensors, str(folder / "strategy.safetensors"))
+    (folder / "strategy.json").write_text(json.dumps({k: v for k, v in state.items() if k not in tensors}))
+
+
+def load_strategy_state(folder: Path) -> dict:
+    if not (folder / "strategy.safetensors").exists() and (folder / "strategy.pt").exists():
+        return torch.load(folder / "strategy.pt", weights_only=True)  # checkpoints of earlier versions
+    return {**json.loads((folder / "strategy.json").read_text()), **load_file(str(folder / "strategy.safetensors"))}
+
+
 def load_checkpoint(folder: Path) -> tuple[int, dict, dict]:
     """(round, global state, strategy state) of a committed checkpoint."""
     meta = json.loads((folder / "meta.json").read_text())
-    return meta["round"], load_file(str(folder / "global.safetensors")), torch.load(folder / "strategy.pt")
+    return meta["round"], load_file(str(folder / "global.safetensors")), load_strategy_state(folder)
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes, bytes): equal digests, equal states."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def cut_metrics(run_dir: Path, last_round: int) -> list[dict]:
+    """Keep metrics.jsonl's records up to `last_round` (the checkpoint resumed from), rewritten
+    atomically; returns them."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = [r for r in map(json.loads, path.read_text().splitlines()) if r["round"] <= last_round]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+    return records
 
 
 def save_final(run_dir: Path, global_state: dict, module: torch.nn.Module, finetune: str,

@@ -65,6 +65,34 @@ def cmd_run(args) -> int:
     return subprocess.call(cmd + list(args.overrides), env=env)
 
 
+def cmd_train(args) -> int:
+    """One rank. Every failure ends the rank non-zero: a user error in one line (exit 2), a
+    rank stopped by another rank's failure or a diverged run in one line (exit 1), any other
+    exception with its traceback shown once: under torchrun it goes to the agent's error file
+    (what torchrun.elastic's @record does), and torchrun prints it in its failure summary."""
+    import faulthandler
+    faulthandler.enable()  # a native crash in a rank prints every thread's Python stack
+    from fedalign_dist.aggregation.guard import DivergedError
+    from fedalign_dist.dist.agreement import PeerFailure
+    from fedalign_dist.train import train_main
+    try:
+        train_main(args.config, args.overrides)
+        return 0
+    except (PeerFailure, DivergedError) as err:
+        print(f"fedalign-dist: {err}", file=sys.stderr, flush=True)
+        return 1
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError):
+        raise
+    except Exception as err:
+        if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            raise  # no agent to report it: Python prints the traceback
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+        ErrorHandler().record_exception(err)
+        print(f"fedalign-dist: rank {os.environ.get('RANK', '?')} failed: {type(err).__name__}: {err} "
+              f"(traceback in torchrun's failure summary)", file=sys.stderr, flush=True)
+        return 1
+
+
 def cmd_partition(args) -> int:
     from fedalign_dist.data.federated import build_federated_data
     from fedalign_dist.data.tokenizer import build_tokenizer
@@ -111,11 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
         if args.command == "train":
-            import faulthandler
-            faulthandler.enable()  # a native crash in a rank prints every thread's Python stack
-            from fedalign_dist.train import train_main
-            train_main(args.config, args.overrides)
-            code = 0
+            code = cmd_train(args)
         elif args.command == "run":
             code = cmd_run(args)
         elif args.command == "bench":

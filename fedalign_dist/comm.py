@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fedalign_dist.dist import collectives
+from fedalign_dist.dist import agreement, collectives
 
 
 class Communicator:
@@ -24,8 +24,18 @@ class Communicator:
     def all_gather_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
         return collectives.all_gather_rows(rows, self.bytes, self._wire_device())
 
-    def all_gather_objects(self, obj):
-        return collectives.all_gather_objects(obj, self.bytes)
+    def all_gather_json(self, obj):
+        return collectives.all_gather_json(obj, self.bytes, self._wire_device())
+
+    def all_gather_tensor_items(self, items):
+        return collectives.all_gather_tensor_items(items, self.bytes, self._wire_device())
+
+    def on_coordinator(self, what: str, fn, *args, **kwargs):
+        """fn on rank 0 only; every rank fails together if it raised (see dist/agreement.py)."""
+        return agreement.on_coordinator(what, fn, *args, **kwargs)
+
+    def all_ranks_agree(self, what: str):
+        return agreement.all_ranks_agree(what)
 
     def _wire_device(self):
         # NCCL moves CUDA tensors only; gloo works on CPU tensors.

@@ -35,6 +35,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
+        if self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
+            raise ValueError(f"run.name must be one plain folder name (no '/', '\\', '.' or '..'), got {self.name!r}: "
+                             f"the run folder is run.output_dir/run.name; put any parent folders in run.output_dir")
         if self.resume is not False and self.overwrite:
             raise ValueError("run.resume=true continues the existing run folder; run.overwrite=true would delete "
                              "it: set only one of them")
@@ -212,8 +215,21 @@ class EvalConfig(_Section):
     every round); None = all of them."""
 
 
+class GuardConfig(_Section):
+    """What a client's update must satisfy to enter aggregation. Non-finite updates and
+    statistics are always rejected; a rejected client is left out of the round on every rank
+    and logged (metrics: num_rejected, rejected_clients, rejected_reasons)."""
+    max_update_norm: Optional[float] = Field(None, gt=0)
+    """Bound on the L2 norm of a client's whole update (None: no bound)."""
+    on_large_update: Literal["reject", "clip"] = "reject"
+    """Above max_update_norm: leave the client out, or scale its update down to the bound."""
+
+
 class DistConfig(_Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(1800.0, gt=0)
+    """How long a collective may wait for the other ranks before the job fails. Failures the
+    project can see end every rank at once; this bounds the rest (a rank that hangs)."""
 
 
 class Config(_Section):
@@ -227,6 +243,7 @@ class Config(_Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
 
     @model_validator(mode="after")

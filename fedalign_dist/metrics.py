@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 from pathlib import Path
 
 
@@ -12,14 +13,23 @@ def peak_rss_mb() -> float:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, replay: list[dict] | None = None):
+        """replay: a resumed run's kept records; TensorBoard is rebuilt from them, so rounds
+        re-run after the checkpoint appear once (metrics.jsonl is the record of truth)."""
         from torch.utils.tensorboard import SummaryWriter
         self.path = run_dir / "metrics.jsonl"
+        if replay is not None:
+            shutil.rmtree(run_dir / "tb", ignore_errors=True)
         self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        for record in replay or []:
+            self.log_tensorboard(record)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.log_tensorboard(record)
+
+    def log_tensorboard(self, record: dict) -> None:
         step = record["round"]
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "round":
@@ -43,10 +53,11 @@ class MetricsWriter:
 
 
 def console_line(r: dict) -> str:
-    return (f"round {r['round']:>3} | {r['strategy']} | loss {r['train_loss']:.4f} | "
+    rejected = f" | {r['num_rejected']} rejected" if r.get("num_rejected") else ""
+    return (f"round {r['round']:>3} | {r['strategy']} | loss {_fmt(r['train_loss'], 4)}{rejected} | "
             f"global acc {_fmt(r['global_accuracy'])} | pers acc {_fmt(r['personalized_accuracy'])} | "
             f"sent {r['bytes_sent'] / 1e6:.2f} MB | {r['time_round_s']:.1f} s")
 
 
-def _fmt(value) -> str:
-    return "  -  " if value is None else f"{value:.3f}"
+def _fmt(value, digits: int = 3) -> str:
+    return "  -  " if value is None else f"{value:.{digits}f}"

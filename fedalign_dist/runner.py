@@ -4,23 +4,25 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedalign_dist import checkpoint
+from fedalign_dist import checkpoint, faults
+from fedalign_dist.aggregation.guard import DivergedError, Verdict, nonfinite_names, screen_update
 from fedalign_dist.clients.amole_stats import amole_embeddings, aux_indices
 from fedalign_dist.clients.routing_stats import probe_batch, routing_statistics
 from fedalign_dist.clients.state import make_client_store
 from fedalign_dist.clients.trainer import LocalTrainer, client_batches
 from fedalign_dist.comm import Communicator
-from fedalign_dist.config import Config, dump_config
+from fedalign_dist.config import Config
 from fedalign_dist.data.task import answer_loss
-from fedalign_dist.dist.collectives import barrier
+from fedalign_dist.dist.agreement import all_ranks_agree, on_coordinator
 from fedalign_dist.dist.env import DistEnv
 from fedalign_dist.dist.placement import clients_of_rank, round_clients_on_rank
-from fedalign_dist.eval import evaluate_sums, summarise
+from fedalign_dist.eval import empty_sums, evaluate_sums, summarise
 from fedalign_dist.metrics import MetricsWriter, console_line, peak_rss_mb
 from fedalign_dist.models.amole import set_held
 from fedalign_dist.models.build import build_base_model, build_model, dense_base
@@ -43,59 +45,98 @@ class Runner:
                       if request is not None and request.signature == "probe" else None)
         self.comm = Communicator(env.rank, env.world_size, env.device)  # aggregation traffic (counted)
         self.side = Communicator(env.rank, env.world_size, env.device)  # metrics bookkeeping
-        self.writer = MetricsWriter(self.run_dir) if env.is_coordinator else None  # rank 0 does the I/O
         self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
         self.trainable_bytes = sum(t.numel() * 4 for t in self.global_state.values())
         self.start_round, self.past_records = 0, []
         if cfg.run.resume is not False:
             # The coordinator picks the checkpoint (checksums verified once) for every rank.
-            folder = checkpoint.latest_checkpoint(self.run_dir) if env.is_coordinator else None
-            folder = self.side.all_gather_objects(folder)[0]
+            folder = on_coordinator("finding the checkpoint to resume", checkpoint.latest_checkpoint, self.run_dir)
+            folder = self.side.all_gather_json(None if folder is None else str(folder))[0]
             if folder is not None:
-                self.resume(folder)
+                self.resume(Path(folder))
             elif cfg.run.resume is True:
                 raise FileNotFoundError(f"run.resume=true but {self.run_dir} has no intact checkpoint")
+        # rank 0 does the I/O; on resume, TensorBoard is rebuilt from the kept metrics
+        self.writer = on_coordinator("opening the metrics writer", MetricsWriter, self.run_dir,
+                                     self.past_records if self.start_round else None)
+        self.check_same_start()
+
+    def check_same_start(self) -> None:
+        """Every rank must start from the same finite global state: a model built differently
+        on one rank would silently train another experiment there."""
+        bad = nonfinite_names(self.global_state)
+        if bad:
+            raise DivergedError(f"the starting global state has non-finite values in {len(bad)} tensors "
+                                f"(first: {bad[0]}); nothing to train from")
+        digests = self.side.all_gather_json(checkpoint.state_digest(self.global_state))
+        if len(set(digests)) > 1:
+            raise RuntimeError("ranks start from different global states (" + ", ".join(
+                f"rank {r}: {d[:12]}" for r, d in enumerate(digests)) + "): every rank must build the same model "
+                "(same model.path contents, seed and library versions)")
 
     # -- one round ---------------------------------------------------------------------
-    def run_round(self, round_idx: int) -> dict | None:
+    def run_round(self, round_idx: int) -> dict:
         cfg, t_start = self.cfg, time.perf_counter()
         my_clients = round_clients_on_rank(cfg.seed, round_idx, cfg.fed.num_clients, cfg.fed.clients_per_round,
                                            self.env.rank, self.env.world_size)
-        updates, personal_sums, time_eval, time_stats = [], torch.zeros(4, dtype=torch.float64), 0.0, 0.0
-        for client_id in my_clients:
-            update, sums, seconds = self.train_client(round_idx, client_id)
-            updates.append(update)
-            personal_sums += sums
-            time_eval += seconds["eval"]
-            time_stats += seconds["stats"]
+        results = [self.train_client(round_idx, client_id) for client_id in my_clients]
+        accepted = [r.update for r in results if r.verdict.rejected is None]
+        time_eval = sum(r.seconds["eval"] for r in results)
+        time_stats = sum(r.seconds["stats"] for r in results)
         time_local = time.perf_counter() - t_start - time_eval - time_stats
 
-        # Waiting for the slowest rank is not aggregation: time it apart.
+        # Waiting for the slowest rank is not aggregation: time it apart. Every rank learns
+        # which clients the guard rejected, so all leave out the same ones.
         t_sync = time.perf_counter()
-        barrier()
+        screened = self.side.all_gather_json({"accepted": len(accepted), "rejected": [
+            [r.update.client_id, r.verdict.rejected] for r in results if r.verdict.rejected is not None]})
         time_sync = time.perf_counter() - t_sync
+        rejected = {cid: reason for part in screened for cid, reason in part["rejected"]}
+        if self.env.is_coordinator:
+            for cid, reason in sorted(rejected.items()):
+                print(f"WARNING: round {round_idx}: client {cid} left out of aggregation: {reason}", flush=True)
+
         t_agg = time.perf_counter()
-        self.global_state, diagnostics = self.strategy.aggregate(self.global_state, updates, self.comm)
+        if sum(part["accepted"] for part in screened):
+            self.global_state, diagnostics = self.strategy.aggregate(self.global_state, accepted, self.comm)
+        else:
+            diagnostics = {"aggregation_skipped": "every sampled client was rejected"}
+        with all_ranks_agree("checking the global state"):
+            self.check_global_finite(round_idx)
         time_aggregate = time.perf_counter() - t_agg
 
         t_eval = time.perf_counter()
         evaluate_now = (round_idx + 1) % cfg.eval.every == 0 or round_idx + 1 == cfg.fed.rounds
-        global_sums = self.evaluate_global() if evaluate_now else torch.zeros(4, dtype=torch.float64)
+        global_sums = self.evaluate_global() if evaluate_now else empty_sums()
         time_eval += time.perf_counter() - t_eval
 
-        if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0:
-            self.save_checkpoint(round_idx)
-        local = dict(updates=[(u.num_examples, u.train_loss) for u in updates], personal=personal_sums.tolist(),
+        local = dict(updates=[(u.num_examples, u.train_loss) for u in accepted],
+                     personal=sum((r.sums for r in results), empty_sums()).tolist(),
+                     clipped=sum(r.verdict.clipped for r in results),
                      global_=global_sums.tolist(), sent=self.comm.bytes.sent, received=self.comm.bytes.received,
                      time_comm=self.comm.bytes.seconds,
                      time_local=time_local, time_stats=time_stats, time_aggregate=time_aggregate,
                      time_sync=time_sync, time_eval=time_eval, time_round=time.perf_counter() - t_start,
                      rss=peak_rss_mb())
         self.comm.bytes.reset()
-        per_rank = self.side.all_gather_objects(local)
-        return self.round_record(round_idx, per_rank, evaluate_now, diagnostics)
+        per_rank = self.side.all_gather_json(local)
+        record = self.round_record(round_idx, per_rank, evaluate_now, rejected, diagnostics)
+        # The round's metrics line before its checkpoint: a crash between the two re-runs the
+        # round from the previous checkpoint, and resume cuts the metrics back to it.
+        on_coordinator("writing the round's metrics", lambda: self.writer.write(record))
+        if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0:
+            self.save_checkpoint(round_idx)
+        return record
 
-    def train_client(self, round_idx: int, client_id: int) -> tuple[ClientUpdate, torch.Tensor, dict]:
+    def check_global_finite(self, round_idx: int) -> None:
+        bad = nonfinite_names(self.global_state)
+        if bad:
+            raise DivergedError(
+                f"the global state became non-finite in round {round_idx} ({len(bad)} tensors, first: {bad[0]}); "
+                f"the run stops without a final model or accuracy for it. Lower local.lr, or bound client updates "
+                f"with guard.max_update_norm=<norm> (guard.on_large_update=clip|reject)")
+
+    def train_client(self, round_idx: int, client_id: int) -> "ClientResult":
         cfg, data = self.cfg, self.data
         start = self.strategy.client_start_state(client_id, self.global_state, self.store)
         self.trainer.load_state(start)
@@ -109,12 +150,18 @@ class Runner:
                                                data.clients[client_id]["train"], steps, cfg.local.batch_size,
                                                cfg.seed, round_idx, client_id)
         tap = RouterTap(self.trainer.module, self.anatomy.family) if self.strategy.wants_router_probs else None
+        diverge = faults.client_fault("diverge_client", client_id)
+        if diverge:
+            self.trainer.set_lr(1e20)
         with tap or nullcontext():
             loss = self.trainer.train(batches(cfg.local.steps), lambda model, batch: self.local_loss(model, batch, tap),
                                       lambda params: self.strategy.local_regularizer(params, start))
+        if diverge:
+            self.trainer.set_lr(cfg.local.lr)
         trained = self.trainer.read_state()
-        self.strategy.after_local_training(client_id, trained, self.store)
         delta = {n: trained[n] - self.global_state[n].float() for n in trained}
+        if faults.client_fault("huge_delta_client", client_id):
+            delta = {n: torch.full_like(t, 1e38) for n, t in delta.items()}
 
         t_stats, stats, request = time.perf_counter(), {}, self.strategy.stats_request
         if request is not None and request.kind == "amole":
@@ -123,11 +170,15 @@ class Runner:
             stats = routing_statistics(self.trainer.module, self.anatomy.family, self.anatomy.num_experts,
                                        batches(request.batches), request, self.env.device, self.probe)
         t_eval = time.perf_counter()
-        test_idx = data.clients[client_id][cfg.eval.split]
-        sums = evaluate_sums(self.trainer.module, data.task, [data.prompts[i] for i in test_idx],
-                             [int(data.labels[i]) for i in test_idx], cfg.eval.batch_size, self.env.device)
-        update = ClientUpdate(client_id, data.num_train(client_id), delta, loss, stats)
-        return update, sums, {"stats": t_eval - t_stats, "eval": time.perf_counter() - t_eval}
+        verdict = screen_update(delta, stats, cfg.guard.max_update_norm, cfg.guard.on_large_update)
+        sums = empty_sums()
+        if verdict.rejected is None:  # a rejected client keeps its previous personal state
+            self.strategy.after_local_training(client_id, trained, self.store)
+            test_idx = data.clients[client_id][cfg.eval.split]
+            sums = evaluate_sums(self.trainer.module, data.task, [data.prompts[i] for i in test_idx],
+                                 [int(data.labels[i]) for i in test_idx], cfg.eval.batch_size, self.env.device)
+        update = ClientUpdate(client_id, data.num_train(client_id), verdict.delta, loss, stats)
+        return ClientResult(update, verdict, sums, {"stats": t_eval - t_stats, "eval": time.perf_counter() - t_eval})
 
     def local_loss(self, model, batch, tap: RouterTap | None):
         """(objective, task loss): the answer loss plus the strategy's routing regulariser and
@@ -158,20 +209,26 @@ class Runner:
         return evaluate_sums(self.trainer.module, self.data.task, [self.data.prompts[i] for i in pooled],
                              [int(self.data.labels[i]) for i in pooled], self.cfg.eval.batch_size, self.env.device)
 
-    def round_record(self, round_idx, per_rank, evaluated, diagnostics) -> dict:
+    def round_record(self, round_idx, per_rank, evaluated, rejected, diagnostics) -> dict:
         pairs = [p for r in per_rank for p in r["updates"]]
         examples = sum(n for n, _ in pairs)
         personal = summarise(torch.tensor([r["personal"] for r in per_rank]).sum(0))
         glob = summarise(torch.tensor([r["global_"] for r in per_rank]).sum(0))
-        record = {
+        return {
             "round": round_idx,
             "strategy": self.cfg.strategy.name,
-            "num_clients_trained": len(pairs),
-            "train_loss": sum(n * loss for n, loss in pairs) / examples,
+            "num_clients_trained": len(pairs) + len(rejected),
+            "num_rejected": len(rejected),
+            "rejected_clients": sorted(rejected),
+            "rejected_reasons": {str(cid): reason for cid, reason in sorted(rejected.items())},
+            "num_clipped": sum(r["clipped"] for r in per_rank),
+            "train_loss": sum(n * loss for n, loss in pairs) / examples if examples else None,
             "global_accuracy": glob["accuracy"] if evaluated else None,
             "global_perplexity": glob["perplexity"] if evaluated else None,
+            "global_nonfinite_examples": glob["nonfinite_examples"],
             "personalized_accuracy": personal["accuracy"],
             "personalized_perplexity": personal["perplexity"],
+            "personalized_nonfinite_examples": personal["nonfinite_examples"],
             "bytes_sent": max(r["sent"] for r in per_rank),
             "bytes_received": max(r["received"] for r in per_rank),
             "bytes_sent_per_rank": [r["sent"] for r in per_rank],
@@ -184,36 +241,29 @@ class Runner:
             "peak_rss_mb_per_rank": [r["rss"] for r in per_rank],
             **diagnostics,
         }
-        if self.writer is not None:
-            self.writer.write(record)
-        return record
 
     # -- checkpoints ---------------------------------------------------------------------
     def save_checkpoint(self, round_idx: int) -> None:
-        """Global and strategy state from the coordinator, client states from every rank."""
-        if self.env.is_coordinator:
-            checkpoint.begin_checkpoint(self.run_dir, round_idx)
-        barrier()
-        self.store.export_to(checkpoint.staging_dir(self.run_dir, round_idx) / "clients")
-        barrier()
-        if self.env.is_coordinator:
-            checkpoint.commit_checkpoint(self.run_dir, round_idx, self.global_state, self.strategy.state_dict(),
-                                         self.cfg.checkpoint.keep)
+        """Global and strategy state from the coordinator, client states from every rank; a
+        failure in any step, on any rank, ends every rank."""
+        on_coordinator("starting the checkpoint", checkpoint.begin_checkpoint, self.run_dir, round_idx)
+        with all_ranks_agree("staging the client states"):
+            self.store.export_to(checkpoint.staging_dir(self.run_dir, round_idx) / "clients")
+        on_coordinator("committing the checkpoint", checkpoint.commit_checkpoint, self.run_dir, round_idx,
+                       self.global_state, self.strategy.state_dict(), self.cfg.checkpoint.keep)
 
     def resume(self, folder: Path) -> None:
-        done, global_state, strategy_state = checkpoint.load_checkpoint(folder)
-        self.global_state = {n: global_state[n] for n in self.global_state}
-        self.strategy.load_state_dict(strategy_state)
-        self.store.clear()
-        hosted = set(clients_of_rank(self.env.rank, self.cfg.fed.num_clients, self.env.world_size))
-        self.store.import_from(folder / "clients", hosted)
+        with all_ranks_agree(f"restoring {folder}"):
+            done, global_state, strategy_state = checkpoint.load_checkpoint(folder)
+            self.global_state = {n: global_state[n] for n in self.global_state}
+            self.strategy.load_state_dict(strategy_state)
+            self.store.clear()
+            hosted = set(clients_of_rank(self.env.rank, self.cfg.fed.num_clients, self.env.world_size))
+            self.store.import_from(folder / "clients", hosted)
         self.start_round = done + 1
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.exists():
-            self.past_records = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["round"] <= done]
-        barrier()  # every rank has read the old metrics before the coordinator rewrites them
+        self.past_records = on_coordinator("cutting the metrics back to the checkpoint",
+                                           checkpoint.cut_metrics, self.run_dir, done) or []
         if self.env.is_coordinator:
-            metrics.write_text("".join(json.dumps(r) + "\n" for r in self.past_records))
             print(f"resumed from {folder.name}: continuing at round {self.start_round}", flush=True)
 
     # -- whole run ---------------------------------------------------------------------
@@ -231,10 +281,9 @@ class Runner:
         return records
 
     def finish(self, records: list[dict], wall_s: float) -> None:
-        inits = self.side.all_gather_objects(LocalTrainer.engine_inits)
-        if self.env.is_coordinator:
-            self.write_final(records, wall_s, inits)
-        barrier()  # no rank tears down (where third-party crashes happen) before the outputs are complete
+        inits = self.side.all_gather_json(LocalTrainer.engine_inits)
+        # every rank waits for the outputs before it tears down (where third-party crashes happen)
+        on_coordinator("writing the final model and summary", self.write_final, records, wall_s, inits)
 
     def write_final(self, records: list[dict], wall_s: float, inits: list[int]) -> None:
         """Final model, then summary.json: the marker of a finished run, written last and atomically."""
@@ -255,53 +304,11 @@ class Runner:
         tmp.replace(self.run_dir / "summary.json")
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Rank 0, before training: refuse to overwrite unless told; save the resolved config."""
-    import shutil
-    run_dir = cfg.run_dir
-    if cfg.run.resume is not False and checkpoint.latest_checkpoint(run_dir, warn=False) is not None:
-        check_resumable(cfg, run_dir / "config.yaml")
-        return run_dir  # the Runner restores it
-    if cfg.run.resume is True:
-        raise FileNotFoundError(f"run.resume=true but {run_dir} has no intact checkpoint to resume from "
-                                f"(checkpoint.every writes them)")
-    if cfg.run.resume == "auto" and run_dir.exists() and not (run_dir / "final").exists():
-        shutil.rmtree(run_dir)  # a run that died before its first checkpoint: start it again
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.run.overwrite:
-            raise FileExistsError(f"run folder {run_dir} already exists: choose another run.name, "
-                                  f"or pass run.overwrite=true to replace it")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    return run_dir
-
-
-
-# Keys a resumed run may change: how it is run, not what it computes.
-_RESUME_FREE = {("run", "name"), ("run", "output_dir"), ("run", "resume"), ("run", "overwrite"), ("fed", "rounds"),
-                ("checkpoint", "every"),
-                ("checkpoint", "keep"), ("eval", "batch_size"), ("dist", "backend")}
-
-
-def check_resumable(cfg: Config, saved_path: Path) -> None:
-    """Resuming with a different experiment would silently mix two runs: refuse it."""
-    from fedalign_dist.config import ConfigError, load_config
-    if not saved_path.exists():
-        return
-    saved = load_config(saved_path).model_dump()
-    now = cfg.model_dump()
-
-    def leaves(tree, prefix=()):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                yield from leaves(value, prefix + (key,))
-            else:
-                yield prefix + (key,), value
-
-    old = dict(leaves(saved))
-    changed = [".".join(k) for k, v in leaves(now) if k not in _RESUME_FREE and old.get(k) != v]
-    if changed:
-        raise ConfigError(f"cannot resume {saved_path.parent}: its run used different values of "
-                          f"{', '.join(changed)}; resume with the same configuration (only "
-                          f"{', '.join('.'.join(k) for k in sorted(_RESUME_FREE))} may change) or start a new run.name")
+@dataclass
+class ClientResult:
+    """One client's round on its rank: the update, the guard's verdict on it, the client's
+    evaluation sums (empty when rejected) and seconds spent in statistics and evaluation."""
+    update: ClientUpdate
+    verdict: Verdict
+    sums: torch.Tensor
+    seconds: dict

@@ -2,7 +2,9 @@
 
     python -m fedalign_dist train --config configs/demo.yaml fed.rounds=3
 
-Order matters: everything a user can get wrong is checked before the process group starts."""
+Order matters: everything a user can get wrong in the configuration is checked before the
+process group starts; the run folder is prepared by rank 0 right after it starts, so that a
+refusal there ends every rank at once instead of leaving them waiting to connect."""
 from __future__ import annotations
 
 import logging
@@ -44,15 +46,15 @@ def train_main(config_path: str | None, overrides: list[str], progress: bool = T
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.model.path)
     data = build_federated_data(cfg.data, cfg.fed.num_clients, cfg.seed, tokenizer)  # partition errors here
 
+    from fedalign_dist.dist.agreement import on_coordinator
     from fedalign_dist.dist.env import init_distributed, shutdown
-    from fedalign_dist.runner import Runner, prepare_run_dir
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    if rank == 0:
-        prepare_run_dir(cfg)  # refuses to clobber an existing run before anything starts
-    env = init_distributed(cfg.dist.backend)
+    from fedalign_dist.run_folder import check_shared_run_folder, prepare_run_dir, write_share_token
+    from fedalign_dist.runner import Runner
+    env = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     try:
-        from fedalign_dist.dist.collectives import barrier
-        barrier()
+        # rank 0 prepares the folder (refusing to clobber anything); every rank hears if it failed
+        token = on_coordinator("preparing the run folder", lambda: write_share_token(prepare_run_dir(cfg)))
+        check_shared_run_folder(cfg.run_dir, token)
         return Runner(cfg, env, data, tokenizer).run(progress=progress)
     finally:
         shutdown()

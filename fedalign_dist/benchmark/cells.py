@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from fedalign_dist.run_folder import clear_run_folder
 
 
 class BenchmarkFailed(RuntimeError):
@@ -17,7 +18,8 @@ class BenchmarkFailed(RuntimeError):
 def launch_cell(config: str, nproc: int, run_dir: Path, overrides: list[str], log=print) -> None:
     if finished(run_dir):
         return  # finished before: resume the benchmark, not the run
-    shutil.rmtree(run_dir, ignore_errors=True)  # a half-written cell starts again
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        clear_run_folder(run_dir)  # a half-written cell starts again (refused for a folder that is not a run)
     cmd = [sys.executable, "-m", "fedalign_dist", "run", "--nproc", str(nproc), "--config", config,
            f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1")

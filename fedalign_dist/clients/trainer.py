@@ -55,11 +55,18 @@ class LocalTrainer:
         if refresh is not None:
             refresh()
 
-    def reset_optimizer(self) -> None:
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
         inner = self.engine.optimizer
         while not isinstance(inner, torch.optim.Optimizer):
             inner = inner.optimizer
-        inner.state.clear()  # AdamW re-creates its moments lazily at the next step
+        return inner
+
+    def reset_optimizer(self) -> None:
+        self._torch_optimizer().state.clear()  # AdamW re-creates its moments lazily at the next step
+
+    def set_lr(self, lr: float) -> None:
+        for group in self._torch_optimizer().param_groups:
+            group["lr"] = lr
 
     def read_state(self) -> NamedTensors:
         return {n: p.detach().float().cpu().clone() for n, p in self.params.items()}

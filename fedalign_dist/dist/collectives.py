@@ -7,7 +7,8 @@ others; broadcast: the root sends one copy per peer, each peer receives one.
 """
 from __future__ import annotations
 
-import pickle
+import json
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -89,21 +90,27 @@ def broadcast_(tensors: dict[str, torch.Tensor], counter: ByteCounter, src: int 
         tensors[name].copy_(part)
 
 
-def all_gather_objects(obj, counter: ByteCounter | None = None) -> list:
-    """Small Python objects (statistics, counts) from every rank, in rank order."""
+def _gather_counts(count: int, counter: ByteCounter, device: torch.device | None) -> list[int]:
+    """Every rank's integer (e.g. its number of rows), in rank order, as one tiny tensor all_gather."""
+    mine = torch.tensor([count], dtype=torch.int64, device=device)
+    out = [torch.empty_like(mine) for _ in range(world_size())]
+    with counter.timed():
+        dist.all_gather(out, mine)
+    counter.sent += (world_size() - 1) * 8
+    counter.received += (world_size() - 1) * 8
+    return [int(c.item()) for c in out]
+
+
+def all_gather_json(obj, counter: ByteCounter | None = None, device: torch.device | None = None) -> list:
+    """Small JSON-able values (counts, metrics, ids) from every rank, in rank order. Sent as
+    UTF-8 bytes in a tensor: no pickle crosses ranks, so a peer can send data, never code."""
     world = world_size()
     if world == 1:
-        return [obj]
-    out = [None] * world
-    if counter is None:
-        dist.all_gather_object(out, obj)
-        return out
-    with counter.timed():
-        dist.all_gather_object(out, obj)
-    nbytes = len(pickle.dumps(obj))
-    counter.sent += (world - 1) * nbytes
-    counter.received += sum(len(pickle.dumps(o)) for i, o in enumerate(out) if i != dist.get_rank())
-    return out
+        return [json.loads(json.dumps(obj))]  # the same types as with several ranks (tuples become lists)
+    counter = counter if counter is not None else ByteCounter()
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    blocks = all_gather_rows(data[:, None], counter, device)
+    return [json.loads(bytes(block.flatten().tolist()).decode()) for block in blocks]
 
 
 def all_gather_rows(rows: torch.Tensor, counter: ByteCounter,
@@ -113,7 +120,7 @@ def all_gather_rows(rows: torch.Tensor, counter: ByteCounter,
     world = world_size()
     if world == 1:
         return [rows]
-    counts = all_gather_objects(int(rows.shape[0]), counter)
+    counts = _gather_counts(int(rows.shape[0]), counter, device)
     width = rows.shape[1]
     padded = torch.zeros(max(counts), width, dtype=rows.dtype)
     padded[:rows.shape[0]] = rows
@@ -126,6 +133,32 @@ def all_gather_rows(rows: torch.Tensor, counter: ByteCounter,
     counter.sent += (world - 1) * nbytes
     counter.received += (world - 1) * nbytes
     return [block[:k] for block, k in zip(out, counts)]
+
+
+def all_gather_tensor_items(items: list[dict[str, torch.Tensor]], counter: ByteCounter,
+                            device: torch.device | None = None) -> list[list[dict[str, torch.Tensor]]]:
+    """Every rank's list of named-tensor items (e.g. one client's statistics each; every item
+    has the same names and shapes), per rank in rank order. The layout travels as JSON, the
+    values as one float64 tensor (exact for float32, integer counts and booleans)."""
+    layout = [[k, list(t.shape), str(t.dtype).removeprefix("torch.")] for k, t in items[0].items()] if items else None
+    layouts = all_gather_json(layout, counter, device)
+    layout = next((lay for lay in layouts if lay is not None), None)
+    if layout is None:
+        return [[] for _ in layouts]
+    rows = (torch.stack([torch.cat([item[k].double().reshape(-1) for k, _, _ in layout]) for item in items])
+            if items else torch.zeros(0, sum(math.prod(shape) for _, shape, _ in layout), dtype=torch.float64))
+    out = []
+    for block in all_gather_rows(rows, counter, device):
+        part = []
+        for row in block:
+            item, offset = {}, 0
+            for key, shape, dtype in layout:
+                size = math.prod(shape)
+                item[key] = row[offset:offset + size].reshape(shape).to(getattr(torch, dtype))
+                offset += size
+            part.append(item)
+        out.append(part)
+    return out
 
 
 def barrier() -> None:

@@ -34,8 +34,9 @@ def _from_slurm() -> None:
         raise RuntimeError("srun mode needs MASTER_ADDR (the first host of the allocation); see slurm/")
 
 
-def init_distributed(backend: str = "auto") -> DistEnv:
-    """Join (or create) the process group. A plain `python -m` start is a world of one."""
+def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
+    """Join (or create) the process group. A plain `python -m` start is a world of one.
+    timeout_s bounds every collective (dist.timeout_s): a rank that hangs fails the job then."""
     _from_slurm()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -52,7 +53,7 @@ def init_distributed(backend: str = "auto") -> DistEnv:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=30)
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
                                 store=_restart_store(rank, world, timeout))
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=device)

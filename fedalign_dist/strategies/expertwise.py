@@ -93,9 +93,10 @@ class ExpertwiseStrategy(Strategy):
 
     # -- coordinator side ----------------------------------------------------------------
     def aggregate(self, global_state: NamedTensors, updates: list[ClientUpdate], comm):
-        mine = [(u.client_id, u.num_examples, u.stats) for u in updates]
-        table = self.make_table([row for part in comm.all_gather_objects(mine) for row in part])
-        plan = self.plan(table)
+        table = self.make_table(self._gather_stats(updates, comm))
+        with comm.all_ranks_agree("the aggregation plan"):
+            plan = self.plan(table)
+        self._agree_on_plan(plan, comm)
         row_of = {cid: i for i, cid in enumerate(table.client_ids)}
         if self.comm_path == "reduce":
             partial = weighted_delta_sum([u.delta for u in updates], [row_of[u.client_id] for u in updates],
@@ -104,12 +105,15 @@ class ExpertwiseStrategy(Strategy):
             everyone = None
         else:
             everyone = self._gather_deltas(updates, global_state, comm)
-            if comm.is_coordinator:
+
+            def combine():
                 ids = sorted(everyone)
                 total = weighted_delta_sum([everyone[c] for c in ids], [row_of[c] for c in ids], plan.weights,
                                            self.anatomy, self.layer_pos, like=global_state)
-                new_state = apply_delta(global_state, total)
-            else:
+                return apply_delta(global_state, total)
+
+            new_state = comm.on_coordinator("combining the gathered deltas", combine)
+            if new_state is None:  # not the coordinator: a buffer for its result
                 new_state = {n: t.clone() for n, t in global_state.items()}
             comm.broadcast_(new_state)
         if plan.personal is not None and self.store is not None:
@@ -118,9 +122,33 @@ class ExpertwiseStrategy(Strategy):
         return new_state, plan.diagnostics
 
     @staticmethod
+    def _gather_stats(updates: list[ClientUpdate], comm) -> list[tuple[int, int, dict]]:
+        """Every sampled client's (id, examples, statistics), gathered as tensors."""
+        items = [{"client_id": torch.tensor(u.client_id), "num_examples": torch.tensor(u.num_examples),
+                  **{k: v for k, v in u.stats.items() if v is not None}} for u in updates]
+        return [(int(item.pop("client_id")), int(item.pop("num_examples")), item)
+                for part in comm.all_gather_tensor_items(items) for item in part]
+
+    def synced_state(self) -> NamedTensors:
+        """Strategy state that the plan sets and every rank uses (FedAlign: the routing prior)."""
+        return {}
+
+    def _agree_on_plan(self, plan: AggregationPlan, comm) -> None:
+        """Every rank applies rank 0's plan bit for bit: computed apart, a last-bit difference
+        (another CPU, another BLAS) could flip a threshold decision on one rank only."""
+        shared = {"other": plan.weights.other, "router": plan.weights.router, "expert": plan.weights.expert,
+                  **{f"gate_{li}_{e}": gate for (li, e), gate in sorted(plan.gates.items())},
+                  **{f"state_{k}": v for k, v in self.synced_state().items()}}
+        if plan.personal is not None:
+            shared["personal"] = plan.personal.double()
+        comm.broadcast_(shared)
+        if plan.personal is not None:
+            plan.personal = shared["personal"].to(plan.personal.dtype)
+
+    @staticmethod
     def _gather_deltas(updates, like, comm) -> dict[int, NamedTensors]:
         rows = torch.stack([flatten(u.delta) for u in updates]) if updates else torch.zeros(0, len(flatten(like)))
-        ids = comm.all_gather_objects([u.client_id for u in updates])
+        ids = comm.all_gather_json([u.client_id for u in updates])
         blocks = comm.all_gather_rows(rows)
         return {cid: unflatten(row, like) for part_ids, block in zip(ids, blocks)
                 for cid, row in zip(part_ids, block)}

@@ -96,6 +96,9 @@ class FedAlign(ExpertwiseStrategy):
                           "client_usage": {str(c): table.usage[i].tolist() for i, c in enumerate(table.client_ids)}}
         return out
 
+    def synced_state(self):
+        return {"prior": self.prior}
+
     def state_dict(self):
         return {"prior": self.prior}
 

@@ -84,8 +84,8 @@ class FedAMoLE(ExpertwiseStrategy):
         self._sizes = self._param_sizes(global_state)
         new_state, diagnostics = super().aggregate(global_state, updates, comm)
         t0 = time.perf_counter()
-        if comm.is_coordinator:
-            self.assignment = self.reverse_selection()
+        solved = comm.on_coordinator("the reverse-selection (RSEA) solve", self.reverse_selection)
+        self.assignment = solved if solved is not None else self.assignment
         solved = {"assignment": self.assignment.to(torch.uint8)}
         comm.broadcast_(solved)  # the coordinator's assignment, for every rank
         self.assignment = solved["assignment"].bool()

@@ -27,8 +27,11 @@ def test_answer_log_likelihood_hand_computed():
 
 
 def test_summarise():
-    out = summarise(torch.tensor([3.0, 4.0, 2.0, 2.0], dtype=torch.float64))
+    out = summarise(torch.tensor([3.0, 4.0, 2.0, 2.0, 0.0], dtype=torch.float64))
     assert out["accuracy"] == 0.75 and abs(out["perplexity"] - math.e) < 1e-9
+    # one example scored NaN: no accuracy or perplexity is reported for these sums
+    out = summarise(torch.tensor([3.0, 4.0, 2.0, 2.0, 1.0], dtype=torch.float64))
+    assert out["accuracy"] is None and out["perplexity"] is None and out["nonfinite_examples"] == 1
 
 
 def test_gpt2_tokenizer_from_package_round_trips():

@@ -1,0 +1,67 @@
+"""Failing together: after a block that may raise on some ranks only (rank-0-only I/O, the RSEA
+solve, a check), every rank learns whether any rank failed, so no rank is left waiting in
+the next collective until the timeout. One process: pass-through.
+
+    with all_ranks_agree("checkpoint commit"):
+        if rank == 0:
+            commit()          # may raise on rank 0 only
+
+The failing rank re-raises its own exception (its traceback is the one the user needs); the
+others raise PeerFailure, which the command line reports in one line.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed; this rank stops too (the failing rank shows the traceback)."""
+
+
+def status_device() -> torch.device:
+    """NCCL moves CUDA tensors only."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def failed_ranks(failed: bool) -> list[int]:
+    """Every rank's flag, exchanged (one tiny all_gather): the ranks that failed."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [0] if failed else []
+    flag = torch.tensor([int(failed)], dtype=torch.int32, device=status_device())
+    flags = [torch.empty_like(flag) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, flag)
+    return [rank for rank, f in enumerate(flags) if int(f.item())]
+
+
+@contextmanager
+def all_ranks_agree(what: str):
+    """Run the block on every rank (ranks may skip its contents), then exchange a status.
+    The block must contain no collective: a rank that failed before it would leave the
+    others waiting there."""
+    error = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised below, after the others are told
+        error = err
+    failed = failed_ranks(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise PeerFailure(f"rank {', '.join(map(str, failed))} failed during {what}; rank {rank} stops too "
+                          f"(the failing rank's output says why)")
+
+
+def on_coordinator(what: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on rank 0 only (its result there, None elsewhere); every rank
+    fails together if it raised."""
+    result = None
+    with all_ranks_agree(what):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            result = fn(*args, **kwargs)
+    return result
