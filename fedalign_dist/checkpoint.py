@@ -125,16 +125,6 @@ def load_checkpoint(folder: Path) -> tuple[int, dict, dict]:
     return meta["round"], load_file(str(folder / "global.safetensors")), load_strategy_state(folder)
 
 
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of named tensors (names, dtypes, shapes, bytes): equal digests, equal states."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
 def cut_metrics(run_dir: Path, last_round: int) -> list[dict]:
     """Keep metrics.jsonl's records up to `last_round` (the checkpoint resumed from), rewritten
     atomically; returns them."""

@@ -19,7 +19,7 @@ from fedalign_dist.clients.trainer import LocalTrainer, client_batches
 from fedalign_dist.comm import Communicator
 from fedalign_dist.config import Config
 from fedalign_dist.data.task import answer_loss
-from fedalign_dist.dist.agreement import all_ranks_agree, on_coordinator
+from fedalign_dist.dist.agreement import all_ranks_agree, check_identical_on_all_ranks, on_coordinator
 from fedalign_dist.dist.env import DistEnv
 from fedalign_dist.dist.placement import clients_of_rank, round_clients_on_rank
 from fedalign_dist.eval import empty_sums, evaluate_sums, summarise
@@ -68,11 +68,8 @@ class Runner:
         if bad:
             raise DivergedError(f"the starting global state has non-finite values in {len(bad)} tensors "
                                 f"(first: {bad[0]}); nothing to train from")
-        digests = self.side.all_gather_json(checkpoint.state_digest(self.global_state))
-        if len(set(digests)) > 1:
-            raise RuntimeError("ranks start from different global states (" + ", ".join(
-                f"rank {r}: {d[:12]}" for r, d in enumerate(digests)) + "): every rank must build the same model "
-                "(same model.path contents, seed and library versions)")
+        check_identical_on_all_ranks(self.global_state, "starting global states: every rank must build the same "
+                                     "model (same model.path contents, seed and library versions)")
 
     # -- one round ---------------------------------------------------------------------
     def run_round(self, round_idx: int) -> dict:

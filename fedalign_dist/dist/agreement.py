@@ -11,6 +11,7 @@ others raise PeerFailure, which the command line reports in one line.
 """
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 
 import torch
@@ -65,3 +66,22 @@ def on_coordinator(what: str, fn, *args, **kwargs):
         if not dist.is_initialized() or dist.get_rank() == 0:
             result = fn(*args, **kwargs)
     return result
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes, bytes): equal digests, equal states."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_identical_on_all_ranks(state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise on every rank unless every rank holds bit-identical `state`."""
+    from fedalign_dist.dist.collectives import all_gather_json
+    digests = all_gather_json(state_digest(state))
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks hold different {what} (" + ", ".join(
+            f"rank {r}: {d[:12]}" for r, d in enumerate(digests)) + ")")

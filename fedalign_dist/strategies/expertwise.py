@@ -136,12 +136,18 @@ class ExpertwiseStrategy(Strategy):
     def _agree_on_plan(self, plan: AggregationPlan, comm) -> None:
         """Every rank applies rank 0's plan bit for bit: computed apart, a last-bit difference
         (another CPU, another BLAS) could flip a threshold decision on one rank only."""
-        shared = {"other": plan.weights.other, "router": plan.weights.router, "expert": plan.weights.expert,
-                  **{f"gate_{li}_{e}": gate for (li, e), gate in sorted(plan.gates.items())},
-                  **{f"state_{k}": v for k, v in self.synced_state().items()}}
+        def own(t):  # a private contiguous copy (weights may be expanded views) to receive into
+            return t.clone(memory_format=torch.contiguous_format)
+
+        w = plan.weights
+        shared = {"other": own(w.other), "router": own(w.router), "expert": own(w.expert),
+                  **{f"gate_{li}_{e}": own(gate) for (li, e), gate in plan.gates.items()},
+                  **{f"state_{k}": v for k, v in self.synced_state().items()}}  # updated in place
         if plan.personal is not None:
             shared["personal"] = plan.personal.double()
         comm.broadcast_(shared)
+        plan.weights = ExpertwiseWeights(shared["other"], shared["router"], shared["expert"])
+        plan.gates = {(li, e): shared[f"gate_{li}_{e}"] for li, e in plan.gates}
         if plan.personal is not None:
             plan.personal = shared["personal"].to(plan.personal.dtype)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedalign_dist import faults
 from fedalign_dist.aggregation.expertwise import ExpertwiseWeights
 from fedalign_dist.aggregation.rsea import random_assignment, selection_scores, solve_assignment
 from fedalign_dist.clients.routing_stats import StatsRequest
@@ -76,6 +77,7 @@ class FedAMoLE(ExpertwiseStrategy):
 
     def reverse_selection(self) -> torch.Tensor:
         k = self.knobs
+        faults.maybe_raise("rsea_solve")
         return torch.stack([torch.from_numpy(solve_assignment(
             selection_scores(self.expert_emb[layer], self.client_emb[:, layer]).numpy(), k.expert_choices,
             k.max_experts)) for layer in range(self.expert_emb.shape[0])])

@@ -15,3 +15,9 @@ def test_fedavg_all_reduce_equals_hand_computed_average():
 def test_deepspeed_engine_per_rank_is_an_independent_client(stage):
     out = torchrun([f"{SCRIPTS}/local_trainer_check.py", str(stage)], nproc=2)
     assert out.stdout.count(f"stage {stage} OK") == 2
+
+
+def test_ranks_fail_together_share_tensors_and_apply_rank0s_plan():
+    out = torchrun([f"{SCRIPTS}/agreement_check.py"], nproc=2)
+    for step in ("failure shared", "rows gathered", "difference detected", "rank 0's plan applied"):
+        assert out.stdout.count(step) == 2, out.stdout[-3000:]

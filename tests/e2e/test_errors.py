@@ -29,12 +29,31 @@ def test_world_size_larger_than_clients():
 
 
 def test_existing_run_folder_is_not_overwritten(tmp_path):
+    from fedalign_dist.run_folder import mark_run_folder
     run = tmp_path / "demo"
     run.mkdir()
     (run / "metrics.jsonl").write_text("precious\n")
-    err = _fail(["train", "--config", "configs/demo.yaml", f"run.output_dir={tmp_path}"])
-    assert "run.overwrite=true" in err
+    # a folder fedalign_dist did not create is never touched, overwrite or not
+    for extra in ([], ["run.overwrite=true"], ["run.resume=auto"]):
+        err = _fail(["train", "--config", "configs/demo.yaml", f"run.output_dir={tmp_path}", *extra])
+        assert "is not a fedalign_dist run folder" in err, err
+    mark_run_folder(run)
+    assert "run.overwrite=true" in _fail(["train", "--config", "configs/demo.yaml", f"run.output_dir={tmp_path}"])
     assert (run / "metrics.jsonl").read_text() == "precious\n"
+
+
+def test_the_reported_data_loss_cases_are_refused(tmp_path):
+    """run.resume=auto on a user's folder, and run.name=.. (the parent of output_dir)."""
+    out = tmp_path / "x"
+    (out / "mydata").mkdir(parents=True)
+    (out / "mydata/thesis.tex").write_text("years of work")
+    (tmp_path / "sibling").mkdir()
+    (tmp_path / "sibling/notes.txt").write_text("mine")
+    base = ["train", "--config", "configs/demo.yaml", f"run.output_dir={out}"]
+    assert "is not a fedalign_dist run folder" in _fail(base + ["run.name=mydata", "run.resume=auto"])
+    assert "run.name must be one plain folder name" in _fail(base + ["run.name=..", "run.overwrite=true"])
+    assert (out / "mydata/thesis.tex").read_text() == "years of work"
+    assert (tmp_path / "sibling/notes.txt").read_text() == "mine"
 
 
 def test_partition_command_prints_table_and_writes_png(tmp_path):
@@ -48,8 +67,10 @@ def test_partition_command_prints_table_and_writes_png(tmp_path):
 
 
 def test_resume_refuses_what_cannot_be_resumed(tmp_path):
+    from fedalign_dist.run_folder import mark_run_folder
     finished = tmp_path / "demo"
     (finished / "final").mkdir(parents=True)
+    mark_run_folder(finished)
     (finished / "metrics.jsonl").write_text("precious\n")
     base = ["train", "--config", "configs/demo.yaml", f"run.output_dir={tmp_path}"]
     assert "no intact checkpoint" in _fail(base + ["run.resume=true"])

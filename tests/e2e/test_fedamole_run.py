@@ -19,7 +19,9 @@ def test_fedamole_two_ranks(tmp_path, tiny_overrides):
     assert all(r["held_experts_mean"] == 3.0 and r["upload_bytes_per_client"] > r["download_bytes_per_client"] > 0
                for r in records)
     assert all(r["global_accuracy"] is not None and r["personalized_accuracy"] is not None for r in records)
-    state = torch.load(run / "checkpoints/round_00001/strategy.pt")
+    # strategy state is data only: safetensors (+ JSON), never a pickle
+    assert not list(run.glob("checkpoints/*/strategy.pt"))
+    state = load_file(run / "checkpoints/round_00001/strategy.safetensors")
     x = state["assignment"]  # (layers, E, clients); clients 0, 1 on rank 0 and 2, 3 on rank 1
     assert x.shape == (4, 6, 4) and (x.sum(2) == 2).all()
     assert any(not torch.equal(x[:, :, a], x[:, :, b]) for a in (0, 1) for b in (2, 3))
