@@ -46,3 +46,32 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back_to_the_previous(tmp_pat
     assert "continuing at round 1" in out.stdout + out.stderr
     assert [r["round"] for r in final_records(run)] == [0, 1, 2]
 
+
+
+def _tensorboard_steps(run, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_resume_leaves_each_round_once_in_metrics_and_tensorboard(tmp_path, tiny_overrides):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    run, common = tmp_path / "r", tiny_overrides + ["run.name=r", "strategy.name=fedalign"]
+    # rounds 0-2 logged, checkpoint after round 1 only: resuming re-runs round 2
+    torchrun(TRAIN + common + ["fed.rounds=3", "checkpoint.every=2"], nproc=1)
+    # resumed, round 2 logged again, then its checkpoint commit fails (metrics come first)
+    env = dict(os.environ, OMP_NUM_THREADS="1", FEDALIGN_DIST_FAULT="checkpoint_commit@0")
+    failed = subprocess.run([sys.executable, *TRAIN[1:], *common, "fed.rounds=4", "checkpoint.every=1",
+                             "run.resume=true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "injected fault: checkpoint_commit" in failed.stderr
+    assert [r["round"] for r in final_records(run)] == [0, 1, 2]
+    out = torchrun(TRAIN + common + ["fed.rounds=4", "checkpoint.every=1", "run.resume=auto"], nproc=1)
+    assert "resumed from round_00001: continuing at round 2" in out.stdout + out.stderr
+    assert [r["round"] for r in final_records(run)] == [0, 1, 2, 3]
+    for tag in ("train_loss", "global_accuracy", "consistency_mean"):
+        assert _tensorboard_steps(run, tag) == [0, 1, 2, 3], tag
