@@ -9,7 +9,9 @@ Per MoE layer l and expert e:
       output  gate-weighted mean of e's output over the tokens routed to it
       input   mean hidden state routed to e
       probe   mean of e's output on a fixed probe batch built from the shared seed
-              (random vocabulary tokens: no statistic of private data leaves the client)
+              (random vocabulary tokens: the signature holds no private activation, but it
+              is a function of the client's trained weights, and usage, load and tokens are
+              still measured on the private batches)
   optionally projected by a seeded Gaussian matrix shared by every rank (cosines survive:
   Johnson-Lindenstrauss).
 """

@@ -1,7 +1,9 @@
 """The federated data set: corpus -> partition over clients -> per-client splits -> token ids.
 
 Built identically on every rank from the seed (cheap: a few thousand short prompts), so no
-data moves between ranks; a rank only ever reads the splits of the clients it hosts."""
+data moves between ranks. Local training and personalised evaluation read only the splits of
+the clients a rank hosts; the global evaluation reads a shard of every client's evaluation
+split (a simulation shortcut: in a real deployment it would run on held-out server data)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
