@@ -76,15 +76,16 @@ class Runner:
         cfg, t_start = self.cfg, time.perf_counter()
         my_clients = round_clients_on_rank(cfg.seed, round_idx, cfg.fed.num_clients, cfg.fed.clients_per_round,
                                            self.env.rank, self.env.world_size)
-        results = [self.train_client(round_idx, client_id) for client_id in my_clients]
+        with all_ranks_agree("local training"):  # a rank that fails here stops the others at once
+            results = [self.train_client(round_idx, client_id) for client_id in my_clients]
+            t_sync = time.perf_counter()
         accepted = [r.update for r in results if r.verdict.rejected is None]
         time_eval = sum(r.seconds["eval"] for r in results)
         time_stats = sum(r.seconds["stats"] for r in results)
-        time_local = time.perf_counter() - t_start - time_eval - time_stats
+        time_local = t_sync - t_start - time_eval - time_stats
 
         # Waiting for the slowest rank is not aggregation: time it apart. Every rank learns
         # which clients the guard rejected, so all leave out the same ones.
-        t_sync = time.perf_counter()
         screened = self.side.all_gather_json({"accepted": len(accepted), "rejected": [
             [r.update.client_id, r.verdict.rejected] for r in results if r.verdict.rejected is not None]})
         time_sync = time.perf_counter() - t_sync
@@ -104,7 +105,8 @@ class Runner:
 
         t_eval = time.perf_counter()
         evaluate_now = (round_idx + 1) % cfg.eval.every == 0 or round_idx + 1 == cfg.fed.rounds
-        global_sums = self.evaluate_global() if evaluate_now else empty_sums()
+        with all_ranks_agree("evaluating the global model"):
+            global_sums = self.evaluate_global() if evaluate_now else empty_sums()
         time_eval += time.perf_counter() - t_eval
 
         local = dict(updates=[(u.num_examples, u.train_loss) for u in accepted],
@@ -147,6 +149,7 @@ class Runner:
                                                data.clients[client_id]["train"], steps, cfg.local.batch_size,
                                                cfg.seed, round_idx, client_id)
         tap = RouterTap(self.trainer.module, self.anatomy.family) if self.strategy.wants_router_probs else None
+        faults.maybe_raise("local_training")
         diverge = faults.client_fault("diverge_client", client_id)
         if diverge:
             self.trainer.set_lr(1e20)

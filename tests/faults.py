@@ -1,8 +1,11 @@
-"""Kill a real worker of a running torchrun job, from outside (no hooks in the code under test)."""
+"""Faults from outside a real job: kill a worker of a running torchrun job (no hooks in the
+code under test), or start one plain process per rank (as `srun` does) with a fault injected
+through FEDALIGN_DIST_FAULT (fedalign_dist/faults.py)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,3 +73,39 @@ def run_and_kill(args: list[str], run_dir: Path, port: int, kill_rank: int, afte
 
 def final_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+TRAIN = [sys.executable, "-m", "fedalign_dist", "train", "--config", "configs/demo.yaml"]
+
+
+def run_plain_ranks(args: list[str], fault: str, logs: Path, nproc: int = 2, timeout: float = 300,
+                    cwd: Path = REPO) -> list[dict]:
+    """Start `fedalign_dist train ARGS` once per rank with RANK/WORLD_SIZE/MASTER_* set as srun
+    mode sets them, and no agent to stop the others when one fails; returns each rank's exit
+    code, exit time (time.time()) and output."""
+    from tests.conftest import free_port
+    port, procs = free_port(), []
+    for rank in range(nproc):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), RANK=str(rank), WORLD_SIZE=str(nproc),
+                   LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FEDALIGN_DIST_FAULT=fault)
+        log = open(logs / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen(TRAIN + args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    ends, t0 = [None] * nproc, time.time()
+    while None in ends and time.time() - t0 < timeout:
+        for i, (proc, _) in enumerate(procs):
+            if ends[i] is None and proc.poll() is not None:
+                ends[i] = time.time()
+        time.sleep(0.1)
+    out = []
+    for i, (proc, log) in enumerate(procs):
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+        out.append({"code": proc.returncode, "end": ends[i], "output": (logs / f"rank{i}.log").read_text()})
+    return out
+
+
+def fault_time(text: str) -> float:
+    """When the injected fault fired (time.time(), as fedalign_dist/faults.py prints it)."""
+    return float(re.search(r"injected fault at \w+ on rank \d+ \(t=([0-9.]+)\)", text).group(1))

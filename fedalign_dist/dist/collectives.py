@@ -159,8 +159,3 @@ def all_gather_tensor_items(items: list[dict[str, torch.Tensor]], counter: ByteC
             part.append(item)
         out.append(part)
     return out
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -1,5 +1,7 @@
 """Surviving failures: a rank killed mid-round under torchrun --max-restarts=1 costs at most
 one round and changes nothing; damaged checkpoints are detected and skipped."""
+import re
+
 import torch
 from safetensors.torch import load_file
 
@@ -18,7 +20,11 @@ def test_killed_rank_restarts_resumes_and_matches_uninterrupted_run(tmp_path, ti
                        kill_rank=1, after_rounds=2)
     assert out["killed_pid"] is not None, out["output"][-3000:]
     assert out["returncode"] == 0, out["output"][-5000:]
-    assert "resumed from round_00001: continuing at round 2" in out["output"]
+    # the kill lands once round 1 is logged; its checkpoint (written after its metrics line)
+    # may or may not be committed by then
+    resumed = re.search(r"resumed from round_(\d{5}): continuing at round (\d)", out["output"])
+    assert resumed and resumed.group(1) in ("00000", "00001"), out["output"][-3000:]
+    assert int(resumed.group(2)) == int(resumed.group(1)) + 1
     assert [r["round"] for r in final_records(tmp_path / "killed")] == [0, 1, 2, 3]
     clean = load_file(tmp_path / "clean/final/global.safetensors")
     resumed = load_file(tmp_path / "killed/final/global.safetensors")
