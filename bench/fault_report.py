@@ -33,10 +33,11 @@ ROWS: list[tuple[str, str, str, str, str]] = []
 
 def user_sees(text: str) -> str:
     """The line a user would read first: the project's own error or warning."""
-    for pattern in (r"fedalign-dist: (?:error: )?(.*)", r"(WARNING: round \d+: client .*)", r"(resumed from .*)"):
+    for pattern in (r"fedalign-dist: (?:error: )?(.*:\n.*|.*)", r"(WARNING: round \d+: client .*)",
+                    r"(resumed from .*)"):
         found = re.search(pattern, text)
         if found:
-            line = found.group(1).strip()
+            line = " ".join(found.group(1).split())  # a message that goes on under its first line
             return line if len(line) <= 150 else line[:147] + "..."
     return "(no message)"
 
