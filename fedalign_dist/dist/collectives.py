@@ -110,7 +110,7 @@ def all_gather_json(obj, counter: ByteCounter | None = None, device: torch.devic
     counter = counter if counter is not None else ByteCounter()
     data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
     blocks = all_gather_rows(data[:, None], counter, device)
-    return [json.loads(bytes(block.flatten().tolist()).decode()) for block in blocks]
+    return [json.loads(block.flatten().numpy().tobytes().decode()) for block in blocks]
 
 
 def all_gather_rows(rows: torch.Tensor, counter: ByteCounter,
