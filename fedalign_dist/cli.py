@@ -156,4 +156,20 @@ def main(argv: list[str] | None = None) -> None:
     except BenchmarkFailed as err:
         print(f"fedalign-dist: {err}", file=sys.stderr)
         code = 1
+    if args.command == "train":
+        end_rank(code)
     sys.exit(code)
+
+
+def end_rank(code: int) -> None:
+    """A rank exits with os._exit once everything it wrote is closed and flushed. Seen on a
+    finished 2-rank run (CI): a third-party C++ thread still joinable at interpreter
+    finalization aborted rank 1 ("terminate called without an active exception", SIGABRT,
+    no Python frame left on the stack), and torchrun failed the job. os._exit skips that
+    finalization; the run's files are complete before this point (summary.json is written,
+    and every rank has waited for it, before the process group is destroyed)."""
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
