@@ -115,7 +115,16 @@ class LocalConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
     reset_optimizer: bool = True
-    """Fresh optimizer state for every client-round (the federated default)."""
+    """Fresh optimizer state for every client-round (the federated default). false is
+    refused: one engine per rank serves all its clients, so moments would leak between them."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.reset_optimizer:
+            raise ValueError("local.reset_optimizer=false is not supported: each rank trains all its clients "
+                             "through one optimizer, so Adam moments would carry from one client to the next "
+                             "(results would depend on which rank hosts which client); remove the override")
+        return self
 
 
 class FedProxConfig(_Section):

@@ -142,8 +142,7 @@ class Runner:
         architecture = self.strategy.client_architecture(client_id)
         if architecture is not None:
             set_held(self.trainer.module, architecture)
-        if cfg.local.reset_optimizer:
-            self.trainer.reset_optimizer()
+        self.trainer.reset_optimizer()  # no client inherits another's moments (local.reset_optimizer)
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client_id]).generate_state(1)[0]))
         batches = lambda steps: client_batches(data.task, data.prompts, data.labels,  # noqa: E731
                                                data.clients[client_id]["train"], steps, cfg.local.batch_size,

@@ -42,15 +42,34 @@ class LocalTrainer:
             model=model, optimizer=optimizer, config=deepspeed_config(cfg), mpu=SoloMPU())
         LocalTrainer.engine_inits += 1
         self.params = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        # ZeRO-0 + bf16 keeps its fp32 masters in lists parallel to the bf16 parameters
+        # (ZeRO-1/2 expose theirs through deepspeed.utils.safe_get/set_full_fp32_param)
+        opt = self.engine.optimizer
+        self._stage0_masters = {id(p): m for low, high in zip(getattr(opt, "fp16_groups", []),
+                                                              getattr(opt, "fp32_groups", []))
+                                for p, m in zip(low, high)}
 
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
     def load_state(self, state: NamedTensors) -> None:
+        """The module's parameters get `state` (rounded to bf16 under deepspeed.bf16); the
+        optimizer's fp32 master weights get it exactly, so no update is lost to rounding."""
+        from deepspeed.utils import safe_set_full_fp32_param
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(state[name])
+        if self.cfg.deepspeed.bf16:
+            with torch.no_grad():
+                for name, param in self.params.items():
+                    value = state[name].to(param.device, torch.float32)
+                    master = self._stage0_masters.get(id(param))
+                    if master is not None:
+                        master.copy_(value)
+                    else:
+                        safe_set_full_fp32_param(param, value)
+            return
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None:
             refresh()
@@ -69,7 +88,19 @@ class LocalTrainer:
             group["lr"] = lr
 
     def read_state(self) -> NamedTensors:
-        return {n: p.detach().float().cpu().clone() for n, p in self.params.items()}
+        """fp32 trainable weights: under deepspeed.bf16 the optimizer's fp32 masters (the bf16
+        module parameters would quantise every update smaller than one bf16 step away)."""
+        if not self.cfg.deepspeed.bf16:
+            return {n: p.detach().float().cpu().clone() for n, p in self.params.items()}
+        from deepspeed.utils import safe_get_full_fp32_param
+        out = {}
+        for name, param in self.params.items():
+            master = self._stage0_masters.get(id(param))
+            master = master if master is not None else safe_get_full_fp32_param(param)
+            if master is None:
+                raise RuntimeError(f"deepspeed.bf16: no fp32 master weight for {name}")
+            out[name] = master.detach().float().cpu().clone()
+        return out
 
     def train(self, batches, loss_fn: Callable, regularizer: Callable[[dict], torch.Tensor | None]) -> float:
         """Run one client's local steps; returns the mean task loss (aux loss included).

@@ -21,3 +21,9 @@ def test_ranks_fail_together_share_tensors_and_apply_rank0s_plan():
     out = torchrun([f"{SCRIPTS}/agreement_check.py"], nproc=2)
     for step in ("failure shared", "rows gathered", "difference detected", "rank 0's plan applied"):
         assert out.stdout.count(step) == 2, out.stdout[-3000:]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_updates_below_one_bf16_step_survive(stage):
+    out = torchrun([f"{SCRIPTS}/bf16_master_check.py", str(stage)], nproc=1)
+    assert f"stage {stage}:" in out.stdout and "round-trips exactly" in out.stdout

@@ -66,3 +66,8 @@ def test_fedalign_knobs_are_validated():
         load_config("configs/demo.yaml", ["strategy.fedalign.signature=weights"])
     with pytest.raises(ConfigError, match="mu"):
         load_config("configs/demo.yaml", ["strategy.fedalign.mu=-1"])
+
+
+def test_optimizer_state_is_never_shared_between_clients():
+    with pytest.raises(ConfigError, match="local.reset_optimizer=false is not supported"):
+        load_config(None, ["local.reset_optimizer=false"])
