@@ -125,6 +125,13 @@ def load_checkpoint(folder: Path) -> tuple[int, dict, dict]:
     return meta["round"], load_file(str(folder / "global.safetensors")), load_strategy_state(folder)
 
 
+def write_json(path: Path, value) -> None:
+    """A small JSON file, written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+
+
 def cut_metrics(run_dir: Path, last_round: int) -> list[dict]:
     """Keep metrics.jsonl's records up to `last_round` (the checkpoint resumed from), rewritten
     atomically; returns them."""

@@ -266,7 +266,10 @@ class Config(_Section):
         if self.strategy.name == "fedamole" and not dense:
             raise ValueError("strategy.name=fedamole adds its own LoRA experts to a dense model: set model.family=llama")
         if dense and self.strategy.name in ("fedalign", "fedmoe"):
-            raise ValueError(f"model.family=llama is a dense model; strategy {self.strategy.name} needs an MoE family")
+            what = (f"model.path '{self.model.path}' is a dense (llama) checkpoint" if self.model.path
+                    else "model.family=llama is a dense model")
+            raise ValueError(f"{what}; strategy {self.strategy.name} needs a Mixture-of-Experts model: give an MoE "
+                             f"checkpoint, or use strategy.name=fedavg|fedprox|local (or fedamole, which adds experts)")
         if self.strategy.name == "fedamole":
             from fedalign_dist.aggregation.rsea import check_feasible
             k = self.strategy.fedamole
@@ -322,6 +325,38 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def _resolve_checkpoint(raw: dict) -> None:
+    """With model.path, what the model is comes from the checkpoint's config.json: family,
+    experts and top-k are filled in (so the saved config.yaml describes the model actually
+    loaded), and a contradicting value given by the user is an error naming both."""
+    model = raw.get("model") or {}
+    if not model.get("path"):
+        return
+    from fedalign_dist.models.families import FAMILIES
+    from fedalign_dist.models.packaged import describe_checkpoint
+    try:
+        found = describe_checkpoint(str(model["path"]))
+    except (OSError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    if found["family"] != "llama" and found["family"] not in FAMILIES:
+        raise ConfigError(f"model.path '{model['path']}' is a '{found['family']}' model; supported: the MoE "
+                          f"families {', '.join(FAMILIES)}, or a dense llama decoder (strategy fedamole and baselines)")
+    for key in ("family", "num_experts", "top_k"):
+        if found[key] is None:
+            continue
+        if model.get(key) is not None and model[key] != found[key]:
+            raise ConfigError(f"model.{key}={model[key]} contradicts the checkpoint at model.path ({found[key]} in "
+                              f"its config.json): remove model.{key} from the config file and overrides; it is read from the "
+                              f"checkpoint")
+        model[key] = found[key]
+    model["preset"] = None
+    if (raw.get("data") or {}).get("tokenizer") == "model" and not found["tokenizer"]:
+        raise ConfigError(f"data.tokenizer=model but model.path '{model['path']}' holds no tokenizer (tokenizer.json, "
+                          f"tokenizer.model or vocab.json): save the tokenizer into the checkpoint folder, or use "
+                          f"data.tokenizer=byte|gpt2 if the model was built with one of those")
+    raw["model"] = model
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file, apply dotted overrides, validate; raise ConfigError on any problem."""
     raw: dict[str, Any] = {}
@@ -335,6 +370,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for assignment in overrides or []:
         apply_override(raw, assignment)
     _check_keys(raw, Config)
+    _resolve_checkpoint(raw)
     try:
         return Config.model_validate(raw)
     except ValidationError as err:

@@ -1,7 +1,6 @@
 """The round loop: select, train, aggregate, evaluate, checkpoint, log."""
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -56,10 +55,28 @@ class Runner:
                 self.resume(Path(folder))
             elif cfg.run.resume is True:
                 raise FileNotFoundError(f"run.resume=true but {self.run_dir} has no intact checkpoint")
+        on_coordinator("describing the loaded model", checkpoint.write_json, self.run_dir / "model.json",
+                       self.describe_model())
         # rank 0 does the I/O; on resume, TensorBoard is rebuilt from the kept metrics
         self.writer = on_coordinator("opening the metrics writer", MetricsWriter, self.run_dir,
                                      self.past_records if self.start_round else None)
         self.check_same_start()
+
+    def describe_model(self) -> dict:
+        """What was actually loaded and how it trains (the run folder's model.json)."""
+        module, cfg = self.trainer.module, self.cfg
+        config = getattr(module, "config", None)
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        params = list(module.parameters())
+        return {"source": cfg.model.path or f"preset {cfg.model.preset}", "family": cfg.model.family,
+                "model_type": getattr(config, "model_type", None),
+                "num_experts": self.anatomy.num_experts or None,
+                "top_k": getattr(config, "num_experts_per_tok", None) if self.anatomy.num_experts else None,
+                "checkpoint_dtype": str(stored).removeprefix("torch.") if stored is not None else None,
+                "compute_dtype": "bfloat16" if cfg.deepspeed.bf16 else "float32",
+                "federated_state_dtype": "float32", "parameters": sum(p.numel() for p in params),
+                "trainable_parameters": sum(p.numel() for p in self.trainer.params.values()),
+                "finetune": cfg.model.finetune}
 
     def check_same_start(self) -> None:
         """Every rank must start from the same finite global state: a model built differently
@@ -298,9 +315,7 @@ class Runner:
                    "world_size": self.env.world_size, "trainable_bytes": self.trainable_bytes,
                    "final_global_accuracy": last["global_accuracy"],
                    "final_personalized_accuracy": last["personalized_accuracy"]}
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(self.run_dir / "summary.json")
+        checkpoint.write_json(self.run_dir / "summary.json", summary)
 
 
 @dataclass

@@ -59,3 +59,24 @@ def load_causal_lm(path: str) -> torch.nn.Module:
 def load_tokenizer(path: str):
     directory, gguf = resolve(path)
     return tf.AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf, local_files_only=True)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_NUM_EXPERTS_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def describe_checkpoint(path: str) -> dict:
+    """What a checkpoint is, from its config.json alone (cheap, no weights): family
+    (model_type), number of routed experts and top-k (None for dense), stored dtype, and
+    whether it carries a tokenizer. A GGUF file is a dense Llama-architecture decoder here."""
+    check_exists(path)
+    directory, gguf = resolve(path)
+    if gguf is not None:
+        return {"family": "llama", "num_experts": None, "top_k": None, "dtype": "gguf", "tokenizer": True}
+    config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    experts = next((getattr(config, a) for a in _NUM_EXPERTS_ATTRS if getattr(config, a, None)), None)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return {"family": config.model_type, "num_experts": experts,
+            "top_k": getattr(config, "num_experts_per_tok", None) if experts else None,
+            "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+            "tokenizer": any((directory / f).is_file() for f in _TOKENIZER_FILES)}

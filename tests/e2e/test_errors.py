@@ -89,3 +89,17 @@ def test_resume_with_a_different_experiment_is_refused(tmp_path, tiny_overrides)
     err = _fail(["train", "--config", "configs/demo.yaml", *tiny_overrides, "run.name=r", "run.resume=true",
                  "strategy.name=fedavg", "fed.rounds=2"])
     assert "different values of strategy.name;" in err  # and only that: fed.rounds may change
+
+
+def test_a_dense_checkpoint_with_an_moe_strategy_fails_once_before_any_rank_starts(tmp_path):
+    from fedalign_dist.config import load_config
+    from fedalign_dist.data.tokenizer import ByteTokenizer
+    from fedalign_dist.models.build import dense_base
+    cfg = load_config(None, ["model.family=llama", "strategy.name=fedamole", "data.tokenizer=byte"])
+    dense_base(cfg, ByteTokenizer()).save_pretrained(tmp_path / "dense")
+    out = subprocess.run(BASE + ["run", "--nproc", "2", f"model.path={tmp_path / 'dense'}", "data.tokenizer=byte",
+                                 "strategy.name=fedalign", f"run.output_dir={tmp_path}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.count("is a dense (llama) checkpoint; strategy fedalign needs") == 1
+    assert "ChildFailedError" not in out.stdout + out.stderr and not (tmp_path / "run").exists()

@@ -96,8 +96,14 @@ def test_local_only_and_model_path(tmp_path, tiny_overrides):
     model, _, _ = build_base_model(cfg.model, ByteTokenizer(), cfg.data.max_length, 0)
     model.save_pretrained(tmp_path / "ckpt")
     torchrun(TRAIN + tiny_overrides + ["run.name=local", f"model.path={tmp_path / 'ckpt'}", "strategy.name=local",
-                                       "data.tokenizer=byte",
+                                       "data.tokenizer=byte", "model.family=olmoe",
                                        "fed.client_state=disk"], nproc=2)
+    import yaml
+    saved = yaml.safe_load((tmp_path / "local/config.yaml").read_text())["model"]
+    assert (saved["family"], saved["num_experts"], saved["top_k"], saved["preset"]) == ("olmoe", 4, 2, None)
+    loaded = json.loads((tmp_path / "local/model.json").read_text())
+    assert (loaded["model_type"], loaded["num_experts"], loaded["top_k"], loaded["compute_dtype"]) == \
+        ("olmoe", 4, 2, "float32")
     stored = list((tmp_path / "local/clients").rglob("*.safetensors"))
     assert stored, "local-only clients kept no state"
     records = _records(tmp_path / "local")
