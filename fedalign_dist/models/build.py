@@ -9,9 +9,7 @@ import transformers as tf
 from fedalign_dist.models.amole import amole_modules, wrap_linear_layers
 from fedalign_dist.models.anatomy import MoEAnatomy, ParamRole
 from fedalign_dist.models.families import FAMILIES, dense_preset_config, family_of, preset_config
-from fedalign_dist.models.packaged import check_exists, load_causal_lm
-
-_NUM_EXPERTS_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts")
+from fedalign_dist.models.packaged import NUM_EXPERTS_ATTRS, check_exists, load_causal_lm
 
 
 def check_model_path(path: str) -> None:
@@ -47,7 +45,7 @@ def build_base_model(model_cfg, tokenizer, max_length: int, seed: int) -> tuple[
     model.config.output_router_logits = True
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(model_cfg.experts_implementation)
-    num_experts = next(getattr(model.config, a) for a in _NUM_EXPERTS_ATTRS if hasattr(model.config, a))
+    num_experts = next(getattr(model.config, a) for a in NUM_EXPERTS_ATTRS if hasattr(model.config, a))
     return model, family, num_experts
 
 

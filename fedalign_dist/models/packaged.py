@@ -62,7 +62,8 @@ def load_tokenizer(path: str):
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-_NUM_EXPERTS_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts")
+NUM_EXPERTS_ATTRS = ("num_local_experts", "num_experts", "n_routed_experts")
+"""Where each family's config names its number of routed experts."""
 
 
 def describe_checkpoint(path: str) -> dict:
@@ -74,7 +75,7 @@ def describe_checkpoint(path: str) -> dict:
     if gguf is not None:
         return {"family": "llama", "num_experts": None, "top_k": None, "dtype": "gguf", "tokenizer": True}
     config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    experts = next((getattr(config, a) for a in _NUM_EXPERTS_ATTRS if getattr(config, a, None)), None)
+    experts = next((getattr(config, a) for a in NUM_EXPERTS_ATTRS if getattr(config, a, None)), None)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     return {"family": config.model_type, "num_experts": experts,
             "top_k": getattr(config, "num_experts_per_tok", None) if experts else None,
