@@ -2,7 +2,8 @@
 experts do, from the model's own router outputs.
 
 Per MoE layer l and expert e:
-  usage[l, e]     mean over tokens of softmax(router logits)_e   (its routing distribution)
+  usage[l, e]     mean over tokens of p_l(x)_e, the distribution the family's router routes
+                  with (models/routing.py: softmax, or DeepSeek-V3's biased sigmoid scores)
   load[l, e]      share of the top-k slots that went to e
   tokens[l, e]    tokens that had e in their top-k
   signature[l, e] what expert e does, in R^d:
@@ -85,7 +86,7 @@ def routing_statistics(module: nn.Module, family: Family, num_experts: int, batc
             keep = batch["attention_mask"].reshape(-1).bool().to(device)
             for li, layer in enumerate(tap.layers):
                 rec = tap.records[layer]
-                probs = torch.softmax(rec.logits.float()[keep], dim=-1)
+                probs = tap.routing_probs(layer, keep)
                 indices, weights = rec.indices[keep], rec.weights[keep].float()
                 prob_sum[li] += probs.sum(0).double().cpu()
                 num_tokens[li] += probs.shape[0]

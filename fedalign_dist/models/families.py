@@ -7,6 +7,8 @@ from typing import Callable
 
 import transformers as tf
 
+from fedalign_dist.models.routing import RoutingKind
+
 
 @dataclass(frozen=True)
 class Family:
@@ -18,6 +20,8 @@ class Family:
     lora_expert_params: tuple[str, ...]
     """The subset that gets a per-expert LoRA in `model.finetune: lora`."""
     make_config: Callable[..., tf.PretrainedConfig]
+    routing: RoutingKind = "softmax"
+    """How the router turns logits into its choice (models/routing.py)."""
 
 
 def _common(size: dict, vocab_size: int, max_positions: int, special: dict) -> dict:
@@ -70,7 +74,7 @@ FAMILIES: dict[str, Family] = {
         Family("qwen2_moe", "mlp.gate", _FUSED, _FUSED, _qwen2_moe),
         Family("qwen3_moe", "mlp.gate", _FUSED, _FUSED, _qwen3_moe),
         Family("olmoe", "mlp.gate", _FUSED, _FUSED, _olmoe),
-        Family("deepseek_v3", "mlp.gate", _FUSED, _FUSED, _deepseek_v3),
+        Family("deepseek_v3", "mlp.gate", _FUSED, _FUSED, _deepseek_v3, routing="sigmoid_grouped"),
         Family("gpt_oss", "mlp.router", _FUSED + ("gate_up_proj_bias", "down_proj_bias"), _FUSED, _gpt_oss),
     ]
 }

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fedalign_dist.models.families import Family
+from fedalign_dist.models.routing import routing_distribution
 
 
 @dataclass
@@ -49,7 +50,7 @@ class RouterTap:
         self.modules = moe_modules(model, family)
         if not self.modules:
             raise ValueError(f"no MoE router found in the model for family '{family.name}'")
-        self.keep_hidden = keep_hidden
+        self.family, self.keep_hidden = family, keep_hidden
         self.records: dict[int, RouterRecord] = {}
         self._handles = []
 
@@ -78,7 +79,14 @@ class RouterTap:
             self.records[layer] = RouterRecord(hidden, logits, weights, indices)
         return record
 
+    def routing_probs(self, layer: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The distribution the layer's router routed with (models/routing.py), per token:
+        (tokens, E), the tokens where `keep` (flattened non-padding mask) is true."""
+        logits = self.records[layer].logits
+        probs = routing_distribution(self.family.routing, logits, self.modules[layer][0])
+        return probs if keep is None else probs[keep]
+
     def router_probs(self, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-        """Per layer, softmax of the router logits over the non-padding tokens: (tokens, E)."""
+        """Per layer, the routing distribution over the non-padding tokens: (tokens, E)."""
         keep = attention_mask.reshape(-1).bool()
-        return [torch.softmax(self.records[layer].logits.float()[keep], dim=-1) for layer in self.layers]
+        return [self.routing_probs(layer, keep) for layer in self.layers]
