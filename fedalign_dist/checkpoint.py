@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -146,12 +147,16 @@ def cut_metrics(run_dir: Path, last_round: int) -> list[dict]:
 
 
 def save_final(run_dir: Path, global_state: dict, module: torch.nn.Module, finetune: str,
-               base_model: torch.nn.Module | None = None) -> None:
-    """final/global.safetensors always; LoRA: a PEFT adapter directory (final/adapter) plus,
-    when given, the base model it belongs to (final/base_model); full fine-tuning: a Hugging
-    Face checkpoint of the global model (final/model)."""
+               base_model: torch.nn.Module | None = None,
+               export: Callable[[Path], bool] | None = None) -> None:
+    """final/global.safetensors always; then the strategy's own `export(folder)` if it has one
+    (FedAMoLE), else LoRA: a PEFT adapter directory (final/adapter) plus, when given, the base
+    model it belongs to (final/base_model); full fine-tuning: a Hugging Face checkpoint of the
+    global model (final/model)."""
     def fill(folder: Path):
         save_file({n: t.contiguous() for n, t in global_state.items()}, str(folder / "global.safetensors"))
+        if export is not None and export(folder):
+            return
         if finetune == "lora":
             module.save_pretrained(str(folder / "adapter"))
             if base_model is not None:

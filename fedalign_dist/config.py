@@ -270,6 +270,9 @@ class Config(_Section):
                     else "model.family=llama is a dense model")
             raise ValueError(f"{what}; strategy {self.strategy.name} needs a Mixture-of-Experts model: give an MoE "
                              f"checkpoint, or use strategy.name=fedavg|fedprox|local (or fedamole, which adds experts)")
+        if self.strategy.name == "fedamole" and self.model.finetune == "lora":
+            raise ValueError("strategy.name=fedamole trains its own LoRA experts on a frozen base; model.finetune=lora "
+                             "would add nothing: remove it (size FedAMoLE's adapters with strategy.fedamole.rank)")
         if self.strategy.name == "fedamole":
             from fedalign_dist.aggregation.rsea import check_feasible
             k = self.strategy.fedamole

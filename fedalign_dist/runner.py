@@ -305,10 +305,12 @@ class Runner:
         """Final model, then summary.json: the marker of a finished run, written last and atomically."""
         self.trainer.load_state(self.global_state)
         base = None
-        if self.cfg.model.finetune == "lora" and self.cfg.model.path is None and self.cfg.strategy.name != "fedamole":
+        if self.cfg.model.finetune == "lora" and self.cfg.model.path is None:
             base = (dense_base(self.cfg, self.tokenizer) if self.cfg.model.family == "llama" else
                     build_base_model(self.cfg.model, self.tokenizer, self.cfg.data.max_length, self.cfg.seed)[0])
-        checkpoint.save_final(self.run_dir, self.global_state, self.trainer.module, self.cfg.model.finetune, base)
+        export = lambda folder: self.strategy.export_final(folder, self.trainer.module, self.global_state)  # noqa: E731
+        checkpoint.save_final(self.run_dir, self.global_state, self.trainer.module, self.cfg.model.finetune, base,
+                              export)
         self.writer.close()
         last = records[-1]
         summary = {"rounds": len(records), "wall_s": wall_s, "engine_inits_per_rank": inits,

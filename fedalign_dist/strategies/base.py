@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -105,6 +106,11 @@ class Strategy(ABC):
                   comm: "Communicator") -> tuple[NamedTensors, dict[str, float]]:
         """New global state from this rank's updates (collectives via comm); plus diagnostics.
         Every rank calls this every round, also with an empty update list."""
+
+    def export_final(self, folder: Path, module: torch.nn.Module, global_state: NamedTensors) -> bool:
+        """Write the final model in a format of the strategy's own into `folder` (FedAMoLE:
+        adapters, every client's experts and the base); False: the default export."""
+        return False
 
     def state_dict(self) -> dict[str, Any]:
         return {}

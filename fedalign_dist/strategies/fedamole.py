@@ -114,6 +114,12 @@ class FedAMoLE(ExpertwiseStrategy):
         return {"download_bytes_per_client": float(down.mean()),
                 "upload_bytes_per_client": float((down + embeddings).mean())}
 
+    def export_final(self, folder, module, global_state):
+        from fedalign_dist.models.amole_io import save_fedamole
+        save_fedamole(folder, module, global_state, self.assignment, self.knobs.target_modules,
+                      self.config.model.path)
+        return True
+
     def state_dict(self):
         return {"assignment": self.assignment, "client_emb": self.client_emb, "expert_emb": self.expert_emb}
 

@@ -27,6 +27,25 @@ def test_fedamole_two_ranks(tmp_path, tiny_overrides):
     assert any(not torch.equal(x[:, :, a], x[:, :, b]) for a in (0, 1) for b in (2, 3))
     final = load_file(run / "final/global.safetensors")
     assert any(k.endswith("experts_A") for k in final) and not any("base.weight" in k for k in final)
+    # the result reloads: the run's own model (rebuilt from its saved config and global state)
+    # and the documented loader give the same logits, globally and with a client's experts
+    from fedalign_dist.config import load_config
+    from fedalign_dist.data.tokenizer import build_tokenizer
+    from fedalign_dist.models.amole import set_held
+    from fedalign_dist.models.amole_io import load_fedamole
+    from fedalign_dist.models.build import build_model
+    assert not (run / "final/model").exists() and (run / "final/base_model/config.json").is_file()
+    cfg = load_config(run / "config.yaml")
+    rebuilt, _ = build_model(cfg, build_tokenizer(cfg.data.tokenizer, cfg.model.path))
+    rebuilt.load_state_dict(final, strict=False)
+    rebuilt.eval()
+    assignment = load_file(run / "final/amole/assignment.safetensors")["held"].bool()
+    assert torch.equal(assignment, load_file(run / "checkpoints/round_00001/strategy.safetensors")["assignment"].bool())
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    for client in (None, 0, 3):
+        set_held(rebuilt, None if client is None else assignment[:, :, client])
+        with torch.no_grad():
+            assert torch.equal(load_fedamole(run / "final", client)(input_ids=ids).logits, rebuilt(input_ids=ids).logits)
 
 
 def test_fedavg_with_one_lora_on_the_same_dense_base(tmp_path, tiny_overrides):

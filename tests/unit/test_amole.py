@@ -16,7 +16,7 @@ E, R = 6, 4
 
 
 def _dense():
-    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    cfg = tf.LlamaConfig(vocab_size=260, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
                          tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -111,6 +111,69 @@ def test_fedamole_config_checks():
         load_config(None, ["model.family=llama", "strategy.name=fedalign"])
     with pytest.raises(ConfigError, match="infeasible"):
         load_config(None, ["strategy.name=fedamole", "model.family=llama", "fed.num_clients=1000"])
+    with pytest.raises(ConfigError, match="its own LoRA experts.*strategy.fedamole.rank"):
+        load_config(None, ["strategy.name=fedamole", "model.family=llama", "model.finetune=lora"])
+
+
+def _trained_amole(tmp_path, base_path=None):
+    """An AMoLE model with every adapter moved from its init, saved by the strategy's export."""
+    from fedalign_dist.models.amole_io import save_fedamole
+    cfg = _cfg() if base_path is None else _cfg(f"model.path={base_path}")
+    model, anatomy = build_model(cfg, ByteTokenizer())
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    held = torch.zeros(len(anatomy.layers()), E, 4, dtype=torch.bool)
+    held[:, :2, 0], held[:, 2:5, 1], held[:, :, 2], held[:, 3:, 3] = True, True, True, True
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    save_fedamole(tmp_path, model, state, held, ["q_proj", "v_proj"], base_path)
+    return model, held
+
+
+@pytest.mark.parametrize("own_base", [False, True])
+def test_fedamole_final_model_reloads_with_the_same_logits(tmp_path, own_base):
+    """Item: final/ reloads as the run's model (global and per client): no random projection,
+    no missing adapter; the base is a plain checkpoint any transformers code loads."""
+    from fedalign_dist.models.amole_io import load_fedamole
+    base_path = None
+    if own_base:
+        base_path = str(tmp_path / "user_base")
+        _dense().save_pretrained(base_path)
+    model, held = _trained_amole(tmp_path / "final", base_path)
+    model.eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
+    for client in (None, 0, 1, 3):
+        set_held(model, None if client is None else held[:, :, client])
+        reloaded = load_fedamole(tmp_path / "final", client)
+        with torch.no_grad():
+            assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits), client
+    with torch.no_grad():  # the clients' architectures really differ
+        logits = [load_fedamole(tmp_path / "final", c)(input_ids=ids).logits for c in (0, 1)]
+    assert not torch.allclose(*logits)
+    assert (tmp_path / "final/base_model").is_dir() != own_base
+    if not own_base:
+        plain, info = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "final/base_model", output_loading_info=True)
+        assert not any(info.values())  # no missing, unexpected or mismatched key
+        with torch.no_grad():
+            torch.testing.assert_close(plain.model.layers[0].self_attn.q_proj.weight,
+                                       amole_modules(model)["model.layers.0.self_attn.q_proj"].base.weight)
+
+
+def test_fedamole_loader_says_what_is_wrong(tmp_path):
+    from fedalign_dist.models.amole_io import load_fedamole
+    with pytest.raises(FileNotFoundError, match="final/ folder of a fedamole run"):
+        load_fedamole(tmp_path)
+    _trained_amole(tmp_path / "final")
+    with pytest.raises(IndexError, match="client 9"):
+        load_fedamole(tmp_path / "final", 9)
+    from safetensors.torch import load_file, save_file
+    adapters = load_file(tmp_path / "final/amole/adapters.safetensors")
+    adapters.pop(next(iter(adapters)))
+    save_file(adapters, tmp_path / "final/amole/adapters.safetensors")
+    with pytest.raises(ValueError, match="missing"):
+        load_fedamole(tmp_path / "final")
 
 
 def test_smollm2_from_its_package_is_a_real_pretrained_base():
