@@ -6,7 +6,10 @@ This is the only module that knows parameter names. Layouts (transformers 5.x):
   router weight (E, H), router bias (E,)            -> expert e is row / element e
   fused expert tensor (E, ...)                       -> expert e is [e]
   PEFT per-expert LoRA on a fused tensor (PEFT 0.21 `target_parameters`):
-      lora_A (r*E, in), lora_B (out, r*E)            -> expert e is rows / columns [e*r:(e+1)*r]
+      lora_A (r*E, in)   read as (E, r, in)          -> expert e is rows [e*r:(e+1)*r]
+      lora_B (out, r*E)  read as (out, r, E)         -> expert e is columns e, e+E, ..., e+(r-1)E
+  (ParamWrapper.get_delta_weight; the B layout is strided, not blocked: tests/unit/test_anatomy.py
+  checks both against PEFT's own per-expert delta)
 """
 from __future__ import annotations
 
@@ -94,7 +97,7 @@ class MoEAnatomy:
         if role.kind == "expert_lora_A":
             return tensor[expert * role.lora_rank:(expert + 1) * role.lora_rank]
         if role.kind == "expert_lora_B":
-            return tensor[:, expert * role.lora_rank:(expert + 1) * role.lora_rank]
+            return tensor[:, expert::self.num_experts]
         raise ValueError(f"{name} is not a per-expert parameter")
 
     def put_expert(self, name: str, tensor: torch.Tensor, expert: int, value: torch.Tensor) -> None:
@@ -110,7 +113,7 @@ class MoEAnatomy:
         if role.kind == "expert_lora_A":
             return weights.repeat_interleave(role.lora_rank).reshape(-1, *([1] * (ndim - 1)))
         if role.kind == "expert_lora_B":
-            return weights.repeat_interleave(role.lora_rank).reshape(1, -1)
+            return weights.repeat(role.lora_rank).reshape(1, -1)
         raise ValueError(f"{name} is not a per-expert parameter")
 
     def layers(self) -> list[int]:

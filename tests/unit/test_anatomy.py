@@ -71,3 +71,35 @@ def test_lora_trains_routers_in_full_and_one_adapter_per_expert(family):
 def test_qwen2_moe_lora_leaves_shared_expert_gate_frozen():
     model, anatomy = _model("qwen2_moe", "lora")
     assert not any(p.requires_grad for n, p in model.named_parameters() if "shared_expert_gate" in n)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_lora_expert_slices_are_the_experts_peft_applies(family):
+    """Expert e's slices of lora_A and lora_B are exactly what PEFT multiplies into expert e:
+    with only expert e's slices non-zero, PEFT's own delta is non-zero for expert e alone and
+    equals scale * B_e A_e; the per-expert weights broadcast onto the same slices."""
+    import peft
+    model, anatomy = _model(family, "lora")
+    params = dict(model.named_parameters())
+    wrappers = [m for m in model.modules() if isinstance(m, peft.tuners.lora.layer.ParamWrapper)]
+    assert wrappers
+    for module in wrappers:
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        a_name = next(n for n, p in params.items() if p is a)
+        b_name = next(n for n, p in params.items() if p is b)
+        for e in range(E):
+            with torch.no_grad():
+                a.zero_(), b.zero_()
+                a_e, b_e = torch.randn_like(anatomy.expert_slice(a_name, a, e)), torch.randn_like(anatomy.expert_slice(b_name, b, e))
+                anatomy.put_expert(a_name, a.data, e, a_e)
+                anatomy.put_expert(b_name, b.data, e, b_e)
+                delta = module.get_delta_weight("default")
+            assert [x for x in range(E) if delta[x].abs().sum() > 0] == [e]
+            product = module.scaling["default"] * (b_e @ a_e)  # (out, in)
+            expected = product if module._did_swap_in_out_features else product.T
+            torch.testing.assert_close(delta[e], expected)
+        for name, tensor in ((a_name, a), (b_name, b)):
+            weights = torch.arange(1.0, E + 1)
+            scaled = anatomy.expert_axis_weights(name, weights, tensor.ndim) * torch.ones_like(tensor)
+            for e in range(E):
+                assert (anatomy.expert_slice(name, scaled, e) == weights[e]).all()
