@@ -12,6 +12,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def peak_gpu_mb(device) -> float | None:
+    """Peak memory torch allocated on this rank's GPU since the start; None on CPU."""
+    import torch
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
 class MetricsWriter:
     def __init__(self, run_dir: Path, replay: list[dict] | None = None):
         """replay: a resumed run's kept records; TensorBoard is rebuilt from them, so rounds

@@ -22,7 +22,7 @@ from fedalign_dist.dist.agreement import all_ranks_agree, check_identical_on_all
 from fedalign_dist.dist.env import DistEnv
 from fedalign_dist.dist.placement import clients_of_rank, round_clients_on_rank
 from fedalign_dist.eval import empty_sums, evaluate_sums, summarise
-from fedalign_dist.metrics import MetricsWriter, console_line, peak_rss_mb
+from fedalign_dist.metrics import MetricsWriter, console_line, peak_gpu_mb, peak_rss_mb
 from fedalign_dist.models.amole import set_held
 from fedalign_dist.models.build import build_base_model, build_model, dense_base
 from fedalign_dist.models.router_tap import RouterTap
@@ -133,7 +133,7 @@ class Runner:
                      time_comm=self.comm.bytes.seconds,
                      time_local=time_local, time_stats=time_stats, time_aggregate=time_aggregate,
                      time_sync=time_sync, time_eval=time_eval, time_round=time.perf_counter() - t_start,
-                     rss=peak_rss_mb())
+                     rss=peak_rss_mb(), gpu=peak_gpu_mb(self.env.device))
         self.comm.bytes.reset()
         per_rank = self.side.all_gather_json(local)
         record = self.round_record(round_idx, per_rank, evaluate_now, rejected, diagnostics)
@@ -255,6 +255,8 @@ class Runner:
                          "time_eval_s", "time_round_s")},
             "peak_rss_mb": max(r["rss"] for r in per_rank),
             "peak_rss_mb_per_rank": [r["rss"] for r in per_rank],
+            **({"peak_gpu_mb": max(r["gpu"] for r in per_rank), "peak_gpu_mb_per_rank": [r["gpu"] for r in per_rank]}
+               if per_rank[0]["gpu"] is not None else {}),
             **diagnostics,
         }
 

@@ -48,6 +48,11 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise RuntimeError("dist.backend=nccl needs CUDA GPUs; use gloo (or auto) on CPU")
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:  # NCCL cannot put two ranks on one GPU
+            raise RuntimeError(f"rank {rank} is local rank {local_rank} but this node has {visible} GPU(s): "
+                               f"start at most {visible} processes per node (--nproc-per-node {visible}), "
+                               f"or dist.backend=gloo to run on CPU")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
