@@ -71,8 +71,8 @@ def test_resume_leaves_each_round_once_in_metrics_and_tensorboard(tmp_path, tiny
     # rounds 0-2 logged, checkpoint after round 1 only: resuming re-runs round 2
     torchrun(TRAIN + common + ["fed.rounds=3", "checkpoint.every=2"], nproc=1)
     # resumed, round 2 logged again, then its checkpoint commit fails (metrics come first)
-    env = dict(os.environ, OMP_NUM_THREADS="1", FEDALIGN_DIST_FAULT="checkpoint_commit@0")
-    failed = subprocess.run([sys.executable, *TRAIN[1:], *common, "fed.rounds=4", "checkpoint.every=1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), FEDALIGN_DIST_FAULT="checkpoint_commit@0")
+    failed = subprocess.run([sys.executable, *TRAIN, *common, "fed.rounds=4", "checkpoint.every=1",
                              "run.resume=true"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode != 0 and "injected fault: checkpoint_commit" in failed.stderr
     assert [r["round"] for r in final_records(run)] == [0, 1, 2]
