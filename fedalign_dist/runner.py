@@ -11,8 +11,7 @@ import torch
 
 from fedalign_dist import checkpoint, faults
 from fedalign_dist.aggregation.guard import DivergedError, Verdict, nonfinite_names, screen_update
-from fedalign_dist.clients.amole_stats import amole_embeddings, aux_indices
-from fedalign_dist.clients.routing_stats import probe_batch, routing_statistics
+from fedalign_dist.clients.context import ClientContext
 from fedalign_dist.clients.state import make_client_store
 from fedalign_dist.clients.trainer import LocalTrainer, client_batches
 from fedalign_dist.comm import Communicator
@@ -23,10 +22,9 @@ from fedalign_dist.dist.env import DistEnv
 from fedalign_dist.dist.placement import clients_of_rank, round_clients_on_rank
 from fedalign_dist.eval import empty_sums, evaluate_sums, summarise
 from fedalign_dist.metrics import MetricsWriter, console_line, peak_gpu_mb, peak_rss_mb
-from fedalign_dist.models.amole import set_held
-from fedalign_dist.models.build import build_base_model, build_model, dense_base
+from fedalign_dist.models.build import lora_base_model
 from fedalign_dist.models.router_tap import RouterTap
-from fedalign_dist.strategies import ClientUpdate, build_strategy
+from fedalign_dist.strategies import ClientUpdate, build_strategy, strategy_class
 
 
 
@@ -34,14 +32,13 @@ class Runner:
     def __init__(self, cfg: Config, env: DistEnv, data, tokenizer):
         self.cfg, self.env, self.data, self.tokenizer = cfg, env, data, tokenizer
         self.run_dir = cfg.run_dir
-        model, self.anatomy = build_model(cfg, tokenizer)
+        engines_before = LocalTrainer.engines_built
+        model, self.anatomy = strategy_class(cfg.strategy.name).build_model(cfg, tokenizer)
         self.trainer = LocalTrainer(model, cfg, env.device)
+        self.engines_built = lambda: LocalTrainer.engines_built - engines_before  # noqa: E731
         self.global_state = self.trainer.read_state()
         self.store = make_client_store(cfg.fed.client_state, self.run_dir / "clients" / f"rank{env.rank}")
         self.strategy = build_strategy(cfg, self.anatomy, self.store)
-        request = self.strategy.stats_request
-        self.probe = (probe_batch(tokenizer.vocab_size, cfg.seed)
-                      if request is not None and request.signature == "probe" else None)
         self.comm = Communicator(env.rank, env.world_size, env.device)  # aggregation traffic (counted)
         self.side = Communicator(env.rank, env.world_size, env.device)  # metrics bookkeeping
         self.aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
@@ -156,9 +153,7 @@ class Runner:
         cfg, data = self.cfg, self.data
         start = self.strategy.client_start_state(client_id, self.global_state, self.store)
         self.trainer.load_state(start)
-        architecture = self.strategy.client_architecture(client_id)
-        if architecture is not None:
-            set_held(self.trainer.module, architecture)
+        self.strategy.prepare_client_model(self.trainer.module, client_id)
         self.trainer.reset_optimizer()  # no client inherits another's moments (local.reset_optimizer)
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client_id]).generate_state(1)[0]))
         batches = lambda steps: client_batches(data.task, data.prompts, data.labels,  # noqa: E731
@@ -179,12 +174,10 @@ class Runner:
         if faults.client_fault("huge_delta_client", client_id):
             delta = {n: torch.full_like(t, 1e38) for n, t in delta.items()}
 
-        t_stats, stats, request = time.perf_counter(), {}, self.strategy.stats_request
-        if request is not None and request.kind == "amole":
-            stats = amole_embeddings(self.trainer.module, self.aux_batches(client_id), self.env.device)
-        elif request is not None:
-            stats = routing_statistics(self.trainer.module, self.anatomy.family, self.anatomy.num_experts,
-                                       batches(request.batches), request, self.env.device, self.probe)
+        t_stats = time.perf_counter()
+        context = ClientContext(client_id, round_idx, data, self.env.device, self.tokenizer.vocab_size,
+                                cfg.local.batch_size, batches)
+        stats = self.strategy.client_statistics(self.trainer.module, context)
         t_eval = time.perf_counter()
         verdict = screen_update(delta, stats, cfg.guard.max_update_norm, cfg.guard.on_large_update)
         sums = empty_sums()
@@ -198,25 +191,17 @@ class Runner:
 
     def local_loss(self, model, batch, tap: RouterTap | None):
         """(objective, task loss): the answer loss plus the strategy's routing regulariser and
-        any loss the model recorded (FedAMoLE's load balance)."""
+        any loss the model recorded (Strategy.model_loss)."""
         loss = answer_loss(model, batch, self.data.task.window, self.aux_coef)
         extras = [self.strategy.routing_regularizer(tap.router_probs(batch["attention_mask"])) if tap else None,
                   self.strategy.model_loss(self.trainer.module)]
         objective = loss + sum(e for e in extras if e is not None)
         return objective, loss
 
-    def aux_batches(self, client_id: int):
-        """FedAMoLE's auxiliary split of the client's training data, in local batches."""
-        k, data, size = self.cfg.strategy.fedamole, self.data, self.cfg.local.batch_size
-        idx = aux_indices(data.clients[client_id]["train"], k.aux_fraction, k.aux_max, self.cfg.seed, client_id)
-        for start in range(0, len(idx), size):
-            chunk = idx[start:start + size]
-            yield data.task.train_batch([data.prompts[i] for i in chunk], [int(data.labels[i]) for i in chunk])
-
     def evaluate_global(self) -> torch.Tensor:
         """The aggregated global model on the pooled test data, sharded over ranks."""
         self.trainer.load_state(self.global_state)
-        set_held(self.trainer.module, None)  # FedAMoLE: the global model routes over every expert
+        self.strategy.prepare_global_model(self.trainer.module)
         pooled = self.data.pooled(self.cfg.eval.split)
         limit = self.cfg.eval.global_examples
         if limit is not None and limit < len(pooled):
@@ -299,17 +284,15 @@ class Runner:
         return records
 
     def finish(self, records: list[dict], wall_s: float) -> None:
-        inits = self.side.all_gather_json(LocalTrainer.engine_inits)
+        inits = self.side.all_gather_json(self.engines_built())
         # every rank waits for the outputs before it tears down (where third-party crashes happen)
         on_coordinator("writing the final model and summary", self.write_final, records, wall_s, inits)
 
     def write_final(self, records: list[dict], wall_s: float, inits: list[int]) -> None:
         """Final model, then summary.json: the marker of a finished run, written last and atomically."""
         self.trainer.load_state(self.global_state)
-        base = None
-        if self.cfg.model.finetune == "lora" and self.cfg.model.path is None:
-            base = (dense_base(self.cfg, self.tokenizer) if self.cfg.model.family == "llama" else
-                    build_base_model(self.cfg.model, self.tokenizer, self.cfg.data.max_length, self.cfg.seed)[0])
+        self.strategy.prepare_global_model(self.trainer.module)
+        base = lora_base_model(self.cfg, self.tokenizer)
         export = lambda folder: self.strategy.export_final(folder, self.trainer.module, self.global_state)  # noqa: E731
         checkpoint.save_final(self.run_dir, self.global_state, self.trainer.module, self.cfg.model.finetune, base,
                               export)

@@ -37,10 +37,17 @@ def quiet_libraries() -> None:
 
 
 def train_main(config_path: str | None, overrides: list[str], progress: bool = True) -> list[dict]:
+    """The command line's rank: quiet third-party libraries, then train."""
     cfg = load_config(config_path, overrides)
+    quiet_libraries()
+    return train(cfg, progress)
+
+
+def train(cfg: Config, progress: bool = False) -> list[dict]:
+    """One rank of a run of `cfg` in this process (a world of one unless launched as a rank of
+    a torchrun/srun job); returns the round records. Changes no global setting of the process."""
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     preflight(cfg, world_size)
-    quiet_libraries()
     from fedalign_dist.data.federated import build_federated_data
     from fedalign_dist.data.tokenizer import build_tokenizer
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.model.path)

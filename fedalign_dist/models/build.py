@@ -65,6 +65,16 @@ def make_trainable(model: torch.nn.Module, model_cfg, family_name: str) -> torch
     return peft.get_peft_model(model, lora)
 
 
+def lora_base_model(cfg, tokenizer) -> torch.nn.Module | None:
+    """The untrained base a LoRA run's adapter belongs to, when the run built it from a preset
+    (saved beside the adapter); None when it came from model.path or no LoRA is trained."""
+    if cfg.model.finetune != "lora" or cfg.model.path is not None:
+        return None
+    if cfg.model.family == "llama":
+        return dense_base(cfg, tokenizer)
+    return build_base_model(cfg.model, tokenizer, cfg.data.max_length, cfg.seed)[0]
+
+
 def dense_base(cfg, tokenizer) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     if cfg.model.path is not None:
@@ -115,8 +125,10 @@ def build_dense_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
 
 
 def build_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
+    """The model as `model.*` describes it: an MoE model, or a dense decoder (family llama).
+    A strategy may build its own instead (Strategy.build_model: FedAMoLE's adapters)."""
     if cfg.model.family == "llama":
-        return (build_amole_model if cfg.strategy.name == "fedamole" else build_dense_model)(cfg, tokenizer)
+        return build_dense_model(cfg, tokenizer)
     model, family, num_experts = build_base_model(cfg.model, tokenizer, cfg.data.max_length, cfg.seed)
     model = make_trainable(model, cfg.model, family)
     return model, MoEAnatomy(model, family_of(family), num_experts)
