@@ -12,6 +12,22 @@ from fedalign_dist.models.families import FAMILIES, dense_preset_config, family_
 from fedalign_dist.models.packaged import NUM_EXPERTS_ATTRS, check_exists, load_causal_lm
 
 
+def describe_model(cfg, trainer, anatomy: MoEAnatomy) -> dict:
+    """What was actually loaded and how it trains (the run folder's model.json)."""
+    module = trainer.module
+    config = getattr(module, "config", None)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return {"source": cfg.model.path or f"preset {cfg.model.preset}", "family": cfg.model.family,
+            "model_type": getattr(config, "model_type", None),
+            "num_experts": anatomy.num_experts or None,
+            "top_k": getattr(config, "num_experts_per_tok", None) if anatomy.num_experts else None,
+            "checkpoint_dtype": str(stored).removeprefix("torch.") if stored is not None else None,
+            "compute_dtype": "bfloat16" if cfg.deepspeed.bf16 else "float32",
+            "federated_state_dtype": "float32", "parameters": sum(p.numel() for p in module.parameters()),
+            "trainable_parameters": sum(p.numel() for p in trainer.params.values()),
+            "finetune": cfg.model.finetune}
+
+
 def check_model_path(path: str) -> None:
     """Fail fast (before any process group) on a path that is not a checkpoint directory."""
     p = check_exists(path)
