@@ -6,6 +6,11 @@
   fedalign-dist report runs/demo                                   summary.md + plots of a run folder
   fedalign-dist bench --grid configs/bench/quality.yaml --out DIR  a (scenario x method x seed) grid, resumable
   fedalign-dist bench --systems --out DIR                          time split, bytes per path, scale (2 ranks)
+  fedalign-dist config show --config configs/demo.yaml             every key: value, type and documentation
+
+Code of your own (a strategy with its config section): --import MODULE on any command, or
+`imports: [MODULE]` in the config file; installed packages can declare an entry point in the
+group fedalign_dist.plugins instead.
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_config(p):
         p.add_argument("--config", help="YAML config file (default: built-in defaults)")
+        p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                       help="import MODULE before the config is validated (it registers strategies); repeatable")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. fed.rounds=3")
         return p
 
@@ -49,11 +56,26 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="a few minutes: grid = one seed, no tuning, its quick overrides; systems = tiny sizes")
     bench.add_argument("--parallel", type=int, default=None, help="grid cells run at once (default: the grid's)")
+    config = sub.add_parser("config", help="inspect configurations")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    with_config(config_sub.add_parser("show", help="print every key of the resolved config with its value, type "
+                                                   "and documentation", epilog=EPILOG))
     return parser
 
 
+def config_args(args) -> list[str]:
+    """The overrides, with --import MODULE folded in (so every rank imports it, and the saved
+    config.yaml records it)."""
+    if not args.imports:
+        return list(args.overrides)
+    from fedalign_dist.config import read_raw
+    listed = (read_raw(args.config).get("imports") or []) if args.config else []
+    return list(args.overrides) + [f"imports={listed + args.imports}"]
+
+
 def cmd_run(args) -> int:
-    load_config(args.config, args.overrides)  # fail fast, before starting any process
+    overrides = config_args(args)
+    load_config(args.config, overrides)  # fail fast, before starting any process
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (got {args.nproc})")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
@@ -62,7 +84,7 @@ def cmd_run(args) -> int:
         cmd += ["--config", args.config]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank; ranks share the cores
-    return subprocess.call(cmd + list(args.overrides), env=env)
+    return subprocess.call(cmd + overrides, env=env)
 
 
 def cmd_train(args) -> int:
@@ -76,7 +98,7 @@ def cmd_train(args) -> int:
     from fedalign_dist.dist.agreement import PeerFailure
     from fedalign_dist.train import train_main
     try:
-        train_main(args.config, args.overrides)
+        train_main(args.config, config_args(args))
         return 0
     except (PeerFailure, DivergedError) as err:
         print(f"fedalign-dist: {err}", file=sys.stderr, flush=True)
@@ -98,7 +120,7 @@ def cmd_partition(args) -> int:
     from fedalign_dist.data.tokenizer import build_tokenizer
     from fedalign_dist.plots import plot_label_table
     from fedalign_dist.train import quiet_libraries
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, config_args(args))
     quiet_libraries()
     data = build_federated_data(cfg.data, cfg.fed.num_clients, cfg.seed, build_tokenizer(cfg.data.tokenizer,
                                                                                           cfg.model.path))
@@ -144,6 +166,10 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_run(args)
         elif args.command == "bench":
             code = cmd_bench(args)
+        elif args.command == "config":
+            from fedalign_dist.config_docs import describe_config
+            print(describe_config(load_config(args.config, config_args(args))))
+            code = 0
         elif args.command == "report":
             from fedalign_dist.report import write_report
             print(f"wrote {write_report(args.run_dir)}")

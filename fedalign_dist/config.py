@@ -5,21 +5,27 @@ suggest the closest valid key; values are validated before any process group sta
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 
 class ConfigError(ValueError):
     """A user-facing configuration problem (bad key, bad value, impossible combination)."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class ConfigSection(BaseModel):
+    """Base of every config section, a plugin's too: unknown keys are errors, assignments are
+    validated. Each field's docstring is its documentation (`fedalign-dist config show`)."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+_Section = ConfigSection
 
 
 class RunConfig(_Section):
@@ -127,73 +133,11 @@ class LocalConfig(_Section):
         return self
 
 
-class FedProxConfig(_Section):
-    mu: float = Field(0.01, ge=0)
-
-
-class FedAlignConfig(_Section):
-    """FedAlign-MoE knobs (../shared/design/fedalign_moe.md). Ablations by config alone:
-    mu=0 (no routing regulariser), consistency_temperature=inf (c_i = 1), beta=inf
-    (aggregate every active client)."""
-    mu: float = Field(0.01, ge=0)
-    """Weight of the batch-level KL(qbar || prior) routing regulariser."""
-    consistency_temperature: float = Field(0.1, gt=0)
-    """T_c in c_i = exp(-JS(u_i, Pbar) / T_c)."""
-    beta: float = Field(1.0, ge=0)
-    """Selection threshold tau = mean - beta * std of the similarities."""
-    mode: Literal["centroid", "pairwise"] = "centroid"
-    signature: Literal["output", "input", "probe"] = "output"
-    signature_dim: int | None = Field(None, ge=1)
-    """Seeded random projection of the signatures to this size (None: keep hidden size)."""
-    min_tokens: int = Field(1, ge=0)
-    """A client takes part in expert e's selection only if it routed this many tokens to it."""
-    stats_batches: int = Field(2, ge=1)
-    comm: Literal["allgather", "reduce"] = "reduce"
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.mode == "pairwise" and self.comm != "allgather":
-            raise ValueError("strategy.fedalign.mode=pairwise needs every client's expert deltas: "
-                             "set strategy.fedalign.comm=allgather")
-        return self
-
-
-class FedAMoLEConfig(_Section):
-    """FedAMoLE knobs (../shared/design/fedamole.md)."""
-    num_experts: int = Field(30, ge=2)
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    top_k: int = Field(2, ge=1)
-    expert_choices: int = Field(2, ge=1)
-    """beta: how many clients every expert selects (holds it) per round."""
-    max_experts: int = Field(8, ge=2)
-    """M: the most routed experts one client may hold per layer (at least 2)."""
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    aux_fraction: float = Field(0.05, gt=0, le=1)
-    """Share of a client's training examples (at most aux_max) used for its embeddings."""
-    aux_max: int = Field(200, ge=1)
-    weighting: Literal["examples", "uniform"] = "examples"
-    """Averages over holders / clients weighted by examples, or equally (the original code)."""
-    balance_coef: float = Field(0.001, ge=0)
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.top_k > self.max_experts:
-            raise ValueError(f"strategy.fedamole.top_k ({self.top_k}) must be <= max_experts ({self.max_experts})")
-        return self
-
-
-class FedMoEConfig(_Section):
-    stats_batches: int = Field(2, ge=1)
-    """Local batches over which routed-token counts are measured after training."""
-
-
 class StrategyConfig(_Section):
+    """`name`, plus one section per registered strategy that declares knobs
+    (`Strategy.config_section`, keyed by the strategy's name): the schema is completed from the
+    registry when a config is loaded (config_schema), after plugins were imported."""
     name: str = "fedavg"
-    fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
-    fedalign: FedAlignConfig = Field(default_factory=FedAlignConfig)
-    fedmoe: FedMoEConfig = Field(default_factory=FedMoEConfig)
-    fedamole: FedAMoLEConfig = Field(default_factory=FedAMoLEConfig)
 
 
 class DeepSpeedConfig(_Section):
@@ -242,6 +186,9 @@ class DistConfig(_Section):
 
 
 class Config(_Section):
+    imports: list[str] = Field(default_factory=list)
+    """Python modules imported before the rest is validated, on every rank: they register
+    strategies (and their config sections) from outside the package (CLI: --import)."""
     run: RunConfig = Field(default_factory=RunConfig)
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -257,26 +204,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self):
-        from fedalign_dist.strategies import registered_strategies
+        from fedalign_dist.strategies import registered_strategies, strategy_class
         if self.strategy.name not in registered_strategies():
             raise ValueError(_unknown("strategy.name", self.strategy.name, registered_strategies()))
         if self.eval.split == "val" and self.data.val_fraction == 0:
             raise ValueError("eval.split=val needs validation data: set data.val_fraction > 0")
-        dense = self.model.family == "llama"
-        if self.strategy.name == "fedamole" and not dense:
-            raise ValueError("strategy.name=fedamole adds its own LoRA experts to a dense model: set model.family=llama")
-        if dense and self.strategy.name in ("fedalign", "fedmoe"):
-            what = (f"model.path '{self.model.path}' is a dense (llama) checkpoint" if self.model.path
-                    else "model.family=llama is a dense model")
-            raise ValueError(f"{what}; strategy {self.strategy.name} needs a Mixture-of-Experts model: give an MoE "
-                             f"checkpoint, or use strategy.name=fedavg|fedprox|local (or fedamole, which adds experts)")
-        if self.strategy.name == "fedamole" and self.model.finetune == "lora":
-            raise ValueError("strategy.name=fedamole trains its own LoRA experts on a frozen base; model.finetune=lora "
-                             "would add nothing: remove it (size FedAMoLE's adapters with strategy.fedamole.rank)")
-        if self.strategy.name == "fedamole":
-            from fedalign_dist.aggregation.rsea import check_feasible
-            k = self.strategy.fedamole
-            check_feasible(k.num_experts, self.fed.num_clients, k.expert_choices, k.max_experts)
+        strategy_class(self.strategy.name).check_config(self)
         if self.data.partition == "natural" and self.data.name != "news_outlets":
             raise ValueError("data.partition=natural needs a data set with natural clients (data.name=news_outlets)")
         if self.data.tokenizer == "model" and self.model.path is None:
@@ -292,6 +225,23 @@ def _unknown(key: str, value: str, valid) -> str:
     close = difflib.get_close_matches(value, list(valid), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown {key} '{value}' (valid: {', '.join(sorted(valid))}){hint}"
+
+
+_SCHEMAS: dict[tuple, type[Config]] = {}
+
+
+def config_schema() -> type[Config]:
+    """Config with one `strategy.<name>` section per registered strategy that declares knobs
+    (built-in or imported), so unknown keys, types and documentation cover them too."""
+    from fedalign_dist.strategies import strategy_sections
+    sections = strategy_sections()
+    key = tuple((name, id(section)) for name, section in sections.items())
+    if key not in _SCHEMAS:
+        fields = {name: (section, Field(default_factory=section, description=(section.__doc__ or "").strip() or None))
+                  for name, section in sections.items()}
+        strategy = create_model("StrategyConfig", __base__=StrategyConfig, **fields)
+        _SCHEMAS[key] = create_model("Config", __base__=Config, strategy=(strategy, Field(default_factory=strategy)))
+    return _SCHEMAS[key]
 
 
 def _check_keys(raw: dict, model_cls: type[BaseModel], prefix: str = "") -> None:
@@ -360,22 +310,39 @@ def _resolve_checkpoint(raw: dict) -> None:
     raw["model"] = model
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file, apply dotted overrides, validate; raise ConfigError on any problem."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+def read_raw(path: str | Path) -> dict[str, Any]:
+    """The YAML file as a mapping; a syntax error names the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
         raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def load_config(source: str | Path | dict | Config | None, overrides: list[str] | None = None) -> Config:
+    """A config from a YAML file, a mapping, an existing Config, or the defaults (None); apply
+    dotted overrides, import the config's `imports`, validate; raise ConfigError on any problem."""
+    if isinstance(source, Config):
+        source = source.model_dump()
+    raw: dict[str, Any] = (read_raw(source) if isinstance(source, (str, Path)) else
+                           copy.deepcopy(source) if source is not None else {})
     for assignment in overrides or []:
         apply_override(raw, assignment)
-    _check_keys(raw, Config)
+    from fedalign_dist.plugins import load_plugins
+    load_plugins(raw.get("imports") or [])
+    schema = config_schema()
+    _check_keys(raw, schema)
     _resolve_checkpoint(raw)
     try:
-        return Config.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
         lines = []
         for e in err.errors():

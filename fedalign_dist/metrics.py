@@ -20,6 +20,47 @@ def peak_gpu_mb(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20
 
 
+def round_record(round_idx: int, strategy: str, per_rank: list[dict], evaluated: bool, rejected: dict,
+                 diagnostics: dict, trainable_bytes: int) -> dict:
+    """The round's metrics record from every rank's numbers (sums and maxima over ranks)."""
+    import torch
+
+    from fedalign_dist.eval import summarise
+    pairs = [p for r in per_rank for p in r["updates"]]
+    examples = sum(n for n, _ in pairs)
+    personal = summarise(torch.tensor([r["personal"] for r in per_rank]).sum(0))
+    glob = summarise(torch.tensor([r["global_"] for r in per_rank]).sum(0))
+    return {
+        "round": round_idx,
+        "strategy": strategy,
+        "num_clients_trained": len(pairs) + len(rejected),
+        "num_rejected": len(rejected),
+        "rejected_clients": sorted(rejected),
+        "rejected_reasons": {str(cid): reason for cid, reason in sorted(rejected.items())},
+        "num_clipped": sum(r["clipped"] for r in per_rank),
+        "train_loss": sum(n * loss for n, loss in pairs) / examples if examples else None,
+        "global_accuracy": glob["accuracy"] if evaluated else None,
+        "global_perplexity": glob["perplexity"] if evaluated else None,
+        "global_nonfinite_examples": glob["nonfinite_examples"],
+        "personalized_accuracy": personal["accuracy"],
+        "personalized_perplexity": personal["perplexity"],
+        "personalized_nonfinite_examples": personal["nonfinite_examples"],
+        "bytes_sent": max(r["sent"] for r in per_rank),
+        "bytes_received": max(r["received"] for r in per_rank),
+        "bytes_sent_per_rank": [r["sent"] for r in per_rank],
+        "bytes_received_per_rank": [r["received"] for r in per_rank],
+        "trainable_bytes": trainable_bytes,
+        **{k: max(r[k.removesuffix("_s")] for r in per_rank)
+           for k in ("time_local_s", "time_stats_s", "time_sync_s", "time_aggregate_s", "time_comm_s",
+                     "time_eval_s", "time_round_s")},
+        "peak_rss_mb": max(r["rss"] for r in per_rank),
+        "peak_rss_mb_per_rank": [r["rss"] for r in per_rank],
+        **({"peak_gpu_mb": max(r["gpu"] for r in per_rank), "peak_gpu_mb_per_rank": [r["gpu"] for r in per_rank]}
+           if per_rank[0]["gpu"] is not None else {}),
+        **diagnostics,
+    }
+
+
 class MetricsWriter:
     def __init__(self, run_dir: Path, replay: list[dict] | None = None):
         """replay: a resumed run's kept records; TensorBoard is rebuilt from them, so rounds

@@ -37,24 +37,28 @@ def quiet_libraries() -> None:
 
 
 def train_main(config_path: str | None, overrides: list[str], progress: bool = True) -> list[dict]:
+    """The command line's rank: quiet third-party libraries, then train."""
     cfg = load_config(config_path, overrides)
+    quiet_libraries()
+    return train(cfg, progress)
+
+
+def train(cfg: Config, progress: bool = False) -> list[dict]:
+    """One rank of a run of `cfg` in this process (a world of one unless launched as a rank of
+    a torchrun/srun job); returns the round records. Changes no global setting of the process."""
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     preflight(cfg, world_size)
-    quiet_libraries()
     from fedalign_dist.data.federated import build_federated_data
     from fedalign_dist.data.tokenizer import build_tokenizer
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.model.path)
     data = build_federated_data(cfg.data, cfg.fed.num_clients, cfg.seed, tokenizer)  # partition errors here
 
-    from fedalign_dist.dist.agreement import on_coordinator
+    from fedalign_dist import run_lifecycle
     from fedalign_dist.dist.env import init_distributed, shutdown
-    from fedalign_dist.run_folder import check_shared_run_folder, prepare_run_dir, write_share_token
     from fedalign_dist.runner import Runner
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     try:
-        # rank 0 prepares the folder (refusing to clobber anything); every rank hears if it failed
-        token = on_coordinator("preparing the run folder", lambda: write_share_token(prepare_run_dir(cfg)))
-        check_shared_run_folder(cfg.run_dir, token)
+        run_lifecycle.prepare(cfg)
         return Runner(cfg, env, data, tokenizer).run(progress=progress)
     finally:
         shutdown()

@@ -37,8 +37,6 @@ class StatsRequest:
     signature: SignatureMode | None = None
     signature_dim: int | None = None
     seed: int = 0
-    kind: Literal["routing", "amole"] = "routing"
-    """routing: the MoE statistics below; amole: FedAMoLE's client embeddings (clients/amole_stats.py)."""
 
 
 def projection_matrix(hidden: int, dim: int, seed: int) -> torch.Tensor:

@@ -5,6 +5,8 @@ are views into flat buffers: rebinding `.data` would be lost), then the optimize
 master copies are refreshed and its state reset."""
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -29,8 +31,23 @@ def deepspeed_config(cfg) -> dict:
     }
 
 
+@contextmanager
+def _launcher_variables():
+    """DeepSpeed insists on a launcher's LOCAL_RANK; a plain process (the Python API) has
+    none: set it for the engine's construction only, leaving os.environ as it was."""
+    missing = "LOCAL_RANK" not in os.environ
+    if missing:
+        os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if missing:
+            os.environ.pop("LOCAL_RANK", None)
+
+
 class LocalTrainer:
-    engine_inits = 0
+    engines_built = 0
+    """DeepSpeed engines built in this process (a run reports how many it built: one per rank)."""
 
     def __init__(self, model: torch.nn.Module, cfg, device: torch.device):
         import deepspeed
@@ -38,9 +55,10 @@ class LocalTrainer:
         model.to(device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg), mpu=SoloMPU())
-        LocalTrainer.engine_inits += 1
+        with _launcher_variables():
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=deepspeed_config(cfg), mpu=SoloMPU())
+        LocalTrainer.engines_built += 1
         self.params = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
         # ZeRO-0 + bf16 keeps its fp32 masters in lists parallel to the bf16 parameters
         # (ZeRO-1/2 expose theirs through deepspeed.utils.safe_get/set_full_fp32_param)

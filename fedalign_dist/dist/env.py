@@ -38,11 +38,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
     """Join (or create) the process group. A plain `python -m` start is a world of one.
     timeout_s bounds every collective (dist.timeout_s): a rank that hangs fails the job then."""
     _from_slurm()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    alone = "RANK" not in os.environ  # a plain process (a script, a notebook): a world of one
+    rank, world = (0, 1) if alone else (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    local_rank = 0 if alone else int(os.environ.get("LOCAL_RANK", 0))
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
@@ -59,8 +57,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
         device = torch.device("cpu")
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
-                                store=_restart_store(rank, world, timeout))
+        # alone: an in-memory store, so nothing is written to os.environ and no port is taken
+        store = dist.HashStore() if alone else _restart_store(rank, world, timeout)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, store=store)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, backend=backend, device=device)
 
 
@@ -80,10 +79,3 @@ def _restart_store(rank: int, world: int, timeout) -> "dist.Store | None":
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -12,6 +12,22 @@ from fedalign_dist.models.families import FAMILIES, dense_preset_config, family_
 from fedalign_dist.models.packaged import NUM_EXPERTS_ATTRS, check_exists, load_causal_lm
 
 
+def describe_model(cfg, trainer, anatomy: MoEAnatomy) -> dict:
+    """What was actually loaded and how it trains (the run folder's model.json)."""
+    module = trainer.module
+    config = getattr(module, "config", None)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return {"source": cfg.model.path or f"preset {cfg.model.preset}", "family": cfg.model.family,
+            "model_type": getattr(config, "model_type", None),
+            "num_experts": anatomy.num_experts or None,
+            "top_k": getattr(config, "num_experts_per_tok", None) if anatomy.num_experts else None,
+            "checkpoint_dtype": str(stored).removeprefix("torch.") if stored is not None else None,
+            "compute_dtype": "bfloat16" if cfg.deepspeed.bf16 else "float32",
+            "federated_state_dtype": "float32", "parameters": sum(p.numel() for p in module.parameters()),
+            "trainable_parameters": sum(p.numel() for p in trainer.params.values()),
+            "finetune": cfg.model.finetune}
+
+
 def check_model_path(path: str) -> None:
     """Fail fast (before any process group) on a path that is not a checkpoint directory."""
     p = check_exists(path)
@@ -65,6 +81,16 @@ def make_trainable(model: torch.nn.Module, model_cfg, family_name: str) -> torch
     return peft.get_peft_model(model, lora)
 
 
+def lora_base_model(cfg, tokenizer) -> torch.nn.Module | None:
+    """The untrained base a LoRA run's adapter belongs to, when the run built it from a preset
+    (saved beside the adapter); None when it came from model.path or no LoRA is trained."""
+    if cfg.model.finetune != "lora" or cfg.model.path is not None:
+        return None
+    if cfg.model.family == "llama":
+        return dense_base(cfg, tokenizer)
+    return build_base_model(cfg.model, tokenizer, cfg.data.max_length, cfg.seed)[0]
+
+
 def dense_base(cfg, tokenizer) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     if cfg.model.path is not None:
@@ -115,8 +141,10 @@ def build_dense_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
 
 
 def build_model(cfg, tokenizer) -> tuple[torch.nn.Module, MoEAnatomy]:
+    """The model as `model.*` describes it: an MoE model, or a dense decoder (family llama).
+    A strategy may build its own instead (Strategy.build_model: FedAMoLE's adapters)."""
     if cfg.model.family == "llama":
-        return (build_amole_model if cfg.strategy.name == "fedamole" else build_dense_model)(cfg, tokenizer)
+        return build_dense_model(cfg, tokenizer)
     model, family, num_experts = build_base_model(cfg.model, tokenizer, cfg.data.max_length, cfg.seed)
     model = make_trainable(model, cfg.model, family)
     return model, MoEAnatomy(model, family_of(family), num_experts)

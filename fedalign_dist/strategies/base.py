@@ -5,11 +5,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from fedalign_dist.clients.context import ClientContext
     from fedalign_dist.clients.routing_stats import StatsRequest
     from fedalign_dist.clients.state import ClientStore
     from fedalign_dist.comm import Communicator
@@ -48,13 +51,51 @@ def registered_strategies() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def strategy_class(name: str) -> type["Strategy"]:
+    return _REGISTRY[name]
+
+
+def strategy_sections() -> dict[str, type["BaseModel"]]:
+    """{strategy name: its config section model} for the strategies that declare knobs."""
+    return {name: cls.config_section for name, cls in sorted(_REGISTRY.items()) if cls.config_section is not None}
+
+
 def build_strategy(config: "Config", anatomy: "MoEAnatomy | None" = None,
                    store: "ClientStore | None" = None) -> "Strategy":
     return _REGISTRY[config.strategy.name](config, anatomy, store)
 
 
 class Strategy(ABC):
+    """One federated method, owning every phase of a round. Client side (on the rank that
+    hosts the client): build_model, client_start_state, prepare_client_model, the local loss
+    terms, client_statistics, after_local_training. Server side (every rank, collectives
+    through the Communicator): aggregate, prepare_global_model, export_final. Declared:
+    config_section (its knobs, at strategy.<name>), model_kind, check_config."""
     name: str = ""
+    config_section: "type[BaseModel] | None" = None
+    """A pydantic model (subclass fedalign_dist.config.ConfigSection) of the strategy's knobs."""
+    model_kind: Literal["moe", "dense", "any"] = "any"
+    """The model the strategy needs: Mixture-of-Experts, dense (model.family=llama), or either."""
+
+    @classmethod
+    def check_config(cls, config: "Config") -> None:
+        """Refuse combinations the strategy cannot run (ValueError with the fix)."""
+        dense = config.model.family == "llama"
+        if cls.model_kind == "dense" and not dense:
+            raise ValueError(f"strategy.name={cls.name} needs a dense model: set model.family=llama "
+                             f"(or model.path to a dense checkpoint)")
+        if cls.model_kind == "moe" and dense:
+            what = (f"model.path '{config.model.path}' is a dense (llama) checkpoint" if config.model.path
+                    else "model.family=llama is a dense model")
+            usable = [n for n, c in sorted(_REGISTRY.items()) if c.model_kind != "moe"]
+            raise ValueError(f"{what}; strategy {cls.name} needs a Mixture-of-Experts model: give an MoE "
+                             f"checkpoint, or use strategy.name={'|'.join(usable)}")
+
+    @classmethod
+    def build_model(cls, config: "Config", tokenizer) -> tuple[torch.nn.Module, "MoEAnatomy"]:
+        """The model every client of this strategy trains (same seed: same weights on every rank)."""
+        from fedalign_dist.models.build import build_model
+        return build_model(config, tokenizer)
 
     def __init__(self, config: "Config", anatomy: "MoEAnatomy | None" = None,
                  store: "ClientStore | None" = None):
@@ -83,10 +124,17 @@ class Strategy(ABC):
         load balance); None for none."""
         return None
 
-    def client_architecture(self, client_id: int) -> torch.Tensor | None:
-        """Per-client architecture (FedAMoLE: which routed experts each adapted layer holds,
-        (layers, E) bool); None: every client uses the whole model."""
-        return None
+    def prepare_client_model(self, module: torch.nn.Module, client_id: int) -> None:
+        """Shape the model for this client before its local training and personalised
+        evaluation (FedAMoLE: the experts it holds); default: nothing."""
+
+    def prepare_global_model(self, module: torch.nn.Module) -> None:
+        """Shape the model for the global evaluation and the final export; default: nothing."""
+
+    def client_statistics(self, module: torch.nn.Module, client: "ClientContext") -> dict[str, Any]:
+        """What the client computes after local training and sends with its update (routing
+        statistics, embeddings); default: nothing."""
+        return {}
 
     def client_start_state(self, client_id: int, global_state: NamedTensors,
                            store: "ClientStore") -> NamedTensors:

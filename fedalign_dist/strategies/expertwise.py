@@ -16,6 +16,7 @@ import torch
 
 from fedalign_dist.aggregation.expertwise import ExpertwiseWeights, weighted_delta_sum
 from fedalign_dist.aggregation.weighted import apply_delta
+from fedalign_dist.clients.routing_stats import probe_batch, routing_statistics
 from fedalign_dist.dist.collectives import flatten, unflatten
 from fedalign_dist.strategies.base import ClientUpdate, NamedTensors, Strategy
 
@@ -79,6 +80,15 @@ class ExpertwiseStrategy(Strategy):
         """Aggregation weights (and personal-expert decisions) from the statistics alone."""
 
     # -- client side -------------------------------------------------------------------
+    def client_statistics(self, module, client):
+        """The routing statistics of stats_request (clients/routing_stats.py)."""
+        request = self.stats_request
+        if request is None:
+            return {}
+        probe = probe_batch(client.vocab_size, self.config.seed) if request.signature == "probe" else None
+        return routing_statistics(module, self.anatomy.family, self.anatomy.num_experts,
+                                  client.batches(request.batches), request, client.device, probe)
+
     def client_start_state(self, client_id, global_state, store):
         personal = store.get(client_id, PERSONAL_KEY)
         if not personal:

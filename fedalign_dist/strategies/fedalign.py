@@ -4,19 +4,52 @@ routing prior; semantic-consistency-gated expert averaging with personal experts
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from fedalign_dist.aggregation import alignment as A
 from fedalign_dist.aggregation.expertwise import ExpertwiseWeights
 from fedalign_dist.clients.routing_stats import StatsRequest
+from fedalign_dist.config import ConfigSection
 from fedalign_dist.strategies.base import register
 from fedalign_dist.strategies.expertwise import (ALIGNED, INACTIVE, OWN, PAIRWISE, AggregationPlan, ClientTable,
                                                  ExpertwiseStrategy)
 
 
+class FedAlignConfig(ConfigSection):
+    """FedAlign-MoE knobs (../shared/design/fedalign_moe.md). Ablations by config alone:
+    mu=0 (no routing regulariser), consistency_temperature=inf (c_i = 1), beta=inf
+    (aggregate every active client)."""
+    mu: float = Field(0.01, ge=0)
+    """Weight of the batch-level KL(qbar || prior) routing regulariser."""
+    consistency_temperature: float = Field(0.1, gt=0)
+    """T_c in c_i = exp(-JS(u_i, Pbar) / T_c)."""
+    beta: float = Field(1.0, ge=0)
+    """Selection threshold tau = mean - beta * std of the similarities."""
+    mode: Literal["centroid", "pairwise"] = "centroid"
+    signature: Literal["output", "input", "probe"] = "output"
+    signature_dim: int | None = Field(None, ge=1)
+    """Seeded random projection of the signatures to this size (None: keep hidden size)."""
+    min_tokens: int = Field(1, ge=0)
+    """A client takes part in expert e's selection only if it routed this many tokens to it."""
+    stats_batches: int = Field(2, ge=1)
+    comm: Literal["allgather", "reduce"] = "reduce"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode == "pairwise" and self.comm != "allgather":
+            raise ValueError("strategy.fedalign.mode=pairwise needs every client's expert deltas: "
+                             "set strategy.fedalign.comm=allgather")
+        return self
+
+
 @register("fedalign")
 class FedAlign(ExpertwiseStrategy):
+    config_section = FedAlignConfig
+    model_kind = "moe"
+
     def __init__(self, config, anatomy=None, store=None):
         super().__init__(config, anatomy, store)
         self.knobs = config.strategy.fedalign

@@ -6,15 +6,44 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 
 from fedalign_dist import faults
 from fedalign_dist.aggregation.expertwise import ExpertwiseWeights
-from fedalign_dist.aggregation.rsea import random_assignment, selection_scores, solve_assignment
-from fedalign_dist.clients.routing_stats import StatsRequest
+from fedalign_dist.aggregation.rsea import check_feasible, random_assignment, selection_scores, solve_assignment
+from fedalign_dist.clients.amole_stats import amole_embeddings, aux_indices
+from fedalign_dist.models.amole import set_held
+from fedalign_dist.config import ConfigSection
 from fedalign_dist.strategies.base import register
 from fedalign_dist.strategies.expertwise import AggregationPlan, ExpertwiseStrategy, stack_rows
+
+
+class FedAMoLEConfig(ConfigSection):
+    """FedAMoLE knobs (../shared/design/fedamole.md)."""
+    num_experts: int = Field(30, ge=2)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    top_k: int = Field(2, ge=1)
+    expert_choices: int = Field(2, ge=1)
+    """beta: how many clients every expert selects (holds it) per round."""
+    max_experts: int = Field(8, ge=2)
+    """M: the most routed experts one client may hold per layer (at least 2)."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    aux_fraction: float = Field(0.05, gt=0, le=1)
+    """Share of a client's training examples (at most aux_max) used for its embeddings."""
+    aux_max: int = Field(200, ge=1)
+    weighting: Literal["examples", "uniform"] = "examples"
+    """Averages over holders / clients weighted by examples, or equally (the original code)."""
+    balance_coef: float = Field(0.001, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k > self.max_experts:
+            raise ValueError(f"strategy.fedamole.top_k ({self.top_k}) must be <= max_experts ({self.max_experts})")
+        return self
 
 
 @dataclass
@@ -31,6 +60,18 @@ class EmbeddingTable:
 
 @register("fedamole")
 class FedAMoLE(ExpertwiseStrategy):
+    config_section = FedAMoLEConfig
+    model_kind = "dense"
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        super().check_config(config)
+        if config.model.finetune == "lora":
+            raise ValueError("strategy.name=fedamole trains its own LoRA experts on a frozen base; model.finetune=lora "
+                             "would add nothing: remove it (size FedAMoLE's adapters with strategy.fedamole.rank)")
+        k = config.strategy.fedamole
+        check_feasible(k.num_experts, config.fed.num_clients, k.expert_choices, k.max_experts)
+
     def __init__(self, config, anatomy=None, store=None):
         super().__init__(config, anatomy, store)
         k = self.knobs = config.strategy.fedamole
@@ -42,12 +83,25 @@ class FedAMoLE(ExpertwiseStrategy):
         self.client_emb = torch.zeros(clients, layers, k.rank)
         self.expert_emb = torch.zeros(layers, k.num_experts, k.rank)
 
-    @property
-    def stats_request(self):
-        return StatsRequest(batches=0, kind="amole")
+    @classmethod
+    def build_model(cls, config, tokenizer):
+        from fedalign_dist.models.build import build_amole_model
+        return build_amole_model(config, tokenizer)
 
-    def client_architecture(self, client_id: int) -> torch.Tensor:
-        return self.assignment[:, :, client_id]
+    # -- client side -------------------------------------------------------------------
+    def prepare_client_model(self, module, client_id):
+        """The client trains and is evaluated with the routed experts it holds this round."""
+        set_held(module, self.assignment[:, :, client_id])
+
+    def prepare_global_model(self, module):
+        set_held(module, None)  # the global model routes over every expert
+
+    def client_statistics(self, module, client):
+        """t_c and e_{i,c} on the client's auxiliary split (a seeded sample of its training data)."""
+        k = self.knobs
+        idx = aux_indices(client.data.clients[client.client_id]["train"], k.aux_fraction, k.aux_max,
+                          self.config.seed, client.client_id)
+        return amole_embeddings(module, client.batches_of(idx), client.device)
 
     def model_loss(self, model):
         from fedalign_dist.models.amole import balance_loss

@@ -2,15 +2,25 @@
 routed tokens to it, weighted by those token counts; routers and everything else by examples."""
 from __future__ import annotations
 
+from pydantic import Field
+
 from fedalign_dist.aggregation.alignment import token_weights
 from fedalign_dist.aggregation.expertwise import ExpertwiseWeights
 from fedalign_dist.clients.routing_stats import StatsRequest
+from fedalign_dist.config import ConfigSection
 from fedalign_dist.strategies.base import register
 from fedalign_dist.strategies.expertwise import AggregationPlan, ClientTable, ExpertwiseStrategy
 
 
+class FedMoEConfig(ConfigSection):
+    stats_batches: int = Field(2, ge=1)
+    """Local batches over which routed-token counts are measured after training."""
+
+
 @register("fedmoe")
 class FedMoE(ExpertwiseStrategy):
+    config_section = FedMoEConfig
+    model_kind = "moe"
     @property
     def stats_request(self):
         return StatsRequest(batches=self.config.strategy.fedmoe.stats_batches)

@@ -2,13 +2,22 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
+
+from fedalign_dist.config import ConfigSection
 
 from fedalign_dist.strategies.base import NamedTensors, register
 from fedalign_dist.strategies.fedavg import FedAvg
 
 
+class FedProxConfig(ConfigSection):
+    mu: float = Field(0.01, ge=0)
+
+
 @register("fedprox")
 class FedProx(FedAvg):
+    config_section = FedProxConfig
+
     def local_regularizer(self, params, start_state: NamedTensors):
         mu = self.config.strategy.fedprox.mu
         if mu == 0:

@@ -17,7 +17,7 @@ SCENARIOS = {  # fault: (overrides, failing rank, what the others are told, a fr
                    "the reverse-selection (RSEA) solve", "in reverse_selection"),
     "checkpoint_commit": (["strategy.name=fedavg", "checkpoint.every=1"], 0, "committing the checkpoint",
                           "in commit_checkpoint"),
-    "local_training": (["strategy.name=fedalign"], 1, "local training", "in train_client"),
+    "local_training": (["strategy.name=fedalign"], 1, "local training", "in maybe_raise"),
 }
 
 

@@ -33,7 +33,7 @@ def test_fedamole_two_ranks(tmp_path, tiny_overrides):
     from fedalign_dist.data.tokenizer import build_tokenizer
     from fedalign_dist.models.amole import set_held
     from fedalign_dist.models.amole_io import load_fedamole
-    from fedalign_dist.models.build import build_model
+    from fedalign_dist.strategies import build_run_model as build_model
     assert not (run / "final/model").exists() and (run / "final/base_model/config.json").is_file()
     cfg = load_config(run / "config.yaml")
     rebuilt, _ = build_model(cfg, build_tokenizer(cfg.data.tokenizer, cfg.model.path))

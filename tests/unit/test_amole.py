@@ -9,7 +9,7 @@ from fedalign_dist.comm import Communicator
 from fedalign_dist.config import ConfigError, load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
 from fedalign_dist.models.amole import EmbeddingCollector, amole_modules, balance_loss, set_held, wrap_linear_layers
-from fedalign_dist.models.build import build_model
+from fedalign_dist.strategies import build_run_model as build_model
 from fedalign_dist.strategies import ClientUpdate, build_strategy
 
 E, R = 6, 4

@@ -71,3 +71,10 @@ def test_fedalign_knobs_are_validated():
 def test_optimizer_state_is_never_shared_between_clients():
     with pytest.raises(ConfigError, match="local.reset_optimizer=false is not supported"):
         load_config(None, ["local.reset_optimizer=false"])
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  name: x\nfed:\n  rounds: [3\n  num_clients: 4\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml, line \d+, column \d+: YAML syntax error"):
+        load_config(bad)

@@ -1,0 +1,91 @@
+"""One client's round on the rank that hosts it: the strategy's start state and model
+preparation, local training with the strategy's loss terms, its statistics, the update
+guard, personal state and the personalised evaluation."""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedalign_dist import faults
+from fedalign_dist.aggregation.guard import Verdict, screen_update
+from fedalign_dist.clients.context import ClientContext
+from fedalign_dist.clients.trainer import LocalTrainer, client_batches
+from fedalign_dist.data.task import answer_loss
+from fedalign_dist.eval import empty_sums, evaluate_sums
+from fedalign_dist.models.router_tap import RouterTap
+from fedalign_dist.strategies import ClientUpdate, Strategy
+
+
+@dataclass
+class ClientResult:
+    """The update, the guard's verdict on it, the client's evaluation sums (empty when
+    rejected) and the seconds spent in statistics and evaluation."""
+    update: ClientUpdate
+    verdict: Verdict
+    sums: torch.Tensor
+    seconds: dict
+
+
+class ClientRound:
+    def __init__(self, cfg, device: torch.device, data, vocab_size: int, trainer: LocalTrainer,
+                 strategy: Strategy, anatomy, store):
+        self.cfg, self.device, self.data, self.vocab_size = cfg, device, data, vocab_size
+        self.trainer, self.strategy, self.anatomy, self.store = trainer, strategy, anatomy, store
+        self.aux_coef = float(getattr(trainer.module.config, "router_aux_loss_coef", 0.0))
+
+    def run(self, round_idx: int, client_id: int, global_state: dict) -> ClientResult:
+        cfg, data, module = self.cfg, self.data, self.trainer.module
+        start = self.strategy.client_start_state(client_id, global_state, self.store)
+        self.trainer.load_state(start)
+        self.strategy.prepare_client_model(module, client_id)
+        self.trainer.reset_optimizer()  # no client inherits another's moments
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client_id]).generate_state(1)[0]))
+        batches = lambda steps: client_batches(data.task, data.prompts, data.labels,  # noqa: E731
+                                               data.clients[client_id]["train"], steps, cfg.local.batch_size,
+                                               cfg.seed, round_idx, client_id)
+        loss = self.train(client_id, batches(cfg.local.steps), start)
+        trained = self.trainer.read_state()
+        delta = {n: trained[n] - global_state[n].float() for n in trained}
+        if faults.client_fault("huge_delta_client", client_id):
+            delta = {n: torch.full_like(t, 1e38) for n, t in delta.items()}
+
+        t_stats = time.perf_counter()
+        context = ClientContext(client_id, round_idx, data, self.device, self.vocab_size, cfg.local.batch_size,
+                                batches)
+        stats = self.strategy.client_statistics(module, context)
+        t_eval = time.perf_counter()
+        verdict = screen_update(delta, stats, cfg.guard.max_update_norm, cfg.guard.on_large_update)
+        sums = empty_sums()
+        if verdict.rejected is None:  # a rejected client keeps its previous personal state
+            self.strategy.after_local_training(client_id, trained, self.store)
+            test_idx = data.clients[client_id][cfg.eval.split]
+            sums = evaluate_sums(module, data.task, [data.prompts[i] for i in test_idx],
+                                 [int(data.labels[i]) for i in test_idx], cfg.eval.batch_size, self.device)
+        update = ClientUpdate(client_id, data.num_train(client_id), verdict.delta, loss, stats)
+        return ClientResult(update, verdict, sums, {"stats": t_eval - t_stats, "eval": time.perf_counter() - t_eval})
+
+    def train(self, client_id: int, batches, start: dict) -> float:
+        """Local training; the mean task loss."""
+        tap = RouterTap(self.trainer.module, self.anatomy.family) if self.strategy.wants_router_probs else None
+        faults.maybe_raise("local_training")
+        diverge = faults.client_fault("diverge_client", client_id)
+        if diverge:
+            self.trainer.set_lr(1e20)
+        with tap or nullcontext():
+            loss = self.trainer.train(batches, lambda model, batch: self.local_loss(model, batch, tap),
+                                      lambda params: self.strategy.local_regularizer(params, start))
+        if diverge:
+            self.trainer.set_lr(self.cfg.local.lr)
+        return loss
+
+    def local_loss(self, model, batch, tap: RouterTap | None):
+        """(objective, task loss): the answer loss plus the strategy's routing regulariser and
+        any loss the model recorded (Strategy.model_loss)."""
+        loss = answer_loss(model, batch, self.data.task.window, self.aux_coef)
+        extras = [self.strategy.routing_regularizer(tap.router_probs(batch["attention_mask"])) if tap else None,
+                  self.strategy.model_loss(self.trainer.module)]
+        return loss + sum(e for e in extras if e is not None), loss

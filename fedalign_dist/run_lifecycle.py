@@ -1,0 +1,89 @@
+"""The run folder over a run's life, for the round loop: prepare it, resume from its latest
+intact checkpoint, describe the loaded model, checkpoint a round, write the final model and
+summary. Rank 0 does the I/O (checkpoint.py, run_folder.py); each step is one that every
+rank fails together (dist/agreement.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedalign_dist import checkpoint
+from fedalign_dist.dist.agreement import all_ranks_agree, on_coordinator
+from fedalign_dist.dist.placement import clients_of_rank
+from fedalign_dist.metrics import MetricsWriter
+from fedalign_dist.models.build import lora_base_model
+
+
+def prepare(cfg) -> None:
+    """Rank 0 prepares the folder (refusing to clobber anything); every rank hears if it
+    failed, and checks that it sees the same folder (a shared file system)."""
+    from fedalign_dist.run_folder import check_shared_run_folder, prepare_run_dir, write_share_token
+    token = on_coordinator("preparing the run folder", lambda: write_share_token(prepare_run_dir(cfg)))
+    check_shared_run_folder(cfg.run_dir, token)
+
+
+class RunLifecycle:
+    def __init__(self, cfg, env, side, strategy, store):
+        self.cfg, self.env, self.side, self.strategy, self.store = cfg, env, side, strategy, store
+        self.run_dir = cfg.run_dir
+        self.writer = None
+
+    def resume(self, global_state: dict) -> tuple[int, dict, list[dict]]:
+        """(first round to run, global state, kept metrics records): from the latest intact
+        checkpoint if run.resume asks for one, else (0, global_state, [])."""
+        if self.cfg.run.resume is False:
+            return 0, global_state, []
+        # The coordinator picks the checkpoint (checksums verified once) for every rank.
+        folder = on_coordinator("finding the checkpoint to resume", checkpoint.latest_checkpoint, self.run_dir)
+        folder = self.side.all_gather_json(None if folder is None else str(folder))[0]
+        if folder is None:
+            if self.cfg.run.resume is True:
+                raise FileNotFoundError(f"run.resume=true but {self.run_dir} has no intact checkpoint")
+            return 0, global_state, []
+        folder = Path(folder)
+        with all_ranks_agree(f"restoring {folder}"):
+            done, saved, strategy_state = checkpoint.load_checkpoint(folder)
+            global_state = {n: saved[n] for n in global_state}
+            self.strategy.load_state_dict(strategy_state)
+            self.store.clear()
+            hosted = set(clients_of_rank(self.env.rank, self.cfg.fed.num_clients, self.env.world_size))
+            self.store.import_from(folder / "clients", hosted)
+        records = on_coordinator("cutting the metrics back to the checkpoint",
+                                 checkpoint.cut_metrics, self.run_dir, done) or []
+        if self.env.is_coordinator:
+            print(f"resumed from {folder.name}: continuing at round {done + 1}", flush=True)
+        return done + 1, global_state, records
+
+    def open(self, model_description: dict, replay: list[dict] | None) -> None:
+        """model.json, and the metrics writer (on resume, TensorBoard rebuilt from `replay`)."""
+        on_coordinator("describing the loaded model", checkpoint.write_json, self.run_dir / "model.json",
+                       model_description)
+        self.writer = on_coordinator("opening the metrics writer", MetricsWriter, self.run_dir, replay)
+
+    def log(self, record: dict) -> None:
+        on_coordinator("writing the round's metrics", lambda: self.writer.write(record))
+
+    def checkpoint(self, round_idx: int, global_state: dict) -> None:
+        """Global and strategy state from the coordinator, client states from every rank."""
+        if not (self.cfg.checkpoint.every and (round_idx + 1) % self.cfg.checkpoint.every == 0):
+            return
+        on_coordinator("starting the checkpoint", checkpoint.begin_checkpoint, self.run_dir, round_idx)
+        with all_ranks_agree("staging the client states"):
+            self.store.export_to(checkpoint.staging_dir(self.run_dir, round_idx) / "clients")
+        on_coordinator("committing the checkpoint", checkpoint.commit_checkpoint, self.run_dir, round_idx,
+                       global_state, self.strategy.state_dict(), self.cfg.checkpoint.keep)
+
+    def finish(self, trainer, tokenizer, global_state: dict, summary: dict) -> None:
+        """The final model, then summary.json (a finished run's marker, written last and
+        atomically); every rank waits for them before it tears down."""
+        def write():
+            trainer.load_state(global_state)
+            self.strategy.prepare_global_model(trainer.module)
+            export = lambda folder: self.strategy.export_final(folder, trainer.module, global_state)  # noqa: E731
+            checkpoint.save_final(self.run_dir, global_state, trainer.module, self.cfg.model.finetune,
+                                  lora_base_model(self.cfg, tokenizer), export)
+            self.writer.close()
+            checkpoint.write_json(self.run_dir / "summary.json", summary)
+            print(f"results in {self.run_dir}: metrics.jsonl, summary.json, final/ (tensorboard --logdir "
+                  f"{self.run_dir / 'tb'}); `fedalign-dist report {self.run_dir}` writes summary.md and plots",
+                  flush=True)
+        on_coordinator("writing the final model and summary", write)
