@@ -75,9 +75,11 @@ def config_args(args) -> list[str]:
 
 def cmd_run(args) -> int:
     overrides = config_args(args)
-    load_config(args.config, overrides)  # fail fast, before starting any process
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (got {args.nproc})")
+    from fedalign_dist.train import check_before_launch, quiet_libraries
+    quiet_libraries()
+    check_before_launch(load_config(args.config, overrides), args.nproc)  # fail once, before any process
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "fedalign_dist", "train"]
     if args.config:

@@ -91,14 +91,16 @@ def write_share_token(run_dir: Path) -> str:
     return token
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Rank 0, before training: resume, (re)start or refuse, deleting nothing that is not a run's."""
+def plan_run_dir(cfg: Config) -> str:
+    """What preparing the run folder will do: 'resume', 'restart' (clear a marked run's
+    artefacts) or 'start'; raises what it would refuse. Changes nothing, so `fedalign-dist
+    run` asks it before launching any process."""
     run_dir = cfg.run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"{run_dir} is a file, not a folder: choose another run.name or run.output_dir")
     if cfg.run.resume is not False and checkpoint.latest_checkpoint(run_dir, warn=False) is not None:
         check_resumable(cfg, run_dir / "config.yaml")
-        return run_dir  # the Runner restores it
+        return "resume"
     if cfg.run.resume is True:
         raise FileNotFoundError(f"run.resume=true but {run_dir} has no intact checkpoint to resume from "
                                 f"(checkpoint.every writes them)")
@@ -115,7 +117,17 @@ def prepare_run_dir(cfg: Config) -> Path:
         if cfg.run.resume is False and not cfg.run.overwrite:
             raise FileExistsError(f"run folder {run_dir} already exists: choose another run.name, "
                                   f"or pass run.overwrite=true to replace it")
-        # overwrite=true, or auto on a run that died before logging a round: start it again
+        return "restart"  # overwrite=true, or auto on a run that died before logging a round
+    return "start"
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Rank 0, before training: resume, (re)start or refuse, deleting nothing that is not a run's."""
+    run_dir = cfg.run_dir
+    action = plan_run_dir(cfg)
+    if action == "resume":
+        return run_dir  # the Runner restores it
+    if action == "restart":
         kept = clear_run_folder(run_dir)
         if kept:
             print(f"note: kept {', '.join(kept)} in {run_dir} (not written by fedalign_dist)", flush=True)

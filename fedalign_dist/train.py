@@ -24,6 +24,18 @@ def preflight(cfg: Config, world_size: int) -> None:
                           f"must host at least one client; start fewer processes or raise fed.num_clients")
 
 
+def check_before_launch(cfg: Config, nproc: int) -> None:
+    """Everything a rank would refuse before training, asked once by the launcher (`fedalign-dist
+    run`), so a mistake is one line instead of one per rank under torchrun's traceback: the
+    model path, ranks against clients, the partition, and what the run folder allows."""
+    from fedalign_dist.data.federated import build_federated_data
+    from fedalign_dist.data.tokenizer import build_tokenizer
+    from fedalign_dist.run_folder import plan_run_dir
+    preflight(cfg, nproc)
+    build_federated_data(cfg.data, cfg.fed.num_clients, cfg.seed, build_tokenizer(cfg.data.tokenizer, cfg.model.path))
+    plan_run_dir(cfg)
+
+
 def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)

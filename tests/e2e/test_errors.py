@@ -103,3 +103,19 @@ def test_a_dense_checkpoint_with_an_moe_strategy_fails_once_before_any_rank_star
     assert out.returncode == 2, out.stderr[-3000:]
     assert out.stderr.count("is a dense (llama) checkpoint; strategy fedalign needs") == 1
     assert "ChildFailedError" not in out.stdout + out.stderr and not (tmp_path / "run").exists()
+
+
+def test_run_refuses_before_launching_any_process(tmp_path):
+    """`fedalign-dist run` asks every rank's refusals itself: one line, exit 2, no torchrun."""
+    run = tmp_path / "demo"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine\n")
+    cases = {"is not a fedalign_dist run folder": [f"run.output_dir={tmp_path}"],
+             "no intact checkpoint to resume from": [f"run.output_dir={tmp_path}", "run.name=new", "run.resume=true"],
+             "world size 3 exceeds fed.num_clients (2)": ["fed.num_clients=2", "fed.clients_per_round=2"],
+             "left a client with fewer than": ["fed.num_clients=200", "fed.clients_per_round=2", "data.alpha=0.01"]}
+    for message, extra in cases.items():
+        err = _fail(["run", "--nproc", "3", "--config", "configs/demo.yaml", *extra])
+        assert message in err and "Traceback" not in err and "ChildFailedError" not in err, err[-2000:]
+        assert len([line for line in err.splitlines() if line.startswith("fedalign-dist: error")]) == 1
+    assert (run / "notes.txt").read_text() == "mine\n" and not (tmp_path / "new").exists()
