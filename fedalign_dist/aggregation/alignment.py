@@ -1,7 +1,7 @@
 """FedAlign-MoE's coordinator mathematics as pure functions on tensors (no communication).
 
 Shapes: N sampled clients, L MoE layers, E experts, d signature size. `n` (N,) examples.
-Definitions follow ../shared/design/fedalign_moe.md ("FedAlign-MoE as specified here").
+Definitions: docs/algorithms.md ("FedAlign-MoE").
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """AMoLE: an adaptive mixture of LoRA experts around a frozen linear layer (FedAMoLE,
-../shared/design/fedamole.md):
+docs/algorithms.md):
 
     y = W0 x + s B_sh A_sh x + sum_{i in TopK over held} g_i s B_i A_i x,     s = alpha / r
     z_i = <A_i x, W_t x> / sqrt(r) for the experts the client holds; p = softmax(z);

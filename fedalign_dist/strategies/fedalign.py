@@ -1,4 +1,4 @@
-"""FedAlign-MoE as specified in ../shared/design/fedalign_moe.md: routing-consistency
+"""FedAlign-MoE as described in docs/algorithms.md: routing-consistency
 weighted, row-wise router aggregation; a batch-level KL regulariser toward the global
 routing prior; semantic-consistency-gated expert averaging with personal experts."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ from fedalign_dist.strategies.expertwise import (ALIGNED, INACTIVE, OWN, PAIRWIS
 
 
 class FedAlignConfig(ConfigSection):
-    """FedAlign-MoE knobs (../shared/design/fedalign_moe.md). Ablations by config alone:
+    """FedAlign-MoE knobs (docs/algorithms.md). Ablations by config alone:
     mu=0 (no routing regulariser), consistency_temperature=inf (c_i = 1), beta=inf
     (aggregate every active client)."""
     mu: float = Field(0.01, ge=0)

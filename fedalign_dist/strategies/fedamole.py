@@ -1,4 +1,4 @@
-"""FedAMoLE (../shared/design/fedamole.md, written from the description, not the published
+"""FedAMoLE (docs/algorithms.md, written from the description, not the published
 code): every client holds its own subset of LoRA experts per adapted layer, chosen by
 reverse selection (each expert ranks the clients); routed experts are averaged over the
 clients that held them, the shared expert and token projection over all clients."""
@@ -22,7 +22,7 @@ from fedalign_dist.strategies.expertwise import AggregationPlan, ExpertwiseStrat
 
 
 class FedAMoLEConfig(ConfigSection):
-    """FedAMoLE knobs (../shared/design/fedamole.md)."""
+    """FedAMoLE knobs (docs/algorithms.md)."""
     num_experts: int = Field(30, ge=2)
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
