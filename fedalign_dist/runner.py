@@ -3,6 +3,7 @@ training lives in clients/client_round.py, the run folder's life in run_lifecycl
 method-specific step in the strategy: this file names no strategy and no model family."""
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -48,8 +49,10 @@ class Runner:
     def run(self, progress: bool = True) -> list[dict]:
         from tqdm import tqdm
         t0, records = time.perf_counter(), list(self.past_records)
+        # a progress bar only on a terminal: in a log file (SLURM, CI) it is carriage-return
+        # noise, and the one line per round below says the same
         bar = tqdm(range(self.start_round, self.cfg.fed.rounds), desc="rounds",
-                   disable=not (progress and self.env.is_coordinator))
+                   disable=not (progress and self.env.is_coordinator and sys.stderr.isatty()))
         for round_idx in bar:
             records.append(self.run_round(round_idx))
             if self.env.is_coordinator:
