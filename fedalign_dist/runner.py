@@ -13,7 +13,7 @@ from fedalign_dist.aggregation.guard import DivergedError, nonfinite_names
 from fedalign_dist.clients.client_round import ClientResult, ClientRound
 from fedalign_dist.clients.state import make_client_store
 from fedalign_dist.clients.trainer import LocalTrainer
-from fedalign_dist.comm import Communicator
+from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import Config
 from fedalign_dist.dist.agreement import all_ranks_agree, check_identical_on_all_ranks
 from fedalign_dist.dist.env import DistEnv

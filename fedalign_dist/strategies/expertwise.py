@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedalign_dist.aggregation.expertwise import ExpertwiseWeights, weighted_delta_sum
+from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights, weighted_delta_sum
 from fedalign_dist.aggregation.weighted import apply_delta
 from fedalign_dist.clients.routing_stats import probe_batch, routing_statistics
 from fedalign_dist.dist.collectives import flatten, unflatten

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field, model_validator
 
 from fedalign_dist.aggregation import alignment as A
-from fedalign_dist.aggregation.expertwise import ExpertwiseWeights
+from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights
 from fedalign_dist.clients.routing_stats import StatsRequest
 from fedalign_dist.config import ConfigSection
 from fedalign_dist.strategies.base import register

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, model_validator
 
 from fedalign_dist import faults
-from fedalign_dist.aggregation.expertwise import ExpertwiseWeights
+from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights
 from fedalign_dist.aggregation.rsea import check_feasible, random_assignment, selection_scores, solve_assignment
 from fedalign_dist.clients.amole_stats import amole_embeddings, aux_indices
 from fedalign_dist.models.amole import set_held

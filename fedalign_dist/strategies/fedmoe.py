@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from fedalign_dist.aggregation.alignment import token_weights
-from fedalign_dist.aggregation.expertwise import ExpertwiseWeights
+from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights
 from fedalign_dist.clients.routing_stats import StatsRequest
 from fedalign_dist.config import ConfigSection
 from fedalign_dist.strategies.base import register

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers as tf
 
-from fedalign_dist.comm import Communicator
+from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import ConfigError, load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
 from fedalign_dist.models.amole import EmbeddingCollector, amole_modules, balance_loss, set_held, wrap_linear_layers

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedalign_dist.clients.state import DiskClientStore, MemoryClientStore
-from fedalign_dist.comm import Communicator
+from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
 from fedalign_dist.models.build import build_model

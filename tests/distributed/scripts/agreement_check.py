@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from fedalign_dist.aggregation import alignment
 from fedalign_dist.clients.state import MemoryClientStore
-from fedalign_dist.comm import Communicator
+from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
 from fedalign_dist.dist.agreement import PeerFailure, check_identical_on_all_ranks, on_coordinator

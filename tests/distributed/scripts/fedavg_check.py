@@ -3,7 +3,7 @@ average computed by hand over every client's delta."""
 import torch
 import torch.distributed as dist
 
-from fedalign_dist.comm import Communicator
+from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import load_config
 from fedalign_dist.dist.env import init_distributed
 from fedalign_dist.dist.placement import clients_of_rank
