@@ -28,10 +28,9 @@ from fedalign_dist.strategies import build_strategy, strategy_class
 class Runner:
     def __init__(self, cfg: Config, env: DistEnv, data, tokenizer):
         self.cfg, self.env, self.data, self.tokenizer = cfg, env, data, tokenizer
-        engines_before = LocalTrainer.engines_built
+        self.engines_before = LocalTrainer.engines_built  # engines built by this run = the difference
         model, self.anatomy = strategy_class(cfg.strategy.name).build_model(cfg, tokenizer)
         self.trainer = LocalTrainer(model, cfg, env.device)
-        self.engines_built = lambda: LocalTrainer.engines_built - engines_before  # noqa: E731
         self.global_state = self.trainer.read_state()
         self.store = make_client_store(cfg.fed.client_state, cfg.run_dir / "clients" / f"rank{env.rank}")
         self.strategy = build_strategy(cfg, self.anatomy, self.store)
@@ -57,7 +56,7 @@ class Runner:
             records.append(self.run_round(round_idx))
             if self.env.is_coordinator:
                 bar.write(console_line(records[-1]))
-        inits = self.side.all_gather_json(self.engines_built())
+        inits = self.side.all_gather_json(LocalTrainer.engines_built - self.engines_before)
         last = records[-1]
         self.lifecycle.finish(self.trainer, self.tokenizer, self.global_state, {
             "rounds": len(records), "wall_s": time.perf_counter() - t0, "engine_inits_per_rank": inits,
