@@ -32,9 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedalign_dist.clients.trainer import client_batches  # noqa: E402
 from fedalign_dist.config import load_config  # noqa: E402
 from fedalign_dist.data.federated import build_federated_data  # noqa: E402
-from fedalign_dist.data.task import answer_loss  # noqa: E402
 from fedalign_dist.data.tokenizer import build_tokenizer  # noqa: E402
-from fedalign_dist.eval import evaluate_sums, summarise  # noqa: E402
 from fedalign_dist.models.build import build_model  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -69,9 +67,9 @@ def train_client(model, cfg, data, state, round_idx, client_id, aux_coef):
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)
     torch.manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client_id]).generate_state(1)[0]))
-    for batch in client_batches(data.task, data.prompts, data.labels, data.clients[client_id]["train"],
-                                cfg.local.steps, cfg.local.batch_size, cfg.seed, round_idx, client_id):
-        loss = answer_loss(model, batch, data.task.window, aux_coef)
+    for batch in client_batches(data, data.clients[client_id]["train"], cfg.local.steps, cfg.local.batch_size,
+                                cfg.seed, round_idx, client_id):
+        loss = data.task.loss(model, batch, aux_coef)
         optim.zero_grad()
         loss.backward()
         if cfg.local.grad_clip:
@@ -105,7 +103,7 @@ def main() -> None:
         model, _ = build_model(cfg, tokenizer)
     aux_coef = float(getattr(model.config, "router_aux_loss_coef", 0.0))
     test = np.sort(np.random.default_rng(0).choice(data.pooled("test"), args.eval_examples, replace=False))
-    prompts, labels = [data.prompts[i] for i in test], [int(data.labels[i]) for i in test]
+    examples = data.examples_at(test)
     state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     weights = torch.tensor([data.num_train(c) for c in range(cfg.fed.num_clients)], dtype=torch.float64)
     weights = (weights / weights.sum()).float()
@@ -125,12 +123,12 @@ def main() -> None:
         exact_model = merged_model(model, factor_state, exact)
         model.load_state_dict(factor_state, strict=False)
         if round_idx == 0:  # the merge path itself is exact: merging the factor-wise update changes nothing
-            ids = torch.tensor([prompts[0]])
+            ids = torch.tensor([examples[0]["prompt"]])
             with torch.no_grad():
                 same = merged_model(model, factor_state, factor)(input_ids=ids).logits
                 torch.testing.assert_close(same, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
-        got_f = summarise(evaluate_sums(model, data.task, prompts, labels, cfg.eval.batch_size, CPU))
-        got_x = summarise(evaluate_sums(exact_model, data.task, prompts, labels, cfg.eval.batch_size, CPU))
+        got_f = data.task.summarise(data.task.evaluate_sums(model, examples, cfg.eval.batch_size, CPU))
+        got_x = data.task.summarise(data.task.evaluate_sums(exact_model, examples, cfg.eval.batch_size, CPU))
         print(f"| {round_idx} | {float(err / size):.4f} | {float(size):.4f} | {got_f['accuracy']:.3f} | "
               f"{got_x['accuracy']:.3f} | {got_f['perplexity']:.3f} | {got_x['perplexity']:.3f} |", flush=True)
         state = factor_state

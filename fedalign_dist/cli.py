@@ -8,9 +8,9 @@
   fedalign-dist bench --systems --out DIR                          time split, bytes per path, scale (2 ranks)
   fedalign-dist config show --config configs/demo.yaml             every key: value, type and documentation
 
-Code of your own (a strategy with its config section): --import MODULE on any command, or
-`imports: [MODULE]` in the config file; installed packages can declare an entry point in the
-group fedalign_dist.plugins instead.
+Code of your own (a strategy, data source or task type, with its config section): --import
+MODULE on any command, or `imports: [MODULE]` in the config file; installed packages can
+declare an entry point in the group fedalign_dist.plugins instead.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     def with_config(p):
         p.add_argument("--config", help="YAML config file (default: built-in defaults)")
         p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                       help="import MODULE before the config is validated (it registers strategies); repeatable")
+                       help="import MODULE before the config is validated (it registers strategies, data sources, task types); repeatable")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. fed.rounds=3")
         return p
 
@@ -159,8 +159,20 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Options may come before, between or after the key=value overrides (argparse alone stops
+    collecting positionals at the first option)."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    args = parse(argv)
     try:
         if args.command == "train":
             code = cmd_train(args)

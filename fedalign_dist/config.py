@@ -83,7 +83,13 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Literal["bbc_news", "news_outlets", "health_tweets"] = "bbc_news"
+    """`name` (the data source) and `task`, plus one section per registered source or task
+    type that declares knobs (keyed by its name): completed from the registries when a config
+    is loaded (config_schema), after plugins were imported."""
+    name: str = "bbc_news"
+    """The data source: bbc_news, news_outlets, health_tweets, or one registered by a plugin."""
+    task: str = "classification"
+    """The task type: classification (text -> label word), or one registered by a plugin."""
     partition: Literal["dirichlet", "label_shards", "iid", "natural"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)
     """Dirichlet concentration (smaller = more skewed label mixes)."""
@@ -188,7 +194,8 @@ class DistConfig(_Section):
 class Config(_Section):
     imports: list[str] = Field(default_factory=list)
     """Python modules imported before the rest is validated, on every rank: they register
-    strategies (and their config sections) from outside the package (CLI: --import)."""
+    strategies, data sources and task types (and their config sections) from outside the package
+    (CLI: --import)."""
     run: RunConfig = Field(default_factory=RunConfig)
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -210,8 +217,12 @@ class Config(_Section):
         if self.eval.split == "val" and self.data.val_fraction == 0:
             raise ValueError("eval.split=val needs validation data: set data.val_fraction > 0")
         strategy_class(self.strategy.name).check_config(self)
-        if self.data.partition == "natural" and self.data.name != "news_outlets":
-            raise ValueError("data.partition=natural needs a data set with natural clients (data.name=news_outlets)")
+        from fedalign_dist.data.registry import registered_sources, registered_tasks, source_class
+        if self.data.name not in registered_sources():
+            raise ValueError(_unknown("data.name", self.data.name, registered_sources()))
+        if self.data.task not in registered_tasks():
+            raise ValueError(_unknown("data.task", self.data.task, registered_tasks()))
+        source_class(self.data.name).check_config(self)
         if self.data.tokenizer == "model" and self.model.path is None:
             raise ValueError("data.tokenizer=model needs model.path (a local checkpoint with a tokenizer)")
         return self
@@ -231,17 +242,25 @@ _SCHEMAS: dict[tuple, type[Config]] = {}
 
 
 def config_schema() -> type[Config]:
-    """Config with one `strategy.<name>` section per registered strategy that declares knobs
-    (built-in or imported), so unknown keys, types and documentation cover them too."""
+    """Config with one `strategy.<name>` section per registered strategy and one `data.<name>`
+    section per registered data source or task type that declares knobs (built-in or
+    imported), so unknown keys, types and documentation cover them too."""
+    from fedalign_dist.data.registry import data_sections
     from fedalign_dist.strategies import strategy_sections
-    sections = strategy_sections()
-    key = tuple((name, id(section)) for name, section in sections.items())
+    strategies, data = strategy_sections(), data_sections()
+    key = tuple((n, id(c)) for n, c in strategies.items()), tuple((n, id(c)) for n, c in data.items())
     if key not in _SCHEMAS:
-        fields = {name: (section, Field(default_factory=section, description=(section.__doc__ or "").strip() or None))
-                  for name, section in sections.items()}
-        strategy = create_model("StrategyConfig", __base__=StrategyConfig, **fields)
-        _SCHEMAS[key] = create_model("Config", __base__=Config, strategy=(strategy, Field(default_factory=strategy)))
+        strategy = _extend(StrategyConfig, strategies)
+        data_section = _extend(DataConfig, data)
+        _SCHEMAS[key] = create_model("Config", __base__=Config, strategy=(strategy, Field(default_factory=strategy)),
+                                     data=(data_section, Field(default_factory=data_section)))
     return _SCHEMAS[key]
+
+
+def _extend(base: type[BaseModel], sections: dict[str, type[BaseModel]]) -> type[BaseModel]:
+    fields = {name: (section, Field(default_factory=section, description=(section.__doc__ or "").strip() or None))
+              for name, section in sections.items()}
+    return create_model(base.__name__, __base__=base, **fields)
 
 
 def _check_keys(raw: dict, model_cls: type[BaseModel], prefix: str = "") -> None:

@@ -21,15 +21,16 @@ def peak_gpu_mb(device) -> float | None:
 
 
 def round_record(round_idx: int, strategy: str, per_rank: list[dict], evaluated: bool, rejected: dict,
-                 diagnostics: dict, trainable_bytes: int) -> dict:
-    """The round's metrics record from every rank's numbers (sums and maxima over ranks)."""
+                 diagnostics: dict, trainable_bytes: int, task) -> dict:
+    """The round's metrics record from every rank's numbers (sums and maxima over ranks); the
+    task's metrics (TaskType.metrics) for the global and personalised
+    models; global ones None in rounds without a global evaluation."""
     import torch
 
-    from fedalign_dist.eval import summarise
     pairs = [p for r in per_rank for p in r["updates"]]
     examples = sum(n for n, _ in pairs)
-    personal = summarise(torch.tensor([r["personal"] for r in per_rank]).sum(0))
-    glob = summarise(torch.tensor([r["global_"] for r in per_rank]).sum(0))
+    personal = task.summarise(torch.tensor([r["personal"] for r in per_rank]).sum(0))
+    glob = task.summarise(torch.tensor([r["global_"] for r in per_rank]).sum(0))
     return {
         "round": round_idx,
         "strategy": strategy,
@@ -39,11 +40,9 @@ def round_record(round_idx: int, strategy: str, per_rank: list[dict], evaluated:
         "rejected_reasons": {str(cid): reason for cid, reason in sorted(rejected.items())},
         "num_clipped": sum(r["clipped"] for r in per_rank),
         "train_loss": sum(n * loss for n, loss in pairs) / examples if examples else None,
-        "global_accuracy": glob["accuracy"] if evaluated else None,
-        "global_perplexity": glob["perplexity"] if evaluated else None,
+        **{f"global_{m}": glob[m] if evaluated else None for m in task.metrics},
         "global_nonfinite_examples": glob["nonfinite_examples"],
-        "personalized_accuracy": personal["accuracy"],
-        "personalized_perplexity": personal["perplexity"],
+        **{f"personalized_{m}": personal[m] for m in task.metrics},
         "personalized_nonfinite_examples": personal["nonfinite_examples"],
         "bytes_sent": max(r["sent"] for r in per_rank),
         "bytes_received": max(r["received"] for r in per_rank),
@@ -101,10 +100,11 @@ class MetricsWriter:
         self.tb.close()
 
 
-def console_line(r: dict) -> str:
+def console_line(r: dict, metric: str) -> str:
+    """One line per round; `metric` is the task's headline metric."""
     rejected = f" | {r['num_rejected']} rejected" if r.get("num_rejected") else ""
-    return (f"round {r['round']:>3} | {r['strategy']} | loss {_fmt(r['train_loss'], 4)}{rejected} | "
-            f"global acc {_fmt(r['global_accuracy'])} | pers acc {_fmt(r['personalized_accuracy'])} | "
+    scores = f"global {metric} {_fmt(r.get('global_' + metric))} | personal {_fmt(r.get('personalized_' + metric))}"
+    return (f"round {r['round']:>3} | {r['strategy']} | loss {_fmt(r['train_loss'], 4)}{rejected} | {scores} | "
             f"sent {r['bytes_sent'] / 1e6:.2f} MB | {r['time_round_s']:.1f} s")
 
 

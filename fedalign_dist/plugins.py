@@ -1,7 +1,7 @@
 """Code from outside the package: modules named in the config's `imports` (or `--import` on
 the command line) and installed packages' entry points in the group `fedalign_dist.plugins`,
-imported before a config is validated, so what they register (strategies with their config
-sections) is known to validation, to every rank and to `config show`."""
+imported before a config is validated, so what they register (strategies, data sources and
+task types, with their config sections) is known to validation, to every rank and to `config show`."""
 from __future__ import annotations
 
 import importlib

@@ -17,7 +17,7 @@ from fedalign_dist import checkpoint
 from fedalign_dist.config import Config, dump_config
 
 MARKER = ".fedalign_dist_run.json"
-ARTEFACTS = ("config.yaml", "model.json", "model.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "summary.json",
+ARTEFACTS = ("config.yaml", "model.json", "model.json.tmp", "data.json", "data.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "summary.json",
              "summary.json.tmp", "summary.md", "tb", "checkpoints", "clients", "final", "final.tmp", "report",
              ".shared_check")
 """Everything a run (or `fedalign-dist report`) writes in its folder, besides the marker."""

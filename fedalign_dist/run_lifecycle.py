@@ -53,10 +53,11 @@ class RunLifecycle:
             print(f"resumed from {folder.name}: continuing at round {done + 1}", flush=True)
         return done + 1, global_state, records
 
-    def open(self, model_description: dict, replay: list[dict] | None) -> None:
-        """model.json, and the metrics writer (on resume, TensorBoard rebuilt from `replay`)."""
+    def open(self, model_description: dict, data_description: dict, replay: list[dict] | None) -> None:
+        """model.json, data.json and the metrics writer (on resume, TensorBoard rebuilt from `replay`)."""
         on_coordinator("describing the loaded model", checkpoint.write_json, self.run_dir / "model.json",
                        model_description)
+        on_coordinator("describing the data", checkpoint.write_json, self.run_dir / "data.json", data_description)
         self.writer = on_coordinator("opening the metrics writer", MetricsWriter, self.run_dir, replay)
 
     def log(self, record: dict) -> None:

@@ -18,7 +18,6 @@ from fedalign_dist.config import Config
 from fedalign_dist.dist.agreement import all_ranks_agree, check_identical_on_all_ranks
 from fedalign_dist.dist.env import DistEnv
 from fedalign_dist.dist.placement import round_clients_on_rank
-from fedalign_dist.eval import empty_sums, evaluate_sums
 from fedalign_dist.metrics import console_line, peak_gpu_mb, peak_rss_mb, round_record
 from fedalign_dist.models.build import describe_model
 from fedalign_dist.run_lifecycle import RunLifecycle
@@ -41,7 +40,7 @@ class Runner:
         self.trainable_bytes = sum(t.numel() * 4 for t in self.global_state.values())
         self.lifecycle = RunLifecycle(cfg, env, self.side, self.strategy, self.store)
         self.start_round, self.global_state, self.past_records = self.lifecycle.resume(self.global_state)
-        self.lifecycle.open(describe_model(cfg, self.trainer, self.anatomy),
+        self.lifecycle.open(describe_model(cfg, self.trainer, self.anatomy), data.describe(cfg.data.name),
                             self.past_records if self.start_round else None)
         self.check_same_start()
 
@@ -55,14 +54,14 @@ class Runner:
         for round_idx in bar:
             records.append(self.run_round(round_idx))
             if self.env.is_coordinator:
-                bar.write(console_line(records[-1]))
+                bar.write(console_line(records[-1], self.data.task.metrics[0]))
         inits = self.side.all_gather_json(LocalTrainer.engines_built - self.engines_before)
         last = records[-1]
         self.lifecycle.finish(self.trainer, self.tokenizer, self.global_state, {
             "rounds": len(records), "wall_s": time.perf_counter() - t0, "engine_inits_per_rank": inits,
             "world_size": self.env.world_size, "trainable_bytes": self.trainable_bytes,
-            "final_global_accuracy": last["global_accuracy"],
-            "final_personalized_accuracy": last["personalized_accuracy"]})
+            **{f"final_{scope}_{metric}": last[f"{scope}_{metric}"]
+               for scope in ("global", "personalized") for metric in self.data.task.metrics}})
         return records
 
     # -- one round ---------------------------------------------------------------------
@@ -79,7 +78,7 @@ class Runner:
         clock["aggregated"] = time.perf_counter()
         evaluate_now = (round_idx + 1) % cfg.eval.every == 0 or round_idx + 1 == cfg.fed.rounds
         with all_ranks_agree("evaluating the global model"):
-            global_sums = self.evaluate_global() if evaluate_now else empty_sums()
+            global_sums = self.evaluate_global() if evaluate_now else self.data.task.empty_sums()
         clock["evaluated"] = time.perf_counter()
         record = self.gather_record(round_idx, results, accepted, rejected, global_sums, evaluate_now,
                                     diagnostics, clock)
@@ -113,7 +112,7 @@ class Runner:
             if bad:
                 raise DivergedError(
                     f"the global state became non-finite in round {round_idx} ({len(bad)} tensors, first: {bad[0]}); "
-                    f"the run stops without a final model or accuracy for it. Lower local.lr, or bound client "
+                    f"the run stops without a final model or metrics for it. Lower local.lr, or bound client "
                     f"updates with guard.max_update_norm=<norm> (guard.on_large_update=clip|reject)")
         return diagnostics
 
@@ -126,8 +125,8 @@ class Runner:
         if limit is not None and limit < len(pooled):
             pooled = np.sort(np.random.default_rng([self.cfg.seed, 0xE7A1]).choice(pooled, limit, replace=False))
         pooled = pooled[self.env.rank::self.env.world_size]
-        return evaluate_sums(self.trainer.module, self.data.task, [self.data.prompts[i] for i in pooled],
-                             [int(self.data.labels[i]) for i in pooled], self.cfg.eval.batch_size, self.env.device)
+        return self.data.task.evaluate_sums(self.trainer.module, self.data.examples_at(pooled),
+                                            self.cfg.eval.batch_size, self.env.device)
 
     def gather_record(self, round_idx, results, accepted, rejected, global_sums, evaluated, diagnostics,
                       clock) -> dict:
@@ -135,7 +134,7 @@ class Runner:
         personal_eval = sum(r.seconds["eval"] for r in results)
         time_stats = sum(r.seconds["stats"] for r in results)
         local = dict(updates=[(u.num_examples, u.train_loss) for u in accepted],
-                     personal=sum((r.sums for r in results), empty_sums()).tolist(),
+                     personal=sum((r.sums for r in results), self.data.task.empty_sums()).tolist(),
                      clipped=sum(r.verdict.clipped for r in results),
                      global_=global_sums.tolist(), sent=self.comm.bytes.sent, received=self.comm.bytes.received,
                      time_comm=self.comm.bytes.seconds, time_stats=time_stats,
@@ -148,7 +147,7 @@ class Runner:
         self.comm.bytes.reset()
         per_rank = self.side.all_gather_json(local)
         return round_record(round_idx, self.cfg.strategy.name, per_rank, evaluated, rejected, diagnostics,
-                            self.trainable_bytes)
+                            self.trainable_bytes, self.data.task)
 
     def check_same_start(self) -> None:
         """Every rank must start from the same finite global state: a model built differently

@@ -14,8 +14,6 @@ from fedalign_dist import faults
 from fedalign_dist.aggregation.guard import Verdict, screen_update
 from fedalign_dist.clients.context import ClientContext
 from fedalign_dist.clients.trainer import LocalTrainer, client_batches
-from fedalign_dist.data.task import answer_loss
-from fedalign_dist.eval import empty_sums, evaluate_sums
 from fedalign_dist.models.router_tap import RouterTap
 from fedalign_dist.strategies import ClientUpdate, Strategy
 
@@ -44,9 +42,8 @@ class ClientRound:
         self.strategy.prepare_client_model(module, client_id)
         self.trainer.reset_optimizer()  # no client inherits another's moments
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client_id]).generate_state(1)[0]))
-        batches = lambda steps: client_batches(data.task, data.prompts, data.labels,  # noqa: E731
-                                               data.clients[client_id]["train"], steps, cfg.local.batch_size,
-                                               cfg.seed, round_idx, client_id)
+        batches = lambda steps: client_batches(data, data.clients[client_id]["train"], steps,  # noqa: E731
+                                               cfg.local.batch_size, cfg.seed, round_idx, client_id)
         loss = self.train(client_id, batches(cfg.local.steps), start)
         trained = self.trainer.read_state()
         delta = {n: trained[n] - global_state[n].float() for n in trained}
@@ -59,12 +56,11 @@ class ClientRound:
         stats = self.strategy.client_statistics(module, context)
         t_eval = time.perf_counter()
         verdict = screen_update(delta, stats, cfg.guard.max_update_norm, cfg.guard.on_large_update)
-        sums = empty_sums()
+        sums = data.task.empty_sums()
         if verdict.rejected is None:  # a rejected client keeps its previous personal state
             self.strategy.after_local_training(client_id, trained, self.store)
             test_idx = data.clients[client_id][cfg.eval.split]
-            sums = evaluate_sums(module, data.task, [data.prompts[i] for i in test_idx],
-                                 [int(data.labels[i]) for i in test_idx], cfg.eval.batch_size, self.device)
+            sums = data.task.evaluate_sums(module, data.examples_at(test_idx), cfg.eval.batch_size, self.device)
         update = ClientUpdate(client_id, data.num_train(client_id), verdict.delta, loss, stats)
         return ClientResult(update, verdict, sums, {"stats": t_eval - t_stats, "eval": time.perf_counter() - t_eval})
 
@@ -83,9 +79,9 @@ class ClientRound:
         return loss
 
     def local_loss(self, model, batch, tap: RouterTap | None):
-        """(objective, task loss): the answer loss plus the strategy's routing regulariser and
+        """(objective, task loss): the task's loss plus the strategy's routing regulariser and
         any loss the model recorded (Strategy.model_loss)."""
-        loss = answer_loss(model, batch, self.data.task.window, self.aux_coef)
+        loss = self.data.task.loss(model, batch, self.aux_coef)
         extras = [self.strategy.routing_regularizer(tap.router_probs(batch["attention_mask"])) if tap else None,
                   self.strategy.model_loss(self.trainer.module)]
         return loss + sum(e for e in extras if e is not None), loss

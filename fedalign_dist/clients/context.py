@@ -21,8 +21,6 @@ class ClientContext:
     """batches(n): the client's first n seeded training batches of this round."""
 
     def batches_of(self, indices: Sequence[int]) -> Iterator[dict]:
-        """Training batches (prompt + answer) of the given examples, in order."""
-        data = self.data
+        """Training batches (the task's input and target) of the given examples, in order."""
         for start in range(0, len(indices), self.batch_size):
-            chunk = indices[start:start + self.batch_size]
-            yield data.task.train_batch([data.prompts[i] for i in chunk], [int(data.labels[i]) for i in chunk])
+            yield self.data.task.train_batch(self.data.examples_at(indices[start:start + self.batch_size]))

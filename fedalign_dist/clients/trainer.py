@@ -136,8 +136,8 @@ class LocalTrainer:
         return float(np.mean(losses)) if losses else float("nan")
 
 
-def client_batches(task, prompts, labels, train_idx: np.ndarray, steps: int, batch_size: int,
-                   seed: int, round_idx: int, client_id: int):
+def client_batches(data, train_idx: np.ndarray, steps: int, batch_size: int, seed: int, round_idx: int,
+                   client_id: int):
     """The client's batches for one round: seeded by (seed, round, client) only, so results
     do not depend on which rank hosts the client."""
     rng = np.random.default_rng([seed, round_idx, client_id, 0xBA7C])
@@ -145,4 +145,4 @@ def client_batches(task, prompts, labels, train_idx: np.ndarray, steps: int, bat
     order = np.concatenate([rng.permutation(train_idx) for _ in range(-(-need // len(train_idx)))])[:need]
     for step in range(steps):
         idx = order[step * batch_size:(step + 1) * batch_size]
-        yield task.train_batch([prompts[i] for i in idx], [int(labels[i]) for i in idx])
+        yield data.task.train_batch(data.examples_at(idx))

@@ -1,4 +1,5 @@
-"""The federated data set: corpus -> partition over clients -> per-client splits -> token ids.
+"""The federated data set: source -> corpus -> partition over clients -> per-client splits ->
+the task's encoded examples.
 
 Built identically on every rank from the seed (cheap: a few thousand short prompts), so no
 data moves between ranks. Local training and personalised evaluation read only the splits of
@@ -7,47 +8,76 @@ split (a simulation shortcut: in a real deployment it would run on held-out serv
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from datasets import Dataset
 
 from fedalign_dist.data import partition as part
-from fedalign_dist.data.sources import load_corpus
-from fedalign_dist.data.task import Task
+from fedalign_dist.data.registry import source_class, task_class
+from fedalign_dist.data.sources import Corpus
+from fedalign_dist.data.task import TaskType
 
 
 @dataclass
 class FederatedData:
-    task: Task
-    prompts: list[list[int]]
-    labels: np.ndarray
+    task: TaskType
+    examples: list[dict]
+    """Every example as the task encoded it."""
+    labels: np.ndarray | None
+    """Class index of every example, or None for unlabelled data."""
     clients: list[dict[str, np.ndarray]]
     """Per client: indices of its train / val / test examples."""
-    label_names: list[str]
+    label_names: list[str] | None
 
     def num_train(self, client_id: int) -> int:
         return len(self.clients[client_id]["train"])
 
+    def examples_at(self, indices: Sequence[int]) -> list[dict]:
+        return [self.examples[i] for i in indices]
+
     def pooled(self, split: str) -> np.ndarray:
         return np.concatenate([c[split] for c in self.clients])
 
+    def describe(self, source: str) -> dict:
+        """The run folder's data.json: what was trained on, and every client's split sizes."""
+        return {"source": source, "task": self.task.name, "examples": len(self.examples),
+                "label_names": self.label_names,
+                "clients": [{split: len(idx) for split, idx in c.items()} for c in self.clients]}
+
     def label_table(self, split: str = "train") -> np.ndarray:
+        if self.labels is None:
+            raise part.PartitionError("this data set has no labels: there is no label table to show")
         return part.label_table([c[split] for c in self.clients], self.labels, len(self.label_names))
 
 
+def load_source(data_cfg) -> Corpus:
+    corpus = source_class(data_cfg.name)(data_cfg).load()
+    if not isinstance(corpus, Corpus):
+        raise TypeError(f"data source '{data_cfg.name}': load() must return a fedalign_dist.data.sources.Corpus, "
+                        f"got {type(corpus).__name__}")
+    if not corpus.texts:
+        raise ValueError(f"data source '{data_cfg.name}' returned no examples")
+    return corpus
+
+
 def build_federated_data(data_cfg, num_clients: int, seed: int, tokenizer) -> FederatedData:
-    corpus = load_corpus(data_cfg.name)
-    frame = Dataset.from_dict({"text": corpus.texts, "label": corpus.labels,
-                               "group": corpus.groups if corpus.groups is not None else [0] * len(corpus.texts)})
-    if data_cfg.max_examples is not None and data_cfg.max_examples < len(frame):
-        keep = np.random.default_rng([seed, 0x5B5]).choice(len(frame), data_cfg.max_examples, replace=False)
+    corpus = load_source(data_cfg)
+    task_type = task_class(data_cfg.task)
+    task_type.check_corpus(corpus, data_cfg.name)
+    n = len(corpus.texts)
+    columns = {"text": corpus.texts, "label": corpus.labels, "group": corpus.groups, "response": corpus.responses}
+    frame = Dataset.from_dict({k: v for k, v in columns.items() if v is not None})
+    if data_cfg.max_examples is not None and data_cfg.max_examples < n:
+        keep = np.random.default_rng([seed, 0x5B5]).choice(n, data_cfg.max_examples, replace=False)
         frame = frame.select(np.sort(keep))
-    task = Task(tokenizer, corpus.label_names, data_cfg.max_length)
-    frame = frame.map(lambda row: {"prompt": task.encode_prompt(row["text"])}, remove_columns=["text"])
-    labels = np.asarray(frame["label"], dtype=np.int64)
+    task = task_type(tokenizer, corpus, data_cfg)
+    encoded = [task.encode(row) for row in frame]
+    labels = np.asarray(frame["label"], dtype=np.int64) if corpus.labels is not None else None
     groups = np.asarray(frame["group"]) if corpus.groups is not None else None
-    parts = part.partition(labels, groups, num_clients, data_cfg.partition, seed, alpha=data_cfg.alpha,
-                           shards_per_client=data_cfg.shards_per_client, min_size=data_cfg.min_client_examples)
+    parts = part.partition(labels, groups, len(frame), num_clients, data_cfg.partition, seed,
+                           alpha=data_cfg.alpha, shards_per_client=data_cfg.shards_per_client,
+                           min_size=data_cfg.min_client_examples, source=data_cfg.name)
     split_rng = np.random.default_rng([seed, 0x5911])
     clients = [part.split_client(p, data_cfg.val_fraction, data_cfg.test_fraction, split_rng) for p in parts]
-    return FederatedData(task, list(frame["prompt"]), labels, clients, corpus.label_names)
+    return FederatedData(task, encoded, labels, clients, corpus.label_names)

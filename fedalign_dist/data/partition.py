@@ -52,18 +52,23 @@ def natural(groups: np.ndarray, num_clients: int) -> list[np.ndarray]:
     return [np.flatnonzero(groups == g) for g in group_ids]
 
 
-def partition(labels: np.ndarray, groups: np.ndarray | None, num_clients: int, scheme: str, seed: int,
-              alpha: float = 0.5, shards_per_client: int = 2, min_size: int = 1) -> list[np.ndarray]:
+def partition(labels: np.ndarray | None, groups: np.ndarray | None, num_examples: int, num_clients: int,
+              scheme: str, seed: int, alpha: float = 0.5, shards_per_client: int = 2, min_size: int = 1,
+              source: str = "the data source") -> list[np.ndarray]:
     rng = np.random.default_rng([seed, 0xDA7A])
+    if scheme in ("dirichlet", "label_shards") and labels is None:
+        raise PartitionError(f"data.partition={scheme} splits by label, but {source} has no labels: use "
+                             f"data.partition=iid" + (" or natural" if groups is not None else ""))
     if scheme == "iid":
-        parts = iid(len(labels), num_clients, rng)
+        parts = iid(num_examples, num_clients, rng)
     elif scheme == "dirichlet":
         parts = dirichlet(labels, num_clients, alpha, rng, min_size)
     elif scheme == "label_shards":
         parts = label_shards(labels, num_clients, shards_per_client, rng)
     elif scheme == "natural":
         if groups is None:
-            raise PartitionError("the natural partition needs a data set with natural groups (news_outlets)")
+            raise PartitionError(f"data.partition=natural needs each example's natural client, but {source} "
+                                 f"gives none (built in: data.name=news_outlets)")
         parts = natural(groups, num_clients)
     else:
         raise PartitionError(f"unknown partition '{scheme}'")

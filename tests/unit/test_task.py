@@ -2,31 +2,40 @@ import math
 
 import torch
 
-from fedalign_dist.data.task import IGNORE, Task, answer_log_likelihood
+from fedalign_dist.config import load_config
+from fedalign_dist.data.classification import ClassificationTask
+from fedalign_dist.data.sources import Corpus
+from fedalign_dist.data.task import IGNORE, target_log_likelihood
 from fedalign_dist.data.tokenizer import ByteTokenizer
-from fedalign_dist.eval import summarise
+
+
+def classification(label_names, max_length=64):
+    corpus = Corpus(["x"] * len(label_names), list(range(len(label_names))), label_names)
+    return ClassificationTask(ByteTokenizer(), corpus, load_config(None, [f"data.max_length={max_length}"]).data)
 
 
 def test_train_batch_puts_loss_on_answer_only():
-    task = Task(ByteTokenizer(), ["sport", "tech"], max_length=64)
-    prompt = task.encode_prompt("A long article about football. " * 20)
-    assert len(prompt) + max(map(len, task.answers)) <= 64
-    batch = task.train_batch([prompt], [1])
+    task = classification(["sport", "tech"])
+    example = task.encode({"text": "A long article about football. " * 20, "label": 1})
+    prompt = example["prompt"]
+    assert len(prompt) + max(map(len, task.answers)) <= 64 and example["label"] == 1
+    batch = task.train_batch([example])
     labels = batch["labels"][0]
     answer = labels[labels != IGNORE].tolist()
     assert answer == task.answers[1] and ByteTokenizer().decode(answer) == " tech"
 
 
-def test_answer_log_likelihood_hand_computed():
+def test_target_log_likelihood_hand_computed():
     # vocab 3, uniform logits except position 1 strongly predicts token 2
     logits = torch.zeros(1, 3, 3)
     logits[0, 1, 2] = math.log(8.0)  # p(2) = 8/10
     labels = torch.tensor([[IGNORE, IGNORE, 2]])
-    ll, n = answer_log_likelihood(logits, labels)
+    ll, n = target_log_likelihood(logits, labels)
     assert n.item() == 1 and ll.item() == __import__("pytest").approx(math.log(0.8))
 
 
 def test_summarise():
+    summarise = classification(["a", "b"]).summarise
     out = summarise(torch.tensor([3.0, 4.0, 2.0, 2.0, 0.0], dtype=torch.float64))
     assert out["accuracy"] == 0.75 and abs(out["perplexity"] - math.e) < 1e-9
     # one example scored NaN: no accuracy or perplexity is reported for these sums

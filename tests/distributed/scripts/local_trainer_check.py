@@ -9,7 +9,6 @@ import torch.distributed as dist
 from fedalign_dist.clients.trainer import LocalTrainer, client_batches
 from fedalign_dist.config import load_config
 from fedalign_dist.data.federated import build_federated_data
-from fedalign_dist.data.task import answer_loss
 from fedalign_dist.data.tokenizer import ByteTokenizer
 from fedalign_dist.dist.env import init_distributed
 from fedalign_dist.models.build import build_model
@@ -31,9 +30,8 @@ start = trainer.read_state()
 def train_client(client_id):
     trainer.load_state(start)
     trainer.reset_optimizer()
-    batches = client_batches(data.task, data.prompts, data.labels, data.clients[client_id]["train"], 4, 4, 0, 0,
-                             client_id)
-    trainer.train(batches, lambda m, b: (answer_loss(m, b, data.task.window, 0.01),) * 2, lambda p: None)
+    batches = client_batches(data, data.clients[client_id]["train"], 4, 4, 0, 0, client_id)
+    trainer.train(batches, lambda m, b: (data.task.loss(m, b, 0.01),) * 2, lambda p: None)
     return trainer.read_state()
 
 
