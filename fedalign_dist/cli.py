@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 from fedalign_dist.benchmark.cells import BenchmarkFailed
@@ -77,16 +76,14 @@ def cmd_run(args) -> int:
     overrides = config_args(args)
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (got {args.nproc})")
+    from fedalign_dist.dist.local_launch import launch_local
     from fedalign_dist.train import check_before_launch, quiet_libraries
     quiet_libraries()
-    check_before_launch(load_config(args.config, overrides), args.nproc)  # fail once, before any process
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "fedalign_dist", "train"]
-    if args.config:
-        cmd += ["--config", args.config]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank; ranks share the cores
-    return subprocess.call(cmd + overrides, env=env)
+    cfg = load_config(args.config, overrides)
+    check_before_launch(cfg, args.nproc)  # fail once, before any process
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank; ranks share the cores
+    rank_args = (["--config", args.config] if args.config else []) + overrides
+    return launch_local(args.nproc, rank_args, cfg.run_dir, args.argv)
 
 
 def cmd_train(args) -> int:
@@ -98,6 +95,7 @@ def cmd_train(args) -> int:
     faulthandler.enable()  # a native crash in a rank prints every thread's Python stack
     from fedalign_dist.aggregation.guard import DivergedError
     from fedalign_dist.dist.agreement import PeerFailure
+    from fedalign_dist.dist.local_launch import INTERRUPTED
     from fedalign_dist.train import train_main
     try:
         train_main(args.config, config_args(args))
@@ -113,8 +111,10 @@ def cmd_train(args) -> int:
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
         ErrorHandler().record_exception(err)
         print(f"fedalign-dist: rank {os.environ.get('RANK', '?')} failed: {type(err).__name__}: {err} "
-              f"(traceback in torchrun's failure summary)", file=sys.stderr, flush=True)
+              f"(traceback in the launcher's failure report)", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: the launcher says what to do next
+        return INTERRUPTED
 
 
 def cmd_partition(args) -> int:
@@ -163,7 +163,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     """Options may come before, between or after the key=value overrides (argparse alone stops
     collecting positionals at the first option)."""
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parser.parse_known_args(argv)
+    args.argv = argv
     if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
         args.overrides += rest
     elif rest:

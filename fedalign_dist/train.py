@@ -37,6 +37,12 @@ def check_before_launch(cfg: Config, nproc: int) -> None:
 
 
 def quiet_libraries() -> None:
+    """The command line's processes only (the Python API changes no global setting)."""
+    import torch
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        # DeepSpeed's own choice here, made without its "Setting accelerator to CPU" warning in
+        # every rank; inherited by the ranks a launcher starts
+        os.environ["DS_ACCELERATOR"] = "cpu"
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -44,6 +50,7 @@ def quiet_libraries() -> None:
     import transformers
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # saving the final model: 'Writing model shards'
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -5,8 +5,10 @@ are views into flat buffers: rebinding `.data` would be lost), then the optimize
 master copies are refreshed and its state reset."""
 from __future__ import annotations
 
+import io
 import os
-from contextlib import contextmanager
+import sys
+from contextlib import contextmanager, redirect_stdout
 from typing import Callable
 
 import numpy as np
@@ -45,6 +47,19 @@ def _launcher_variables():
             os.environ.pop("LOCAL_RANK", None)
 
 
+@contextmanager
+def _without_build_notices():
+    """DeepSpeed prints "... op built successfully" (a plain print) when it sets up its
+    communication, once per rank and run: keep every other line it prints."""
+    captured = io.StringIO()
+    try:
+        with redirect_stdout(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True) if "built successfully" not in line]
+        sys.stdout.write("".join(kept))
+
+
 class LocalTrainer:
     engines_built = 0
     """DeepSpeed engines built in this process (a run reports how many it built: one per rank)."""
@@ -55,7 +70,7 @@ class LocalTrainer:
         model.to(device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)
-        with _launcher_variables():
+        with _launcher_variables(), _without_build_notices():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=deepspeed_config(cfg), mpu=SoloMPU())
         LocalTrainer.engines_built += 1

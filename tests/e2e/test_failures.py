@@ -1,6 +1,8 @@
 """A failure on one rank ends every rank of the job promptly, non-zero, with the failing
 rank's traceback shown once: started as plain processes (one per rank, as `srun` starts them,
-with no agent to kill the others) and under torchrun."""
+with no agent to kill the others), under torchrun, and under `fedalign-dist run` (without
+torchrun's report). Ctrl-C on `fedalign-dist run` stops every rank quietly and prints the
+command that continues the run."""
 import os
 import subprocess
 import sys
@@ -48,3 +50,41 @@ def test_rank0_failure_under_torchrun_shows_its_traceback_once(tmp_path, tiny_ov
     assert "rank 0 failed during committing the checkpoint" in text
     # nothing lost: the round's metrics were written before the checkpoint that failed
     assert (tmp_path / "r/metrics.jsonl").read_text().count('"round": 0') == 1
+
+
+def test_fedalign_run_reports_a_rank_failure_once_without_torchruns_report(tmp_path, tiny_overrides):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), FEDALIGN_DIST_FAULT="checkpoint_commit@0")
+    out = subprocess.run([sys.executable, "-m", "fedalign_dist", "run", "--nproc", "2", "--config", "configs/demo.yaml",
+                          *tiny_overrides, "run.name=r", "strategy.name=fedavg", "checkpoint.every=1"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-4000:]
+    assert text.count("in commit_checkpoint") == 1 and "rank 0 exited with code 1" in text, text[-4000:]
+    for noise in ("ChildFailedError", "Root Cause", "error_file", "Setting accelerator to CPU", "built successfully"):
+        assert noise not in text, (noise, text[-4000:])
+
+
+def test_ctrl_c_stops_every_rank_quietly_and_prints_the_command_that_resumes(tmp_path, tiny_overrides):
+    import signal
+    from tests.faults import _children
+    args = [sys.executable, "-m", "fedalign_dist", "run", "--nproc", "2", "--config", "configs/demo.yaml",
+            *tiny_overrides, "fed.rounds=30", "checkpoint.every=1", "run.name=r", "strategy.name=fedavg"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's job
+    deadline = time.time() + 240
+    while not (tmp_path / "r/checkpoints/round_00001").is_dir() and time.time() < deadline:
+        time.sleep(0.5)
+    ranks = [pid for child in _children(proc.pid) for pid in [child, *_children(child)]]
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: every process of the group gets SIGINT
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, text[-4000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-4000:]
+    assert "interrupted; every rank stopped" in text and "keeps checkpoint round_000" in text
+    assert not [pid for pid in ranks if os.path.exists(f"/proc/{pid}") and
+                open(f"/proc/{pid}/stat").read().split()[2] != "Z"], "a rank outlived the launcher"
+    resume = text.strip().splitlines()[-1].split()
+    assert resume[:2] == ["fedalign-dist", "run"] and resume[-1] == "run.resume=true"
+    rerun = [sys.executable, "-m", "fedalign_dist", *resume[1:-1], "fed.rounds=4", "run.resume=true"]
+    done = subprocess.run(rerun, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "resumed from round_000" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
