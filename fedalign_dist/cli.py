@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="a few minutes: grid = one seed, no tuning, its quick overrides; systems = tiny sizes")
     bench.add_argument("--parallel", type=int, default=None, help="grid cells run at once (default: the grid's)")
+    bench.add_argument("--scenarios", default=None, metavar="A,B",
+                       help="grid: only these scenarios (comma-separated; default: all)")
+    bench.add_argument("--methods", default=None, metavar="A,B", help="grid: only these methods (default: all)")
     config = sub.add_parser("config", help="inspect configurations")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     with_config(config_sub.add_parser("show", help="print every key of the resolved config with its value, type "
@@ -149,7 +152,7 @@ def cmd_bench(args) -> int:
         print(f"wrote {Path(args.out) / 'systems.md'}")
         return 0
     from fedalign_dist.benchmark.grid import load_grid, run_grid
-    spec = load_grid(args.grid)
+    spec = load_grid(args.grid).only(args.scenarios, args.methods)
     if args.parallel is not None:
         if args.parallel < 1:
             raise ConfigError(f"--parallel must be >= 1 (got {args.parallel})")

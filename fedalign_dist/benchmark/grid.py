@@ -6,11 +6,11 @@ Phases, all resumable (a cell whose run folder has summary.json is not run again
 half-written one is restarted):
   1. tune   per (scenario, method): every candidate of the grid's `tune` budget (the same for
             every method), seed = first seed, evaluated on VALIDATION data; the best final
-            accuracy picks the candidate (global accuracy; personalised for `local`, whose
-            global model never changes).
+            accuracy picks the candidate (global accuracy, or personalised for a strategy
+            whose `judged_by` says so, e.g. `local`, whose global model never changes).
   2. final  per (scenario, method, seed) with the chosen candidate, evaluated on TEST data.
   3. report results.json (every run's per-round metrics), results.md (mean +- std over seeds
-            of the final round, rounds to reach FedAvg's final accuracy, time split), and
+            of the final round, rounds to reach the `reference` method's final accuracy, time split), and
             convergence plots (accuracy per round, one line per method, shaded std).
 --quick: first seed only, no tuning (first candidate), the grid's `quick` overrides.
 Cells are independent runs of `nproc` ranks; `parallel` of them run at once (results do not
@@ -23,8 +23,9 @@ import itertools
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -33,10 +34,6 @@ from fedalign_dist.benchmark.environment import environment_line
 from fedalign_dist.benchmark.summary import fmt, mean_curve, mean_std, rounds_to_reach
 from fedalign_dist.config import ConfigError, load_config
 from fedalign_dist.markdown import table
-
-PERSONAL_ONLY = {"local"}
-"""Methods judged by personalised accuracy (their global model is the initial one)."""
-
 
 @dataclass
 class GridSpec:
@@ -49,6 +46,24 @@ class GridSpec:
     quick: list[str] = field(default_factory=list)
     nproc: int = 2
     parallel: int = 1
+    reference: Optional[str] = None
+    """A method whose final global accuracy (mean over seeds) sets the target of the column
+    "rounds to reach" for every method; None: no such column."""
+
+    def only(self, scenarios: str | None, methods: str | None) -> "GridSpec":
+        """The grid narrowed to comma-separated scenario and method names (None: all); the
+        reference method, if left out, drops its column."""
+        picked = {}
+        for kind, names in (("scenarios", scenarios), ("methods", methods)):
+            table = getattr(self, kind)
+            wanted = list(table) if names is None else [n.strip() for n in names.split(",") if n.strip()]
+            unknown = [n for n in wanted if n not in table]
+            if unknown or not wanted:
+                raise ConfigError(f"--{kind}: unknown {', '.join(unknown) or '(none given)'}; the grid has "
+                                  f"{', '.join(table)}")
+            picked[kind] = {n: table[n] for n in wanted}
+        reference = self.reference if self.reference in picked["methods"] else None
+        return replace(self, reference=reference, **picked)
 
     def candidates(self, quick: bool) -> list[list[str]]:
         if not self.tune:
@@ -67,6 +82,8 @@ def load_grid(path: str | Path) -> GridSpec:
     spec = GridSpec(**raw)
     if spec.nproc < 1 or spec.parallel < 1:
         raise ConfigError(f"{path}: nproc and parallel must be >= 1 (got {spec.nproc}, {spec.parallel})")
+    if spec.reference is not None and spec.reference not in spec.methods:
+        raise ConfigError(f"{path}: reference '{spec.reference}' is not one of the methods ({', '.join(spec.methods)})")
     # every cell's configuration must be valid before anything runs
     for scenario, method in itertools.product(spec.scenarios.values(), spec.methods.values()):
         for candidate in spec.candidates(False):
@@ -79,8 +96,14 @@ def _tune_dir(out: Path, scenario: str, method: str, candidate: int) -> Path:
     return out / "tune" / scenario / method / f"cand{candidate}"
 
 
-def _score(method: str, record: dict) -> float:
-    key = "personalized_accuracy" if method in PERSONAL_ONLY else "global_accuracy"
+def judged_by(spec: GridSpec, overrides: list[str]) -> str:
+    """'global' or 'personalized': the strategy of the cell says which model measures it."""
+    from fedalign_dist.strategies import strategy_class
+    return strategy_class(load_config(spec.base, overrides).strategy.name).judged_by
+
+
+def _score(judged: str, record: dict) -> float:
+    key = f"{judged}_accuracy"
     return record[key] if record.get(key) is not None else float("-inf")
 
 
@@ -115,10 +138,11 @@ def run_grid(spec: GridSpec, out: Path, quick: bool = False, log=print) -> dict:
                            base + candidate + [f"seed={seeds[0]}", "eval.split=val"])
                           for scenario, method, base in pairs for i, candidate in enumerate(candidates)], log)
     chosen: dict[str, dict[str, list[str]]] = {}
-    for scenario, method, _ in pairs:
+    for scenario, method, base in pairs:
         best = 0
         if tuning:
-            scores = [_score(method, read_records(_tune_dir(out, scenario, method, i))[-1]) for i in range(len(candidates))]
+            judged = judged_by(spec, base)
+            scores = [_score(judged, read_records(_tune_dir(out, scenario, method, i))[-1]) for i in range(len(candidates))]
             best = max(range(len(candidates)), key=scores.__getitem__)
         chosen.setdefault(scenario, {})[method] = candidates[best]
     # seed-major, so that an interrupted grid holds whole seeds, comparable across methods
@@ -145,8 +169,8 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
         per_method = {m: [read_records(out / "runs" / scenario / m / f"seed{s}") for s in seeds] for m in spec.methods}
         results["runs"][scenario] = per_method
         target = None
-        if "fedavg" in per_method:
-            target, _ = mean_std([recs[-1]["global_accuracy"] for recs in per_method["fedavg"]])
+        if spec.reference is not None:
+            target, _ = mean_std([recs[-1]["global_accuracy"] for recs in per_method[spec.reference]])
         curves, rows = {}, []
         finals = {key: {m: mean_std([r[-1][key] for r in runs]) for m, runs in per_method.items()}
                   for key in ("global_accuracy", "personalized_accuracy")}
@@ -168,7 +192,7 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
         png = out / f"convergence_{scenario}.png"
         plot_band_curves(curves, png, "global accuracy (test)", f"{scenario}: mean ± std over {len(seeds)} seed(s)")
         lines += [f"## {scenario}", "", f"Overrides: `{' '.join(spec.scenarios[scenario])}`", "",
-                  *table(["method", "global acc", "personalized acc", "rounds to FedAvg's final", "s/round",
+                  *table(["method", "global acc", "personalized acc", f"rounds to {spec.reference or '-'}'s final", "s/round",
                           "local / stats / agg / eval s", "MB sent/rank/round", "chosen"], rows),
                   "", f"![{scenario}]({png.name})", ""]
     (out / "results.json").write_text(json.dumps(results))

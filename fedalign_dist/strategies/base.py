@@ -76,6 +76,9 @@ class Strategy(ABC):
     """A pydantic model (subclass fedalign_dist.config.ConfigSection) of the strategy's knobs."""
     model_kind: Literal["moe", "dense", "any"] = "any"
     """The model the strategy needs: Mixture-of-Experts, dense (model.family=llama), or either."""
+    judged_by: Literal["global", "personalized"] = "global"
+    """Which model's evaluation measures the method (the benchmark's tuning and tables):
+    personalized for a method whose global model never changes."""
 
     @classmethod
     def check_config(cls, config: "Config") -> None:

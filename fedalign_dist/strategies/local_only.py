@@ -9,6 +9,8 @@ _KEY = "local_weights"
 
 @register("local")
 class LocalOnly(Strategy):
+    judged_by = "personalized"  # its global model is the initial one
+
     def client_start_state(self, client_id, global_state, store):
         own = store.get(client_id, _KEY)
         return own if own is not None else global_state
