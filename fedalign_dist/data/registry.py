@@ -99,4 +99,4 @@ def data_sections() -> dict[str, "type[BaseModel]"]:
 
 def _load_builtins() -> None:
     # Importing the modules registers the built-in sources and task types.
-    from fedalign_dist.data import classification, sources  # noqa: F401
+    from fedalign_dist.data import classification, files, instruction, sources  # noqa: F401

