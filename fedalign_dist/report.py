@@ -1,4 +1,5 @@
-"""`fedalign-dist report RUN_DIR`: a run folder -> summary.md and PNG plots (accuracy curves,
+"""`fedalign-dist report RUN_DIR`: a run folder -> summary.md and PNG plots (curves of the
+task's headline metric: accuracy, or ROUGE-L for instruction tuning;
 routing distribution per client as a heat map, aligned fraction over rounds)."""
 from __future__ import annotations
 
@@ -32,17 +33,26 @@ def _cell(value) -> str:
     return str(value)
 
 
+def headline_metric(run_dir: Path) -> str:
+    """The task's first metric (data.json; runs from before it existed: accuracy)."""
+    described = run_dir / "data.json"
+    if described.is_file():
+        return json.loads(described.read_text()).get("metrics", ["accuracy"])[0]
+    return "accuracy"
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     records = load_records(run_dir)
+    metric = headline_metric(run_dir)
+    glob, pers = f"global_{metric}", f"personalized_{metric}"
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     rounds = [r["round"] for r in records]
     plots = []
-    plot_curves(rounds, {"global": [r.get("global_accuracy") for r in records],
-                         "personalized": [r.get("personalized_accuracy") for r in records]},
-                out / "accuracy.png", "accuracy", f"{records[-1]['strategy']}: accuracy per round")
-    plots.append(("accuracy per round", "accuracy.png"))
+    plot_curves(rounds, {"global": [r.get(glob) for r in records], "personalized": [r.get(pers) for r in records]},
+                out / f"{metric}.png", metric, f"{records[-1]['strategy']}: {metric} per round")
+    plots.append((f"{metric} per round", f"{metric}.png"))
     if any("aligned_fraction" in r for r in records):
         plot_curves(rounds, {"aligned fraction": [r.get("aligned_fraction") for r in records],
                              "consistency (mean)": [r.get("consistency_mean") for r in records]},
@@ -54,13 +64,13 @@ def write_report(run_dir: str | Path) -> Path:
                              "routing per client (last logged round)")
         plots.append(("routing distribution per client", "routing.png"))
 
-    evaluated = [r for r in records if r.get("global_accuracy") is not None]
-    best = max(evaluated, key=lambda r: r["global_accuracy"]) if evaluated else None
+    evaluated = [r for r in records if r.get(glob) is not None]
+    best = max(evaluated, key=lambda r: r[glob]) if evaluated else None
     last = records[-1]
     rows = [("strategy", last["strategy"]), ("rounds", len(records)),
-            ("final global accuracy", last.get("global_accuracy")),
-            ("final personalized accuracy", last.get("personalized_accuracy")),
-            ("best global accuracy (round)", f"{best['global_accuracy']:.4f} ({best['round']})" if best else None),
+            (f"final global {metric}", last.get(glob)),
+            (f"final personalized {metric}", last.get(pers)),
+            (f"best global {metric} (round)", f"{best[glob]:.4f} ({best['round']})" if best else None),
             ("mean seconds per round", _mean(records, "time_round_s")),
             ("mean local / stats / aggregate / eval seconds", " / ".join(
                 f"{_mean(records, k) or 0:.3f}" for k in ("time_local_s", "time_stats_s", "time_aggregate_s",
@@ -68,10 +78,9 @@ def write_report(run_dir: str | Path) -> Path:
             ("mean bytes sent per rank per round", _mean(records, "bytes_sent")),
             ("peak RSS per rank (MB)", max(r["peak_rss_mb"] for r in records))]
     metric_rows = [[name, _cell(value)] for name, value in rows]
-    round_rows = [[r["round"], "-" if r.get("global_accuracy") is None else f"{r['global_accuracy']:.4f}",
-                   f"{r['personalized_accuracy']:.4f}", f"{r['train_loss']:.4f}"] for r in records]
+    round_rows = [[r["round"], _cell(r.get(glob)), _cell(r.get(pers)), _cell(r.get("train_loss"))] for r in records]
     lines = [f"# Run report: {run_dir.name}", "", *table(["metric", "value"], metric_rows), "",
-             *table(["round", "global acc", "personalized acc", "train loss"], round_rows)]
+             *table(["round", f"global {metric}", f"personalized {metric}", "train loss"], round_rows)]
     lines += [""] + [f"![{title}](report/{name})" for title, name in plots] + [""]
     summary = run_dir / "summary.md"
     summary.write_text("\n".join(lines))

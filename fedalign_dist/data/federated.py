@@ -41,7 +41,8 @@ class FederatedData:
 
     def describe(self, source: str) -> dict:
         """The run folder's data.json: what was trained on, and every client's split sizes."""
-        return {"source": source, "task": self.task.name, "examples": len(self.examples),
+        return {"source": source, "task": self.task.name, "metrics": list(self.task.metrics),
+                "examples": len(self.examples),
                 "label_names": self.label_names,
                 "clients": [{split: len(idx) for split, idx in c.items()} for c in self.clients]}
 

@@ -29,7 +29,8 @@ class TaskType(ABC):
     requires: ClassVar[tuple[str, ...]] = ()
     """Corpus fields every example must have besides texts ("labels", "responses")."""
     metrics: ClassVar[tuple[str, ...]] = ()
-    """The names `summarise` reports; the first is the headline (final_global_<first>)."""
+    """The names `summarise` reports; the first is the headline (final_global_<first>; the
+    report's and benchmark's curves), one where higher is better."""
     window: int = 1
     """Positions at the end of a sequence whose logits the loss and evaluation need."""
 

@@ -1,6 +1,6 @@
 """Users' data end to end: the README's "Your own data" example run verbatim (its CSV, its
 command, the data.json it shows), and the shipped instruction scenario (configs/headlines.yaml)
-on 2 ranks, whose loss and perplexity fall and whose ROUGE-L is reported."""
+on 2 ranks, whose loss and perplexity fall and whose ROUGE-L is reported (metrics, summary, report)."""
 import json
 import os
 import re
@@ -49,3 +49,6 @@ def test_headline_instruction_scenario_on_two_ranks_learns(tmp_path, tiny_overri
     assert json.loads((run / "data.json").read_text())["task"] == "instruction"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_global_rougeL"] == records[-1]["global_rougeL"]
+    from fedalign_dist.report import write_report
+    report = write_report(run).read_text()
+    assert "final global rougeL" in report and (run / "report/rougeL.png").stat().st_size > 0
