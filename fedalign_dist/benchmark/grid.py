@@ -6,12 +6,13 @@ Phases, all resumable (a cell whose run folder has summary.json is not run again
 half-written one is restarted):
   1. tune   per (scenario, method): every candidate of the grid's `tune` budget (the same for
             every method), seed = first seed, evaluated on VALIDATION data; the best final
-            accuracy picks the candidate (global accuracy, or personalised for a strategy
-            whose `judged_by` says so, e.g. `local`, whose global model never changes).
+            score picks the candidate: the task's headline metric (accuracy, or ROUGE-L) of
+            the global model, or of the personalised ones for a strategy whose `judged_by`
+            says so (`local`, whose global model never changes).
   2. final  per (scenario, method, seed) with the chosen candidate, evaluated on TEST data.
   3. report results.json (every run's per-round metrics), results.md (mean +- std over seeds
-            of the final round, rounds to reach the `reference` method's final accuracy, time split), and
-            convergence plots (accuracy per round, one line per method, shaded std).
+            of the final round, rounds to reach the `reference` method's final score, time split), and
+            convergence plots (the headline metric per round, one line per method, shaded std).
 --quick: first seed only, no tuning (first candidate), the grid's `quick` overrides.
 Cells are independent runs of `nproc` ranks; `parallel` of them run at once (results do not
 depend on the rank count, so 2 one-rank cells on 2 cores beat one 2-rank cell: less waiting).
@@ -96,14 +97,20 @@ def _tune_dir(out: Path, scenario: str, method: str, candidate: int) -> Path:
     return out / "tune" / scenario / method / f"cand{candidate}"
 
 
-def judged_by(spec: GridSpec, overrides: list[str]) -> str:
-    """'global' or 'personalized': the strategy of the cell says which model measures it."""
+def judged_key(spec: GridSpec, overrides: list[str]) -> str:
+    """The metrics key that measures a cell: the strategy says which model ('global' or
+    'personalized'), the task which metric (its headline: accuracy, rougeL)."""
     from fedalign_dist.strategies import strategy_class
-    return strategy_class(load_config(spec.base, overrides).strategy.name).judged_by
+    cfg = load_config(spec.base, overrides)
+    return f"{strategy_class(cfg.strategy.name).judged_by}_{headline_metric(spec, overrides)}"
 
 
-def _score(judged: str, record: dict) -> float:
-    key = f"{judged}_accuracy"
+def headline_metric(spec: GridSpec, overrides: list[str]) -> str:
+    from fedalign_dist.data.registry import task_class
+    return task_class(load_config(spec.base, overrides).data.task).metrics[0]
+
+
+def _score(key: str, record: dict) -> float:
     return record[key] if record.get(key) is not None else float("-inf")
 
 
@@ -141,7 +148,7 @@ def run_grid(spec: GridSpec, out: Path, quick: bool = False, log=print) -> dict:
     for scenario, method, base in pairs:
         best = 0
         if tuning:
-            judged = judged_by(spec, base)
+            judged = judged_key(spec, base)
             scores = [_score(judged, read_records(_tune_dir(out, scenario, method, i))[-1]) for i in range(len(candidates))]
             best = max(range(len(candidates)), key=scores.__getitem__)
         chosen.setdefault(scenario, {})[method] = candidates[best]
@@ -162,22 +169,24 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
     results = {"chosen": chosen, "runs": {}}
     lines = ["# Benchmark results", "", environment_line(), "",
              f"Base config `{spec.base}`; common overrides `{' '.join(spec.common) or '-'}`; seeds {seeds}; "
-             f"{spec.nproc} rank(s) per run. Accuracies are the final round's on test data, mean ± std over "
+             f"{spec.nproc} rank(s) per run. Scores (the task's headline metric: accuracy, or ROUGE-L for instruction tuning) are the final round's on test data, mean ± std over "
              f"seeds; the tuning budget {spec.tune or '-'} was spent per (scenario, method) on validation data "
              f"with seed {seeds[0]}. Best mean per column in bold.", ""]
     for scenario in spec.scenarios:
         per_method = {m: [read_records(out / "runs" / scenario / m / f"seed{s}") for s in seeds] for m in spec.methods}
         results["runs"][scenario] = per_method
+        metric = headline_metric(spec, spec.common + spec.scenarios[scenario])
+        glob, pers = f"global_{metric}", f"personalized_{metric}"
         target = None
         if spec.reference is not None:
-            target, _ = mean_std([recs[-1]["global_accuracy"] for recs in per_method[spec.reference]])
+            target, _ = mean_std([recs[-1][glob] for recs in per_method[spec.reference]])
         curves, rows = {}, []
         finals = {key: {m: mean_std([r[-1][key] for r in runs]) for m, runs in per_method.items()}
-                  for key in ("global_accuracy", "personalized_accuracy")}
+                  for key in (glob, pers)}
         best = {key: max((v[0] for v in column.values() if not math.isnan(v[0])), default=None)
                 for key, column in finals.items()}
         for method, runs in per_method.items():
-            curve, band = mean_curve([[x.get("global_accuracy") for x in r] for r in runs])
+            curve, band = mean_curve([[x.get(glob) for x in r] for r in runs])
             curves[method] = (curve, band)
             reach = rounds_to_reach(curve, target) if target is not None else None
             split = " / ".join(f"{mean_std([sum(x.get(k) or 0 for x in r) / len(r) for r in runs])[0]:.2f}"
@@ -185,14 +194,14 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
             secs = mean_std([sum(x["time_round_s"] for x in r) / len(r) for r in runs])[0]
             sent = mean_std([sum(x["bytes_sent"] for x in r) / len(r) for r in runs])[0] / 1e6
             sent_text = f"{sent:.2f}" if spec.nproc > 1 else "- (1 rank)"
-            rows.append([method, _bold_best(finals["global_accuracy"][method], best["global_accuracy"]),
-                         _bold_best(finals["personalized_accuracy"][method], best["personalized_accuracy"]),
+            rows.append([method, _bold_best(finals[glob][method], best[glob]),
+                         _bold_best(finals[pers][method], best[pers]),
                          reach if reach else "not reached", f"{secs:.2f}", split, sent_text,
                          f"`{' '.join(chosen[scenario][method]) or '-'}`"])
         png = out / f"convergence_{scenario}.png"
-        plot_band_curves(curves, png, "global accuracy (test)", f"{scenario}: mean ± std over {len(seeds)} seed(s)")
+        plot_band_curves(curves, png, f"global {metric} (test)", f"{scenario}: mean ± std over {len(seeds)} seed(s)")
         lines += [f"## {scenario}", "", f"Overrides: `{' '.join(spec.scenarios[scenario])}`", "",
-                  *table(["method", "global acc", "personalized acc", f"rounds to {spec.reference or '-'}'s final", "s/round",
+                  *table(["method", f"global {metric}", f"personalized {metric}", f"rounds to {spec.reference or '-'}'s final", "s/round",
                           "local / stats / agg / eval s", "MB sent/rank/round", "chosen"], rows),
                   "", f"![{scenario}]({png.name})", ""]
     (out / "results.json").write_text(json.dumps(results))
