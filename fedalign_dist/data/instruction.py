@@ -41,28 +41,35 @@ class InstructionTask(TaskType):
         self.max_prompt = data_config.max_length - self.max_response
         template = getattr(getattr(tokenizer, "tok", None), "chat_template", None)
         self.template = tokenizer.tok if template and self.options.chat_template else None
-        self.suffix = [] if self.template is not None else tokenizer.encode(PLAIN_SUFFIX)
-        if self.max_prompt <= len(self.suffix) + 4:
-            raise ValueError(f"data.max_length={data_config.max_length} leaves no room for the prompt after "
-                             f"data.instruction.max_response_tokens={self.options.max_response_tokens}")
+        # tokens around the text: the chat template's (system prompt, turn markers) or the plain suffix
+        self.overhead = len(self._chat([])) if self.template is not None else len(tokenizer.encode(PLAIN_SUFFIX)) + 1
+        if self.max_prompt <= self.overhead + 4:
+            raise ValueError(f"data.max_length={data_config.max_length} leaves no room for the prompt: the response "
+                             f"takes {self.max_response} tokens (data.instruction.max_response_tokens) and the "
+                             f"{'chat template' if self.template is not None else 'prompt format'} {self.overhead}")
         from rouge_score import rouge_scorer
         self.rouge = rouge_scorer.RougeScorer(["rougeL"])
 
     def encode(self, example: dict) -> dict:
+        response = example["response"].strip() if self.template is not None else " " + example["response"].strip()
         return {"prompt": self.encode_prompt(example["text"]),
-                "response": self.tok.encode(" " + example["response"].strip())[: self.max_response - 1]
-                + [self.tok.eos_id]}
+                "response": self.tok.encode(response)[: self.max_response - 1] + [self.tok.eos_id]}
 
     def encode_prompt(self, text: str) -> list[int]:
+        # the text is cut (its beginning kept), never the template or suffix around it
+        body = self.tok.encode(text[: self.max_prompt * 8])[: self.max_prompt - self.overhead]
         if self.template is not None:
-            # the text is cut first, so the template's closing tokens always survive
-            body = self.tok.decode(self.tok.encode(text[: self.max_prompt * 8])[: self.max_prompt - 16])
-            ids = self.template.apply_chat_template([{"role": "user", "content": body}], add_generation_prompt=True,
-                                                    tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-            return ids[-self.max_prompt:]
-        body = self.tok.encode(text[: self.max_prompt * 8])[: self.max_prompt - len(self.suffix) - 1]
-        return [self.tok.bos_id] + body + self.suffix
+            ids = self._chat(body)
+            while len(ids) > self.max_prompt:  # decoding and re-encoding the cut text can merge differently
+                body = body[: len(body) - (len(ids) - self.max_prompt)]
+                ids = self._chat(body)
+            return ids
+        return [self.tok.bos_id] + body + self.tok.encode(PLAIN_SUFFIX)
+
+    def _chat(self, body: list[int]) -> list[int]:
+        ids = self.template.apply_chat_template([{"role": "user", "content": self.tok.decode(body)}],
+                                                add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def train_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         seqs = [ex["prompt"] + ex["response"] for ex in examples]

@@ -135,3 +135,18 @@ def test_instruction_rouge_l_is_the_libraries_value():
     expected = rouge_scorer.RougeScorer(["rougeL"]).score(" a cab", tok.decode(produced[0]))["rougeL"].fmeasure
     assert expected == pytest.approx(0.5) and sums[3].item() == 1 and sums[2].item() == pytest.approx(expected)
     assert task.summarise(sums)["rougeL"] == pytest.approx(expected)
+
+
+def test_instruction_prompt_goes_through_the_models_chat_template():
+    from fedalign_dist.data.tokenizer import build_tokenizer
+    tok = build_tokenizer("model", "package:smollm2-135m-instruct")  # ships a chat template
+    cfg = load_config(None, ["data.task=instruction", "data.max_length=96"]).data
+    task = InstructionTask(tok, Corpus(["x"], responses=["y"]), cfg)
+    example = task.encode({"text": "Profits at the media giant jumped. " * 20, "response": "Ad sales boost profit"})
+    prompt = tok.decode(example["prompt"])
+    assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert "<|im_start|>user\nProfits at the media giant jumped." in prompt and len(example["prompt"]) <= task.max_prompt
+    assert tok.decode(example["response"]) == "Ad sales boost profit<|im_end|>"
+    plain = InstructionTask(tok, Corpus(["x"], responses=["y"]),
+                            load_config(None, ["data.task=instruction", "data.instruction.chat_template=false"]).data)
+    assert tok.decode(plain.encode({"text": "Profits.", "response": "Up"})["prompt"]).endswith("Profits.\nAnswer:")
