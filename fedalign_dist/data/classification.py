@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
 
 from fedalign_dist.config import ConfigSection
 from fedalign_dist.data.registry import register_task

@@ -1,11 +1,9 @@
 """FedProx: FedAvg plus (mu/2) ||theta - theta_global||^2 in the local loss (Li et al., 2020)."""
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
 from fedalign_dist.config import ConfigSection
-
 from fedalign_dist.strategies.base import NamedTensors, register
 from fedalign_dist.strategies.fedavg import FedAvg
 
