@@ -23,8 +23,8 @@ class ClassificationTask(TaskType):
     requires = ("labels",)
     metrics = ("accuracy", "perplexity")
 
-    def __init__(self, tokenizer, corpus, data_config):
-        super().__init__(tokenizer, corpus, data_config)
+    def __init__(self, tokenizer, corpus, data_config, seed: int = 0):
+        super().__init__(tokenizer, corpus, data_config, seed)
         max_length = data_config.max_length
         self.label_names = list(corpus.label_names)
         self.answers = [tokenizer.encode(" " + name) + [tokenizer.eos_id] for name in self.label_names]

@@ -72,8 +72,8 @@ def build_federated_data(data_cfg, num_clients: int, seed: int, tokenizer) -> Fe
     if data_cfg.max_examples is not None and data_cfg.max_examples < n:
         keep = np.random.default_rng([seed, 0x5B5]).choice(n, data_cfg.max_examples, replace=False)
         frame = frame.select(np.sort(keep))
-    task = task_type(tokenizer, corpus, data_cfg)
-    encoded = [task.encode(row) for row in frame]
+    task = task_type(tokenizer, corpus, data_cfg, seed)
+    encoded = [task.encode({**row, "id": i}) for i, row in enumerate(frame)]
     labels = np.asarray(frame["label"], dtype=np.int64) if corpus.labels is not None else None
     groups = np.asarray(frame["group"]) if corpus.groups is not None else None
     parts = part.partition(labels, groups, len(frame), num_clients, data_cfg.partition, seed,

@@ -1,11 +1,13 @@
 """The instruction task: a prompt and its response, the loss on the response only (through the
 tokenizer's chat template when the model has one). Evaluated by the response's perplexity
-(teacher forced) and by ROUGE-L (the rouge-score package) of greedy generations for the
-first `generate_examples` examples of every evaluation (fixed: splits are seeded)."""
+(teacher forced) and by ROUGE-L (the rouge-score package) of greedy generations for a fixed
+seeded sample of the examples (`generate_fraction`), chosen per example, so the same examples
+are generated every round whichever rank or evaluation holds them."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -20,9 +22,9 @@ class InstructionConfig(ConfigSection):
     max_response_tokens: int = Field(24, ge=1)
     """Responses are cut to this many tokens (plus end-of-sequence); the prompt gets the rest
     of data.max_length."""
-    generate_examples: int = Field(8, ge=0)
-    """Per evaluation (the global model, and each client's personalised one): greedy
-    generations for this many examples, scored by ROUGE-L; 0 = perplexity only."""
+    generate_fraction: float = Field(0.1, ge=0, le=1)
+    """Share of the examples that get a greedy generation scored by ROUGE-L, a sample drawn
+    once from the seed (the same every round, on any number of ranks); 0 = perplexity only."""
     chat_template: bool = True
     """Wrap the prompt in the tokenizer's chat template when it has one; without one (or
     false) the prompt is "<text>\\nAnswer:"."""
@@ -34,8 +36,8 @@ class InstructionTask(TaskType):
     requires = ("responses",)
     metrics = ("rougeL", "perplexity")
 
-    def __init__(self, tokenizer, corpus, data_config):
-        super().__init__(tokenizer, corpus, data_config)
+    def __init__(self, tokenizer, corpus, data_config, seed: int = 0):
+        super().__init__(tokenizer, corpus, data_config, seed)
         self.max_response = self.options.max_response_tokens + 1  # with end-of-sequence
         self.window = self.max_response + 1
         self.max_prompt = data_config.max_length - self.max_response
@@ -52,8 +54,10 @@ class InstructionTask(TaskType):
 
     def encode(self, example: dict) -> dict:
         response = example["response"].strip() if self.template is not None else " " + example["response"].strip()
+        sampled = np.random.default_rng([self.seed, 0x6E4, example["id"]]).random() < self.options.generate_fraction
         return {"prompt": self.encode_prompt(example["text"]),
-                "response": self.tok.encode(response)[: self.max_response - 1] + [self.tok.eos_id]}
+                "response": self.tok.encode(response)[: self.max_response - 1] + [self.tok.eos_id],
+                "generate": bool(sampled)}
 
     def encode_prompt(self, text: str) -> list[int]:
         # the text is cut (its beginning kept), never the template or suffix around it
@@ -96,7 +100,7 @@ class InstructionTask(TaskType):
             sums[1] += ntok[finite].sum()
             sums[4] += len(chunk)
             sums[5] += (~finite).sum()
-        wanted = examples[: self.options.generate_examples]
+        wanted = [ex for ex in examples if ex["generate"]]
         for start in range(0, len(wanted), batch_size):
             chunk = wanted[start:start + batch_size]
             produced = greedy_generate(model, [ex["prompt"] for ex in chunk], self.max_response, self.tok, device)

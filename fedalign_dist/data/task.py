@@ -34,9 +34,11 @@ class TaskType(ABC):
     window: int = 1
     """Positions at the end of a sequence whose logits the loss and evaluation need."""
 
-    def __init__(self, tokenizer, corpus: "Corpus", data_config):
+    def __init__(self, tokenizer, corpus: "Corpus", data_config, seed: int = 0):
         self.tok = tokenizer
         self.data_config = data_config
+        self.seed = seed
+        """The run's seed: any sample a task draws (e.g. examples to generate for) follows it."""
         self.options = getattr(data_config, self.name, None) if self.config_section is not None else None
 
     @classmethod
@@ -48,8 +50,8 @@ class TaskType(ABC):
 
     @abstractmethod
     def encode(self, example: dict) -> dict:
-        """One example (text, and label / response where the corpus has them) -> its encoded
-        fields (token ids, ints: what a dataset column can hold)."""
+        """One example (`text`; `label` / `response` where the corpus has them; `id`, its
+        position in the data set) -> its encoded fields (token ids, ints, bools)."""
 
     @abstractmethod
     def train_batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:

@@ -40,7 +40,7 @@ def test_readme_own_data_example_runs_verbatim(tmp_path):
 def test_headline_instruction_scenario_on_two_ranks_learns(tmp_path, tiny_overrides):
     torchrun(["-m", "fedalign_dist", "train", "--config", "configs/headlines.yaml", *tiny_overrides,
               "data.max_length=80", "fed.rounds=3", "local.steps=8", "eval.global_examples=32",
-              "data.instruction.generate_examples=4"], nproc=2)
+              "data.instruction.generate_fraction=0.2"], nproc=2)
     run = tmp_path / "headlines"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["train_loss"] < records[0]["train_loss"]

@@ -122,9 +122,9 @@ def test_instruction_rouge_l_is_the_libraries_value():
     from rouge_score import rouge_scorer
     tok = ByteTokenizer()
     cfg = load_config(None, ["data.task=instruction", "data.max_length=64", "data.instruction.max_response_tokens=12",
-                             "data.instruction.generate_examples=1"]).data
+                             "data.instruction.generate_fraction=1"]).data
     task = InstructionTask(tok, Corpus(["x"], responses=["a cab"]), cfg)
-    example = task.encode({"text": "an article", "response": "a cab"})
+    example = task.encode({"text": "an article", "response": "a cab", "id": 0})
     # the model writes " a-cub" then stops (every byte has one successor); ROUGE-L against
     # " a cab" is then 0.5 (tokens a, cub against a, cab), computed by the library
     chain = [ord(c) for c in ": a-cub"] + [tok.eos_id]
@@ -142,11 +142,31 @@ def test_instruction_prompt_goes_through_the_models_chat_template():
     tok = build_tokenizer("model", "package:smollm2-135m-instruct")  # ships a chat template
     cfg = load_config(None, ["data.task=instruction", "data.max_length=96"]).data
     task = InstructionTask(tok, Corpus(["x"], responses=["y"]), cfg)
-    example = task.encode({"text": "Profits at the media giant jumped. " * 20, "response": "Ad sales boost profit"})
+    example = task.encode({"text": "Profits at the media giant jumped. " * 20, "response": "Ad sales boost profit",
+                           "id": 0})
     prompt = tok.decode(example["prompt"])
     assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert "<|im_start|>user\nProfits at the media giant jumped." in prompt and len(example["prompt"]) <= task.max_prompt
     assert tok.decode(example["response"]) == "Ad sales boost profit<|im_end|>"
     plain = InstructionTask(tok, Corpus(["x"], responses=["y"]),
                             load_config(None, ["data.task=instruction", "data.instruction.chat_template=false"]).data)
-    assert tok.decode(plain.encode({"text": "Profits.", "response": "Up"})["prompt"]).endswith("Profits.\nAnswer:")
+    assert tok.decode(plain.encode({"text": "Profits.", "response": "Up", "id": 0})["prompt"]).endswith("Profits.\nAnswer:")
+
+
+def test_instruction_generation_sample_does_not_depend_on_how_examples_are_sharded():
+    """Global evaluation is sharded over ranks: the generated examples, hence ROUGE-L, must be
+    the same on any number of ranks (per-example seeded sample, not 'the first N')."""
+    tok = ByteTokenizer()
+    cfg = load_config(None, ["data.task=instruction", "data.max_length=48", "data.instruction.max_response_tokens=6",
+                             "data.instruction.generate_fraction=0.3"]).data
+    texts = [f"article {i}" for i in range(40)]
+    task = InstructionTask(tok, Corpus(texts, responses=["ab"] * 40), cfg, seed=3)
+    examples = [task.encode({"text": t, "response": "ab", "id": i}) for i, t in enumerate(texts)]
+    assert 4 <= sum(ex["generate"] for ex in examples) <= 20
+    chain = [ord(c) for c in ": ab"] + [tok.eos_id]
+    model = bigram({token: {nxt: 1.0} for token, nxt in zip(chain, chain[1:])})
+    cpu = torch.device("cpu")
+    whole = task.evaluate_sums(model, examples, 8, cpu)
+    sharded = task.evaluate_sums(model, examples[0::2], 8, cpu) + task.evaluate_sums(model, examples[1::2], 8, cpu)
+    assert whole[3] == sum(ex["generate"] for ex in examples) and torch.allclose(whole, sharded)
+    assert task.summarise(whole)["rougeL"] == pytest.approx(1.0)
