@@ -1,6 +1,7 @@
 """The classification task: causal LM on "<text>\\nTopic: <label>", loss on the answer only;
 accuracy by comparing the full log-likelihoods of every label's answer; perplexity of the
-true answer."""
+true answer. Every label is scored in one pass over the prompt: the prompt's KV cache is
+computed once and shared by the label answers (not one full sequence per label)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,7 @@ import torch
 
 from fedalign_dist.config import ConfigSection
 from fedalign_dist.data.registry import register_task
-from fedalign_dist.data.task import IGNORE, TaskType, left_pad, target_log_likelihood
+from fedalign_dist.data.task import IGNORE, TaskType, left_pad
 
 
 class ClassificationConfig(ConfigSection):
@@ -53,15 +54,6 @@ class ClassificationTask(TaskType):
             targets.append([IGNORE] * len(ex["prompt"]) + answer)
         return left_pad(seqs, targets, self.tok.pad_id)
 
-    def choice_batch(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
-        """Every prompt with every label answer: rows ordered (example, label)."""
-        seqs, targets = [], []
-        for prompt in prompts:
-            for answer in self.answers:
-                seqs.append(prompt + answer)
-                targets.append([IGNORE] * len(prompt) + answer)
-        return left_pad(seqs, targets, self.tok.pad_id)
-
     def empty_sums(self) -> torch.Tensor:
         return torch.zeros(5, dtype=torch.float64)
 
@@ -77,11 +69,7 @@ class ClassificationTask(TaskType):
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
             gold = torch.tensor([ex["label"] for ex in chunk])
-            batch = {k: v.to(device) for k, v in self.choice_batch([ex["prompt"] for ex in chunk]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           position_ids=batch["position_ids"], logits_to_keep=self.window).logits
-            ll, ntok = target_log_likelihood(logits, batch["labels"])
-            ll, ntok = ll.view(-1, num_labels).cpu(), ntok.view(-1, num_labels).cpu()
+            ll, ntok = self.label_log_likelihoods(model, [ex["prompt"] for ex in chunk], device)
             finite = torch.isfinite(ll).all(-1)
             sums[0] += ((ll.argmax(-1) == gold) & finite).sum()
             sums[1] += len(chunk)
@@ -91,6 +79,39 @@ class ClassificationTask(TaskType):
             sums[4] += (~finite).sum()
         model.train(was_training)
         return sums
+
+    def label_log_likelihoods(self, model, prompts: list[list[int]], device: torch.device):
+        """(examples, labels) summed log-probabilities of every label's answer after each
+        prompt, and the answers' token counts. The prompts run once (left-padded, their KV
+        cache kept); each cache is repeated once per label and the answers (right-padded)
+        continue from it."""
+        n, labels = len(prompts), len(self.answers)
+        batch = {k: v.to(device) for k, v in left_pad(prompts, [[] for _ in prompts], self.tok.pad_id).items()}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each answer's first token
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(labels)
+        width = max(len(a) for a in self.answers)
+        answers = torch.full((labels, width), self.tok.pad_id, dtype=torch.long)
+        present = torch.zeros((labels, width), dtype=torch.long)
+        for row, answer in enumerate(self.answers):
+            answers[row, :len(answer)] = torch.tensor(answer)
+            present[row, :len(answer)] = 1
+        answers, present = answers.to(device), present.to(device)
+        ids, kept = answers.repeat(n, 1), present.repeat(n, 1)
+        mask = torch.cat([batch["attention_mask"].repeat_interleave(labels, 0), kept], dim=1)
+        positions = batch["position_ids"][:, -1:].repeat_interleave(labels, 0) + 1 + torch.arange(width, device=device)
+        # no router statistics here: some families (GPT-OSS) would compute their load-balancing
+        # loss over the cached positions too, against a mask that is longer than the new tokens
+        quiet = {"output_router_logits": False} if getattr(getattr(model, "config", None), "output_router_logits", False) else {}
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=False, **quiet).logits
+        ll = first.repeat_interleave(labels, 0).gather(-1, ids[:, :1]).squeeze(-1)
+        if width > 1:  # position j predicts answer token j + 1
+            rest = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            ll = ll + (rest * kept[:, 1:]).sum(-1)
+        return ll.view(n, labels).cpu(), kept.sum(-1).view(n, labels).cpu()
 
     def summarise(self, sums: torch.Tensor) -> dict[str, float | None]:
         """None for both metrics when any example's scores were non-finite, nan when there

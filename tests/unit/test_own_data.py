@@ -90,8 +90,10 @@ class BigramLM(torch.nn.Module):
         self.table = torch.nn.Parameter(table)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, **_):
-        logits = self.table[input_ids]
-        return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})()
+        from transformers import DynamicCache
+        logits = self.table[input_ids]  # nothing to cache: the next token depends on this one only
+        return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits,
+                                "past_key_values": DynamicCache()})()
 
 
 def bigram(next_probs: dict[int, dict[int, float]], vocab: int = 259) -> BigramLM:

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from fedalign_dist.config import load_config
@@ -49,3 +50,37 @@ def test_gpt2_tokenizer_from_package_round_trips():
     assert tok.vocab_size == 50257 and tok.eos_id == 50256
     ids = tok.encode(" business news")
     assert len(ids) == 2 and tok.decode(ids) == " business news"
+
+
+def _scored_as_full_sequences(model, task, prompts):
+    """The reference: every (prompt, label answer) as its own left-padded sequence."""
+    from fedalign_dist.data.task import left_pad
+    seqs = [p + a for p in prompts for a in task.answers]
+    targets = [[IGNORE] * len(p) + a for p in prompts for a in task.answers]
+    batch = left_pad(seqs, targets, task.tok.pad_id)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
+    ll, n = target_log_likelihood(logits, batch["labels"])
+    return ll.view(len(prompts), -1), n.view(len(prompts), -1)
+
+
+@pytest.mark.parametrize("family,finetune", [(f, "full") for f in ("deepseek_v3", "gpt_oss", "mixtral", "olmoe",
+                                                                     "qwen2_moe", "qwen3_moe", "llama")]
+                         + [("mixtral", "lora")])
+def test_shared_prompt_scoring_equals_one_sequence_per_label(family, finetune):
+    """Scoring every label from the prompt's shared KV cache gives the same log-likelihoods as
+    scoring each (prompt, answer) sequence on its own, for every family, with padding."""
+    from fedalign_dist.models.build import build_model
+    overrides = [f"model.family={family}", f"model.finetune={finetune}", "data.max_length=48"]
+    if family == "llama":
+        overrides += ["strategy.name=fedavg"]
+    cfg = load_config(None, overrides)
+    model, _ = build_model(cfg, ByteTokenizer())
+    model.eval()
+    task = classification(["sport", "tech", "business news"], max_length=48)  # answers of 7, 6 and 15 bytes
+    prompts = [task.encode({"text": t, "label": 0})["prompt"] for t in ("A match report.", "Chips", "Markets fell " * 3)]
+    with torch.no_grad():
+        got, count = task.label_log_likelihoods(model, prompts, torch.device("cpu"))
+        want, want_count = _scored_as_full_sequences(model, task, prompts)
+    assert torch.equal(count, want_count)
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
