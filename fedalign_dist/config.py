@@ -87,9 +87,11 @@ class DataConfig(_Section):
     type that declares knobs (keyed by its name): completed from the registries when a config
     is loaded (config_schema), after plugins were imported."""
     name: str = "bbc_news"
-    """The data source: bbc_news, news_outlets, health_tweets, or one registered by a plugin."""
+    """The data source: bbc_news, bbc_headlines, news_outlets, health_tweets, files (your own
+    files: data.files.*), or one registered by a plugin."""
     task: str = "classification"
-    """The task type: classification (text -> label word), or one registered by a plugin."""
+    """The task type: classification (text -> label word), instruction (prompt -> response:
+    data.instruction.*), or one registered by a plugin."""
     partition: Literal["dirichlet", "label_shards", "iid", "natural"] = "dirichlet"
     alpha: float = Field(0.5, gt=0)
     """Dirichlet concentration (smaller = more skewed label mixes)."""
