@@ -168,6 +168,11 @@ class CheckpointConfig(_Section):
 
 class EvalConfig(_Section):
     every: int = Field(1, ge=1)
+    """Evaluate the global model every N rounds (and in the last round)."""
+    personalized_every: int = Field(1, ge=1)
+    """Score each trained client's personalised model every N rounds (and in the last round);
+    in other rounds the personalized_* metrics are None. Benchmarks set one value for every
+    method, so the methods stay comparable."""
     batch_size: int = Field(32, ge=1)
     split: Literal["test", "val"] = "test"
     """Which split every evaluation uses: val for hyper-parameter selection, test to report."""

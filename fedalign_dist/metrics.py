@@ -20,11 +20,11 @@ def peak_gpu_mb(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2 ** 20
 
 
-def round_record(round_idx: int, strategy: str, per_rank: list[dict], evaluated: bool, rejected: dict,
+def round_record(round_idx: int, strategy: str, per_rank: list[dict], evaluated: tuple[bool, bool], rejected: dict,
                  diagnostics: dict, trainable_bytes: int, task) -> dict:
-    """The round's metrics record from every rank's numbers (sums and maxima over ranks); the
-    task's metrics (TaskType.metrics) for the global and personalised
-    models; global ones None in rounds without a global evaluation."""
+    """The round's metrics record from every rank's numbers (sums and maxima over ranks): the
+    task's metrics (TaskType.metrics) of the global and the personalised models, None for a
+    model not evaluated this round (`evaluated` = (global, personalised))."""
     import torch
 
     pairs = [p for r in per_rank for p in r["updates"]]
@@ -40,9 +40,9 @@ def round_record(round_idx: int, strategy: str, per_rank: list[dict], evaluated:
         "rejected_reasons": {str(cid): reason for cid, reason in sorted(rejected.items())},
         "num_clipped": sum(r["clipped"] for r in per_rank),
         "train_loss": sum(n * loss for n, loss in pairs) / examples if examples else None,
-        **{f"global_{m}": glob[m] if evaluated else None for m in task.metrics},
+        **{f"global_{m}": glob[m] if evaluated[0] else None for m in task.metrics},
         "global_nonfinite_examples": glob["nonfinite_examples"],
-        **{f"personalized_{m}": personal[m] for m in task.metrics},
+        **{f"personalized_{m}": personal[m] if evaluated[1] else None for m in task.metrics},
         "personalized_nonfinite_examples": personal["nonfinite_examples"],
         "bytes_sent": max(r["sent"] for r in per_rank),
         "bytes_received": max(r["received"] for r in per_rank),

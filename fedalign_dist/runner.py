@@ -69,19 +69,22 @@ class Runner:
         cfg, clock = self.cfg, {"start": time.perf_counter()}
         my_clients = round_clients_on_rank(cfg.seed, round_idx, cfg.fed.num_clients, cfg.fed.clients_per_round,
                                            self.env.rank, self.env.world_size)
+        last = round_idx + 1 == cfg.fed.rounds
+        score_personal = (round_idx + 1) % cfg.eval.personalized_every == 0 or last
         with all_ranks_agree("local training"):  # a rank that fails here stops the others at once
-            results = [self.clients.run(round_idx, client_id, self.global_state) for client_id in my_clients]
+            results = [self.clients.run(round_idx, client_id, self.global_state, score_personal)
+                       for client_id in my_clients]
         clock["trained"] = time.perf_counter()
         accepted, rejected, anyone_accepted = self.exchange_verdicts(round_idx, results)
         clock["synced"] = time.perf_counter()
         diagnostics = self.aggregate(round_idx, accepted, anyone_accepted)
         clock["aggregated"] = time.perf_counter()
-        evaluate_now = (round_idx + 1) % cfg.eval.every == 0 or round_idx + 1 == cfg.fed.rounds
+        evaluate_now = (round_idx + 1) % cfg.eval.every == 0 or last
         with all_ranks_agree("evaluating the global model"):
             global_sums = self.evaluate_global() if evaluate_now else self.data.task.empty_sums()
         clock["evaluated"] = time.perf_counter()
-        record = self.gather_record(round_idx, results, accepted, rejected, global_sums, evaluate_now,
-                                    diagnostics, clock)
+        record = self.gather_record(round_idx, results, accepted, rejected, global_sums,
+                                    (evaluate_now, score_personal), diagnostics, clock)
         # The round's metrics line before its checkpoint: a crash between the two re-runs the
         # round from the previous checkpoint, and resume cuts the metrics back to it.
         self.lifecycle.log(record)

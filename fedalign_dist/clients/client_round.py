@@ -35,7 +35,7 @@ class ClientRound:
         self.trainer, self.strategy, self.anatomy, self.store = trainer, strategy, anatomy, store
         self.aux_coef = float(getattr(trainer.module.config, "router_aux_loss_coef", 0.0))
 
-    def run(self, round_idx: int, client_id: int, global_state: dict) -> ClientResult:
+    def run(self, round_idx: int, client_id: int, global_state: dict, evaluate: bool = True) -> ClientResult:
         cfg, data, module = self.cfg, self.data, self.trainer.module
         start = self.strategy.client_start_state(client_id, global_state, self.store)
         self.trainer.load_state(start)
@@ -59,6 +59,7 @@ class ClientRound:
         sums = data.task.empty_sums()
         if verdict.rejected is None:  # a rejected client keeps its previous personal state
             self.strategy.after_local_training(client_id, trained, self.store)
+        if verdict.rejected is None and evaluate:
             test_idx = data.clients[client_id][cfg.eval.split]
             sums = data.task.evaluate_sums(module, data.examples_at(test_idx), cfg.eval.batch_size, self.device)
         update = ClientUpdate(client_id, data.num_train(client_id), verdict.delta, loss, stats)

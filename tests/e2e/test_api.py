@@ -1,6 +1,6 @@
 """The Python API: a run inside this (pytest) process equals the command line's run of the
 same config, and two runs in one process do not interfere (one engine each, same results,
-no launcher variables left behind)."""
+no launcher variables left behind); evaluation cadences skip evaluations, nothing else."""
 import json
 import os
 
@@ -25,6 +25,12 @@ def test_api_runs_equal_the_cli_and_do_not_interfere(tmp_path, tiny_overrides):
     assert [[r[k] for k in keys] for r in first] == [[r[k] for k in keys] for r in second]
     for name in ("api_a", "api_b"):
         assert json.loads((tmp_path / name / "summary.json").read_text())["engine_inits_per_rank"] == [1]
+    # evaluation cadences: skipping an evaluation leaves training exactly as it was
+    sparse = fd.run(cfg, "run.name=api_c", "fed.rounds=3", "eval.every=2", "eval.personalized_every=2")
+    assert [(r["global_accuracy"] is None, r["personalized_accuracy"] is None) for r in sparse] == [
+        (True, True), (False, False), (False, False)]  # round 1 by the cadence, round 2 as the last
+    assert [r["train_loss"] for r in sparse[:2]] == [r["train_loss"] for r in first]
+    assert sparse[1]["personalized_accuracy"] == first[1]["personalized_accuracy"]
     torchrun(["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml", *overrides, "run.name=cli"], nproc=1)
     api, cli = (load_file(tmp_path / n / "final/global.safetensors") for n in ("api_a", "cli"))
     assert api.keys() == cli.keys() and all(torch.equal(api[n], cli[n]) for n in api)
