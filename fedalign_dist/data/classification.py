@@ -64,7 +64,6 @@ class ClassificationTask(TaskType):
         NaN would pick label 0)."""
         was_training = model.training
         model.eval()
-        num_labels = len(self.label_names)
         sums = self.empty_sums()
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
