@@ -103,13 +103,14 @@ class ClassificationTask(TaskType):
         positions = batch["position_ids"][:, -1:].repeat_interleave(labels, 0) + 1 + torch.arange(width, device=device)
         # no router statistics here: some families (GPT-OSS) would compute their load-balancing
         # loss over the cached positions too, against a mask that is longer than the new tokens
-        quiet = {"output_router_logits": False} if getattr(getattr(model, "config", None), "output_router_logits", False) else {}
+        routed = getattr(getattr(model, "config", None), "output_router_logits", False)
+        quiet = {"output_router_logits": False} if routed else {}
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                        use_cache=False, **quiet).logits
         ll = first.repeat_interleave(labels, 0).gather(-1, ids[:, :1]).squeeze(-1)
         if width > 1:  # position j predicts answer token j + 1
             rest = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            ll = ll + (rest * kept[:, 1:]).sum(-1)
+            ll = ll + torch.where(kept[:, 1:].bool(), rest, 0.0).sum(-1)  # padding adds nothing, not even NaN
         return ll.view(n, labels).cpu(), kept.sum(-1).view(n, labels).cpu()
 
     def summarise(self, sums: torch.Tensor) -> dict[str, float | None]:
