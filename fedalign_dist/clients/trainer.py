@@ -5,10 +5,8 @@ are views into flat buffers: rebinding `.data` would be lost), then the optimize
 master copies are refreshed and its state reset."""
 from __future__ import annotations
 
-import io
 import os
-import sys
-from contextlib import contextmanager, redirect_stdout
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -47,17 +45,14 @@ def _launcher_variables():
             os.environ.pop("LOCAL_RANK", None)
 
 
-@contextmanager
-def _without_build_notices():
-    """DeepSpeed prints "... op built successfully" (a plain print) when it sets up its
-    communication, once per rank and run: keep every other line it prints."""
-    captured = io.StringIO()
-    try:
-        with redirect_stdout(captured):
-            yield
-    finally:
-        kept = [line for line in captured.getvalue().splitlines(keepends=True) if "built successfully" not in line]
-        sys.stdout.write("".join(kept))
+def _skip_shared_memory_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op whenever it sets up
+    communication: about a minute on a fresh machine, built under a lock file that a killed
+    build leaves behind, after which every later engine waits on it forever. The op serves
+    only inference all-reduce among ranks that set LOCAL_SIZE, which no client uses: marking
+    it unavailable is DeepSpeed's own path for a machine that cannot build it."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 class LocalTrainer:
@@ -70,7 +65,8 @@ class LocalTrainer:
         model.to(device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)
-        with _launcher_variables(), _without_build_notices():
+        _skip_shared_memory_comm_op()
+        with _launcher_variables():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, config=deepspeed_config(cfg), mpu=SoloMPU())
         LocalTrainer.engines_built += 1

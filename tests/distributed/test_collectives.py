@@ -17,6 +17,19 @@ def test_deepspeed_engine_per_rank_is_an_independent_client(stage):
     assert out.stdout.count(f"stage {stage} OK") == 2
 
 
+def test_engines_build_nothing_and_ignore_a_killed_builds_lock(tmp_path, monkeypatch):
+    """A job killed while DeepSpeed JIT-compiled its CPU comm op leaves a lock file in the
+    extensions folder; before the op was skipped, every later engine waited on it forever."""
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    out = torchrun([f"{SCRIPTS}/local_trainer_check.py", "0"], nproc=2, timeout=240)
+    assert out.stdout.count("stage 0 OK") == 2
+    assert "built successfully" not in out.stdout
+    assert sorted(p.name for p in extensions.rglob("*")) == ["deepspeed_shm_comm", "lock"]
+
+
 def test_ranks_fail_together_share_tensors_and_apply_rank0s_plan():
     out = torchrun([f"{SCRIPTS}/agreement_check.py"], nproc=2)
     for step in ("failure shared", "rows gathered", "difference detected", "rank 0's plan applied"):
