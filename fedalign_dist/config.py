@@ -112,6 +112,11 @@ class FedConfig(_Section):
     rounds: int = Field(5, ge=1)
     client_state: Literal["memory", "disk"] = "memory"
     """Where per-client state (local-only weights) lives between rounds."""
+    placement: Literal["balanced", "blocks"] = "balanced"
+    """Which rank trains each of a round's clients. balanced: longest estimated work first onto
+    the least-loaded rank (training, statistics and evaluation examples), a client's state
+    moving with it; blocks: rank r always hosts the same contiguous block of clients. Results
+    do not depend on it beyond float summation order."""
 
     @model_validator(mode="after")
     def _check(self):

@@ -39,6 +39,8 @@ def round_record(round_idx: int, strategy: str, per_rank: list[dict], evaluated:
         "rejected_clients": sorted(rejected),
         "rejected_reasons": {str(cid): reason for cid, reason in sorted(rejected.items())},
         "num_clipped": sum(r["clipped"] for r in per_rank),
+        "clients_per_rank": [r["clients"] for r in per_rank],
+        "state_bytes_moved": sum(r["moved"] for r in per_rank),
         "train_loss": sum(n * loss for n, loss in pairs) / examples if examples else None,
         **{f"global_{m}": glob[m] if evaluated[0] else None for m in task.metrics},
         "global_nonfinite_examples": glob["nonfinite_examples"],

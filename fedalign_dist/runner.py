@@ -17,7 +17,8 @@ from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import Config
 from fedalign_dist.dist.agreement import all_ranks_agree, check_identical_on_all_ranks
 from fedalign_dist.dist.env import DistEnv
-from fedalign_dist.dist.placement import round_clients_on_rank
+from fedalign_dist.clients.state_moves import StateHolders
+from fedalign_dist.dist.placement import balanced_placement, block_placement, client_cost, sample_clients
 from fedalign_dist.metrics import console_line, peak_gpu_mb, peak_rss_mb, round_record
 from fedalign_dist.models.build import describe_model
 from fedalign_dist.run_lifecycle import RunLifecycle
@@ -32,6 +33,7 @@ class Runner:
         self.trainer = LocalTrainer(model, cfg, env.device)
         self.global_state = self.trainer.read_state()
         self.store = make_client_store(cfg.fed.client_state, cfg.run_dir / "clients" / f"rank{env.rank}")
+        self.holders = StateHolders(cfg.fed.num_clients, env.world_size)
         self.strategy = build_strategy(cfg, self.anatomy, self.store)
         self.clients = ClientRound(cfg, env.device, data, tokenizer.vocab_size, self.trainer, self.strategy,
                                    self.anatomy, self.store)
@@ -67,10 +69,11 @@ class Runner:
     # -- one round ---------------------------------------------------------------------
     def run_round(self, round_idx: int) -> dict:
         cfg, clock = self.cfg, {"start": time.perf_counter()}
-        my_clients = round_clients_on_rank(cfg.seed, round_idx, cfg.fed.num_clients, cfg.fed.clients_per_round,
-                                           self.env.rank, self.env.world_size)
         last = round_idx + 1 == cfg.fed.rounds
         score_personal = (round_idx + 1) % cfg.eval.personalized_every == 0 or last
+        hosts = self.place_round(round_idx, score_personal)
+        self.moved_bytes = self.holders.follow(hosts, self.store, self.side)  # states go where clients train
+        my_clients = [c for c, rank in hosts.items() if rank == self.env.rank]
         with all_ranks_agree("local training"):  # a rank that fails here stops the others at once
             results = [self.clients.run(round_idx, client_id, self.global_state, score_personal)
                        for client_id in my_clients]
@@ -90,6 +93,18 @@ class Runner:
         self.lifecycle.log(record)
         self.lifecycle.checkpoint(round_idx, self.global_state)
         return record
+
+    def place_round(self, round_idx: int, score_personal: bool) -> dict[int, int]:
+        """{client: rank} for the round's sampled clients (fed.placement)."""
+        cfg = self.cfg
+        sampled = sample_clients(cfg.seed, round_idx, cfg.fed.num_clients, cfg.fed.clients_per_round)
+        if cfg.fed.placement == "blocks" or self.env.world_size == 1:
+            return block_placement(sampled, cfg.fed.num_clients, self.env.world_size)
+        request = self.strategy.stats_request
+        stats = request.batches * cfg.local.batch_size if request is not None else 0
+        costs = [client_cost(cfg.local.steps * cfg.local.batch_size, stats,
+                             len(self.data.clients[c][cfg.eval.split]) if score_personal else 0) for c in sampled]
+        return balanced_placement(sampled, costs, self.env.world_size)
 
     def exchange_verdicts(self, round_idx: int, results: list[ClientResult]):
         """Every rank learns which clients the guard rejected, so all leave out the same ones
@@ -137,6 +152,7 @@ class Runner:
         personal_eval = sum(r.seconds["eval"] for r in results)
         time_stats = sum(r.seconds["stats"] for r in results)
         local = dict(updates=[(u.num_examples, u.train_loss) for u in accepted],
+                     clients=[r.update.client_id for r in results], moved=self.moved_bytes,
                      personal=sum((r.sums for r in results), self.data.task.empty_sums()).tolist(),
                      clipped=sum(r.verdict.clipped for r in results),
                      global_=global_sums.tolist(), sent=self.comm.bytes.sent, received=self.comm.bytes.received,

@@ -30,6 +30,10 @@ class ClientStore:
     def entries(self) -> list[tuple[int, str]]:
         raise NotImplementedError
 
+    def keys_of(self, client_id: int) -> list[str]:
+        """The keys this store holds for one client."""
+        raise NotImplementedError
+
     def clear(self) -> None:
         for client_id, key in self.entries():
             self.drop(client_id, key)
@@ -76,6 +80,9 @@ class MemoryClientStore(ClientStore):
     def entries(self):
         return sorted(self._data)
 
+    def keys_of(self, client_id):
+        return sorted(key for client, key in self._data if client == client_id)
+
 
 class DiskClientStore(ClientStore):
     def __init__(self, root: str | Path):
@@ -101,6 +108,10 @@ class DiskClientStore(ClientStore):
 
     def entries(self):
         return [(client_id, key) for client_id, key, _ in scan_entries(self.root)]
+
+    def keys_of(self, client_id):
+        folder = entry_path(self.root, client_id, "x").parent
+        return sorted(p.name.removesuffix(".safetensors") for p in folder.glob("*.safetensors"))
 
     def export_to(self, folder):
         # Entries are replaced by rename, never rewritten in place, so a hard link is a

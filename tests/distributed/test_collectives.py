@@ -30,6 +30,12 @@ def test_engines_build_nothing_and_ignore_a_killed_builds_lock(tmp_path, monkeyp
     assert sorted(p.name for p in extensions.rglob("*")) == ["deepspeed_shm_comm", "lock"]
 
 
+def test_personal_state_follows_its_client_to_another_rank():
+    out = torchrun([f"{SCRIPTS}/state_moves_check.py"], nproc=2)
+    for kind in ("memory", "disk"):
+        assert out.stdout.count(f"{kind} states followed their clients") == 2, out.stdout[-3000:]
+
+
 def test_ranks_fail_together_share_tensors_and_apply_rank0s_plan():
     out = torchrun([f"{SCRIPTS}/agreement_check.py"], nproc=2)
     for step in ("failure shared", "rows gathered", "difference detected", "rank 0's plan applied"):

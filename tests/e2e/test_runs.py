@@ -35,6 +35,28 @@ def test_results_do_not_depend_on_client_placement(tmp_path, tiny_overrides):
     assert r1[-1]["global_accuracy"] == pytest.approx(r2[-1]["global_accuracy"], abs=1e-9)
 
 
+@pytest.mark.parametrize("strategy", ["local", "fedalign"])
+def test_balanced_placement_moves_personal_state_with_its_client(tmp_path, tiny_overrides, strategy):
+    """Balanced placement trains clients away from their home rank; their personal state
+    (local-only: the whole model) moves with them, so every number equals the run with fixed
+    home blocks."""
+    common = tiny_overrides + [f"strategy.name={strategy}", "fed.num_clients=6", "fed.clients_per_round=3",
+                               "fed.rounds=4"]
+    torchrun(TRAIN + common + ["run.name=blocks", "fed.placement=blocks"], nproc=2)
+    torchrun(TRAIN + common + ["run.name=balanced"], nproc=2)
+    blocks, balanced = _records(tmp_path / "blocks"), _records(tmp_path / "balanced")
+    homes = lambda r: [sorted(c // 3 for c in on_rank) for on_rank in r["clients_per_rank"]]  # noqa: E731
+    assert any(homes(r) != [[0] * len(r["clients_per_rank"][0]), [1] * len(r["clients_per_rank"][1])]
+               for r in balanced), "no client trained away from its home rank"
+    assert all(r["state_bytes_moved"] == 0 for r in blocks)
+    if strategy == "local":  # every trained client keeps a model (fedalign: only its excluded experts)
+        assert any(r["state_bytes_moved"] > 0 for r in balanced)
+    assert all(max(map(len, r["clients_per_rank"])) == 2 for r in balanced)  # 3 equal clients: 2 + 1
+    for a, b in zip(blocks, balanced):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["personalized_accuracy"] == pytest.approx(b["personalized_accuracy"], abs=1e-9)
+
+
 def test_demo_two_ranks_writes_the_run_folder(tmp_path, tiny_overrides):
     out = subprocess.run([sys.executable, "-m", "fedalign_dist", "run", "--nproc", "2", "--config",
                           "configs/demo.yaml", *tiny_overrides, "run.name=demo", "checkpoint.every=1",
