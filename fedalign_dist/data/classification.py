@@ -88,28 +88,32 @@ class ClassificationTask(TaskType):
         batch = {k: v.to(device) for k, v in left_pad(prompts, [[] for _ in prompts], self.tok.pad_id).items()}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=batch["position_ids"], use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each answer's first token
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(labels)
+        first = out.logits[:, -1].float()  # predicts each answer's first token
         width = max(len(a) for a in self.answers)
         answers = torch.full((labels, width), self.tok.pad_id, dtype=torch.long)
         present = torch.zeros((labels, width), dtype=torch.long)
         for row, answer in enumerate(self.answers):
             answers[row, :len(answer)] = torch.tensor(answer)
             present[row, :len(answer)] = 1
-        answers, present = answers.to(device), present.to(device)
-        ids, kept = answers.repeat(n, 1), present.repeat(n, 1)
-        mask = torch.cat([batch["attention_mask"].repeat_interleave(labels, 0), kept], dim=1)
-        positions = batch["position_ids"][:, -1:].repeat_interleave(labels, 0) + 1 + torch.arange(width, device=device)
-        # no router statistics here: some families (GPT-OSS) would compute their load-balancing
-        # loss over the cached positions too, against a mask that is longer than the new tokens
-        routed = getattr(getattr(model, "config", None), "output_router_logits", False)
-        quiet = {"output_router_logits": False} if routed else {}
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=False, **quiet).logits
-        ll = first.repeat_interleave(labels, 0).gather(-1, ids[:, :1]).squeeze(-1)
-        if width > 1:  # position j predicts answer token j + 1
-            rest = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        ids, kept = answers.to(device).repeat(n, 1), present.to(device).repeat(n, 1)
+        # log-probabilities as logit - logsumexp: no vocabulary-sized log_softmax is written out
+        ll = (first.gather(-1, answers[:, 0].to(device).repeat(n, 1)) - first.logsumexp(-1, keepdim=True)).reshape(-1)
+        if width > 1:
+            # The answers continue from the prompt's cache. An answer's last token is only ever
+            # a target, so it is not fed: input token j predicts answer token j + 1.
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(labels)
+            mask = torch.cat([batch["attention_mask"].repeat_interleave(labels, 0), kept[:, :-1]], dim=1)
+            positions = (batch["position_ids"][:, -1:].repeat_interleave(labels, 0) + 1
+                         + torch.arange(width - 1, device=device))
+            # no router statistics here: some families (GPT-OSS) would compute their load-balancing
+            # loss over the cached positions too, against a mask that is longer than the new tokens
+            routed = getattr(getattr(model, "config", None), "output_router_logits", False)
+            quiet = {"output_router_logits": False} if routed else {}
+            logits = model(input_ids=ids[:, :-1], attention_mask=mask, position_ids=positions,
+                           past_key_values=cache, use_cache=False, **quiet).logits
+            logits = logits.float()
+            rest = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
             ll = ll + torch.where(kept[:, 1:].bool(), rest, 0.0).sum(-1)  # padding adds nothing, not even NaN
         return ll.view(n, labels).cpu(), kept.sum(-1).view(n, labels).cpu()
 
