@@ -29,6 +29,19 @@ def launch_cell(config: str, nproc: int, run_dir: Path, overrides: list[str], lo
         log(warning)
 
 
+def launch_floor(config: str, nproc: int, out_json: Path, overrides: list[str]) -> None:
+    """The plain-torch floor of the same workload (benchmark/floor.py) on `nproc` ranks."""
+    if out_json.is_file():
+        return
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "fedalign_dist.benchmark.floor", "--config", config, "--out", str(out_json), *overrides]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise BenchmarkFailed(f"the floor run {out_json} failed ({done.returncode}):\n{done.stdout[-4000:]}")
+
+
 def finished(run_dir: Path) -> bool:
     """summary.json is the run's last output, written after the final model and metrics."""
     return (run_dir / "summary.json").is_file()

@@ -8,17 +8,20 @@ how a run scales with the number of clients. Every cell is a real 2-rank run.
   2. bytes sent per rank per round against clients per rank, FedAlign-MoE comm=reduce vs
      comm=allgather (one round, embeddings and LM head frozen so gathered deltas fit);
   3. seconds per round and peak RSS per rank against the number of clients (configs/scale.yaml,
-     the same clients per round and the same examples per client).
+     the same clients per round and the same examples per client);
+  4. framework overhead: FedAvg rounds without evaluation against the plain-torch floor of the
+     same workload in the same process layout (benchmark/floor.py), runs alternated in pairs.
 Writes systems.json, systems.md, time_split.png, bytes_vs_clients.png, scale.png. Resumable
 like the grid (finished cells are kept)."""
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedalign_dist.benchmark.cells import launch_cell, read_records
+from fedalign_dist.benchmark.cells import launch_cell, launch_floor, read_records
 from fedalign_dist.benchmark.environment import environment_line
 from fedalign_dist.config import load_config
 from fedalign_dist.markdown import table
@@ -35,6 +38,11 @@ METHODS = {
     "fedamole": ["strategy.name=fedamole", "model.family=llama"],
 }
 TINY = ["data.max_examples=400", "data.min_client_examples=5", "local.batch_size=4", "eval.batch_size=64"]
+OVERHEAD_WORKLOAD = ["strategy.name=fedavg", "model.num_experts=8", "model.top_k=2", "data.tokenizer=byte",
+                     "data.max_length=64", "fed.num_clients=16", "fed.clients_per_round=8", "local.batch_size=8",
+                     "local.lr=1e-3"]
+"""The tiny Mixtral preset with 8 experts top-2, byte tokens, sequences of 64, 16 clients, 8 per
+round, local batches of 8, FedAvg (the workload the speed issue compared with Flower)."""
 
 
 @dataclass
@@ -43,15 +51,19 @@ class SystemsPlan:
     clients_per_rank: list[int]
     scale_clients: list[int]
     scale_overrides: list[str]
+    overhead_overrides: list[str]
+    overhead_pairs: int
 
 
 def plan(quick: bool) -> SystemsPlan:
     if quick:
         return SystemsPlan(split_overrides=["fed.rounds=2", "local.steps=2", *TINY],
                            clients_per_rank=[1, 4], scale_clients=[16, 64],
-                           scale_overrides=["fed.rounds=2", "local.steps=1", "eval.global_examples=64"])
-    return SystemsPlan(split_overrides=["fed.rounds=4", "local.steps=10"], clients_per_rank=[2, 8, 32],
-                       scale_clients=[16, 100, 1000], scale_overrides=["fed.rounds=4"])
+                           scale_overrides=["fed.rounds=2", "local.steps=1", "eval.global_examples=64"],
+                           overhead_overrides=["fed.rounds=4", "local.steps=3"], overhead_pairs=1)
+    return SystemsPlan(split_overrides=["fed.rounds=5", "local.steps=10"], clients_per_rank=[2, 8, 32],
+                       scale_clients=[16, 100, 1000], scale_overrides=["fed.rounds=4"],
+                       overhead_overrides=["fed.rounds=6", "local.steps=10"], overhead_pairs=3)
 
 
 def _mean(records: list[dict], key: str) -> float:
@@ -83,11 +95,17 @@ def run_systems(out: Path, quick: bool = False, log=print) -> dict:
     for clients in p.scale_clients:
         examples = [] if clients >= 1000 else [f"data.max_examples={math.ceil(HEALTH_TWEETS * clients / 1000)}"]
         cells[f"scale/{clients}"] = ("configs/scale.yaml", scale_common + [f"fed.num_clients={clients}", *examples])
-    for config, overrides in cells.values():
+    overhead = [*OVERHEAD_WORKLOAD, *p.overhead_overrides]
+    no_eval = ["eval.every=1000", "eval.personalized_every=1000"]  # only the last round evaluates
+    for config, overrides in [*cells.values(), ("configs/demo.yaml", overhead + no_eval)]:
         load_config(config, overrides)  # every cell valid before anything runs
     for name, (config, overrides) in cells.items():
         log(f"systems {name}")
         launch_cell(config, 2, _cell_dir(out, name), overrides, log=log)
+    for pair in range(p.overhead_pairs):  # alternated: the machine's drift hits both alike
+        log(f"systems overhead pair {pair}")
+        launch_floor("configs/demo.yaml", 2, out / "overhead" / f"floor_{pair}.json", overhead)
+        launch_cell("configs/demo.yaml", 2, out / "overhead" / f"framework_{pair}", overhead + no_eval, log=log)
     results = collect(out, p)
     write_systems(out, results)
     return results
@@ -111,7 +129,21 @@ def collect(out: Path, p: SystemsPlan) -> dict:
         plain = records[:-1] or records  # the last round also evaluates the global model
         scale.append({"clients": clients, "s_per_round": _mean(plain, "time_round_s"),
                       "peak_rss_mb_per_rank": records[-1]["peak_rss_mb_per_rank"]})
-    return {"time_split": split, "comm": comm, "scale": scale}
+    return {"time_split": split, "comm": comm, "scale": scale, "overhead": overhead_rows(out, p.overhead_pairs)}
+
+
+def overhead_rows(out: Path, pairs: int) -> list[dict]:
+    """Per pair: median seconds per round after the first of the floor and of the framework
+    (whose last round, which evaluates, is left out), and their ratio."""
+    rows = []
+    for pair in range(pairs):
+        floor = json.loads((out / "overhead" / f"floor_{pair}.json").read_text())["seconds_per_round"][1:]
+        records = read_records(out / "overhead" / f"framework_{pair}")[1:-1]
+        framework = [r["time_round_s"] for r in records]
+        rows.append({"floor_s": statistics.median(floor), "framework_s": statistics.median(framework),
+                     "wait_s": statistics.median(r["time_sync_s"] for r in records)})
+        rows[-1]["ratio"] = rows[-1]["framework_s"] / rows[-1]["floor_s"]
+    return rows
 
 
 def write_systems(out: Path, results: dict) -> None:
@@ -122,6 +154,8 @@ def write_systems(out: Path, results: dict) -> None:
                   f"{row['allgather'] / row['reduce']:.2f}"] for row in results["comm"]]
     scale_rows = [[f"{row['clients']:,}", f"{row['s_per_round']:.2f}",
                    ", ".join(str(round(x)) for x in row["peak_rss_mb_per_rank"])] for row in results["scale"]]
+    overhead_rows_md = [[i, f"{row['floor_s']:.3f}", f"{row['framework_s']:.3f}", f"{row['wait_s']:.3f}",
+                         f"{row['ratio']:.2f}"] for i, row in enumerate(results["overhead"])]
     lines = ["# Systems benchmark", "", environment_line(), "",
              "Every cell is a 2-rank run (gloo on CPU, NCCL on GPU), one run each.", "",
              "## Time split per round (demo config, 8 clients per round, seconds)", "",
@@ -130,7 +164,13 @@ def write_systems(out: Path, results: dict) -> None:
              *table(["clients per rank", "reduce", "allgather", "allgather / reduce"], comm_rows), "",
              "![bytes](bytes_vs_clients.png)", "",
              "## Scale: configs/scale.yaml, 16 clients per round, same examples per client", "",
-             *table(["clients", "s/round", "peak RSS per rank (MB)"], scale_rows), "", "![scale](scale.png)", ""]
+             *table(["clients", "s/round", "peak RSS per rank (MB)"], scale_rows), "", "![scale](scale.png)", "",
+             "## Framework overhead: FedAvg without evaluation against the plain-torch floor", "",
+             "Tiny Mixtral, 8 experts top-2, byte tokens, sequences of 64, 16 clients, 8 per round; the floor "
+             "runs the same clients, placement, batches and local steps in plain torch with one all_reduce "
+             "(benchmark/floor.py). Median seconds per round after the first, pairs run alternately.", "",
+             *table(["pair", "floor s/round", "framework s/round", "waiting for the slower rank", "framework / floor"],
+                    overhead_rows_md), ""]
     (out / "systems.json").write_text(json.dumps(results, indent=1))
     (out / "systems.md").write_text("\n".join(lines))
     plot_stacked_bars({m: [row[k] for k in SPLIT_KEYS] for m, row in results["time_split"].items()}, SPLIT_KEYS,

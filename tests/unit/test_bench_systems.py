@@ -24,14 +24,29 @@ def test_write_systems_tables_and_plots(tmp_path):
         "comm": [{"clients_per_rank": 2, "reduce": 1_000_000, "allgather": 3_000_000},
                  {"clients_per_rank": 8, "reduce": 1_100_000, "allgather": 8_800_000}],
         "scale": [{"clients": 16, "s_per_round": 9.5, "peak_rss_mb_per_rank": [2300.0, 2310.0]},
-                  {"clients": 1000, "s_per_round": 9.6, "peak_rss_mb_per_rank": [2400.0, 2420.0]}]}
+                  {"clients": 1000, "s_per_round": 9.6, "peak_rss_mb_per_rank": [2400.0, 2420.0]}],
+        "overhead": [{"floor_s": 0.8, "framework_s": 0.84, "wait_s": 0.004, "ratio": 1.05}]}
     write_systems(tmp_path, results)
     text = (tmp_path / "systems.md").read_text()
     assert "| fedalign (allgather) | 1.000 |" in text
     assert "| 8 | 1,100,000 | 8,800,000 | 8.00 |" in text
     assert "| 1,000 | 9.60 | 2400, 2420 |" in text
+    assert "| 0 | 0.800 | 0.840 | 0.004 | 1.05 |" in text
     for png in ("time_split.png", "bytes_vs_clients.png", "scale.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_overhead_rows_leave_out_first_rounds_and_the_evaluating_last(tmp_path):
+    import json
+
+    from fedalign_dist.benchmark.systems import overhead_rows
+    (tmp_path / "overhead" / "framework_0").mkdir(parents=True)
+    (tmp_path / "overhead" / "floor_0.json").write_text(json.dumps({"seconds_per_round": [9.0, 1.0, 2.0, 3.0]}))
+    rounds = [(9.0, 0.5), (2.2, 0.1), (2.0, 0.0), (2.4, 0.2), (7.0, 0.0)]
+    (tmp_path / "overhead" / "framework_0" / "metrics.jsonl").write_text("".join(
+        json.dumps({"time_round_s": s, "time_sync_s": w}) + "\n" for s, w in rounds))
+    assert overhead_rows(tmp_path, 1) == [pytest.approx({"floor_s": 2.0, "framework_s": 2.2, "wait_s": 0.1,
+                                                         "ratio": 1.1})]
 
 
 def test_plot_helpers_write_pngs(tmp_path):
