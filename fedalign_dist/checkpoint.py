@@ -15,10 +15,11 @@ from safetensors.torch import load_file, save_file
 from fedalign_dist import faults
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """fsync every file of `tmp`, then swap it in under `target` by rename."""
+def _publish(tmp: Path, target: Path, synced: set[str] = frozenset()) -> None:
+    """fsync every file of `tmp` but those named in `synced` (paths relative to tmp, synced
+    by their writers), then swap it in under `target` by rename."""
     for path in tmp.rglob("*"):
-        if path.is_file():
+        if path.is_file() and str(path.relative_to(tmp)) not in synced:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     shutil.rmtree(target, ignore_errors=True)
@@ -35,7 +36,8 @@ def _atomic_write_dir(target: Path, fill) -> None:
 
 # -- periodic checkpoints: staged by every rank, committed by the coordinator ---------------
 #   1. coordinator: begin_checkpoint()    (empty staging folder)
-#   2. every rank:  its client states into staging_dir()/clients
+#   2. every rank:  its client states into staging_dir()/clients (synced; their digests, taken
+#                   when the states were written, reach the coordinator)
 #   3. coordinator: commit_checkpoint()   (global + strategy state, fsync, rename, prune)
 
 def checkpoint_dir(run_dir: Path, round_idx: int) -> Path:
@@ -55,16 +57,21 @@ def begin_checkpoint(run_dir: Path, round_idx: int) -> Path:
 
 
 def commit_checkpoint(run_dir: Path, round_idx: int, global_state: dict, strategy_state: dict,
-                      keep: int) -> Path:
+                      keep: int, client_files: list[dict[str, str]] = ()) -> Path:
+    """client_files: every rank's {path: sha256} of the client states it staged (already
+    synced): neither hashed nor synced again, so a checkpoint's cost follows the clients
+    changed since the last one."""
     tmp, target = staging_dir(run_dir, round_idx), checkpoint_dir(run_dir, round_idx)
     save_file({n: t.contiguous() for n, t in global_state.items()}, str(tmp / "global.safetensors"))
     save_strategy_state(tmp, strategy_state)
     faults.maybe_raise("checkpoint_commit")
     # The manifest is written last: a checkpoint without it, or whose files do not match
     # it, is incomplete or corrupt.
-    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    known = {rel: digest for part in client_files for rel, digest in part.items()}
+    files = {str(p.relative_to(tmp)): known.get(str(p.relative_to(tmp))) or _sha256(p)
+             for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "meta.json").write_text(json.dumps({"round": round_idx, "files": files}))
-    _publish(tmp, target)
+    _publish(tmp, target, synced=set(known))
     for old in sorted((run_dir / "checkpoints").glob("round_?????"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -69,9 +69,10 @@ class RunLifecycle:
             return
         on_coordinator("starting the checkpoint", checkpoint.begin_checkpoint, self.run_dir, round_idx)
         with all_ranks_agree("staging the client states"):
-            self.store.export_to(checkpoint.staging_dir(self.run_dir, round_idx) / "clients")
+            staged = self.store.export_to(checkpoint.staging_dir(self.run_dir, round_idx) / "clients")
+        staged = self.side.all_gather_json(staged)  # digests taken when written: not hashed again
         on_coordinator("committing the checkpoint", checkpoint.commit_checkpoint, self.run_dir, round_idx,
-                       global_state, self.strategy.state_dict(), self.cfg.checkpoint.keep)
+                       global_state, self.strategy.state_dict(), self.cfg.checkpoint.keep, staged)
 
     def finish(self, trainer, tokenizer, global_state: dict, summary: dict) -> None:
         """The final model, then summary.json (a finished run's marker, written last and
