@@ -79,13 +79,17 @@ def cmd_run(args) -> int:
     overrides = config_args(args)
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (got {args.nproc})")
-    from fedalign_dist.dist.local_launch import launch_local
-    from fedalign_dist.train import check_before_launch, quiet_libraries
-    quiet_libraries()
     cfg = load_config(args.config, overrides)
-    check_before_launch(cfg, args.nproc)  # fail once, before any process
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank; ranks share the cores
     rank_args = (["--config", args.config] if args.config else []) + overrides
+    # fail once, before any rank starts; in a child process, so the launcher does not hold the
+    # data (nor transformers and datasets) for the whole run
+    import subprocess
+    checked = subprocess.run([sys.executable, "-m", "fedalign_dist.launch_checks", "--nproc", str(args.nproc),
+                              *rank_args])
+    if checked.returncode != 0:
+        return checked.returncode
+    from fedalign_dist.dist.local_launch import launch_local
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank; ranks share the cores
     return launch_local(args.nproc, rank_args, cfg.run_dir, args.argv)
 
 

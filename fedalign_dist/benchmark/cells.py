@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fedalign_dist.run_folder import clear_run_folder
-
 
 class BenchmarkFailed(RuntimeError):
     """One or more cells failed; finished cells are kept, rerunning resumes."""
@@ -19,6 +17,7 @@ def launch_cell(config: str, nproc: int, run_dir: Path, overrides: list[str], lo
     if finished(run_dir):
         return  # finished before: resume the benchmark, not the run
     if run_dir.is_dir() and any(run_dir.iterdir()):
+        from fedalign_dist.run_folder import clear_run_folder
         clear_run_folder(run_dir)  # a half-written cell starts again (refused for a folder that is not a run)
     cmd = [sys.executable, "-m", "fedalign_dist", "run", "--nproc", str(nproc), "--config", config,
            f"run.output_dir={run_dir.parent}", f"run.name={run_dir.name}", *overrides]

@@ -1,0 +1,33 @@
+"""`fedalign-dist run`'s checks before any rank starts (model path, ranks against clients, the
+data and its partition, the run folder), in a child process of the launcher: building the data
+to check it holds a few hundred MB that the launcher would otherwise keep for the whole run.
+A refusal is one line on stderr and exit code 2, as from the launcher itself.
+
+    python -m fedalign_dist.launch_checks --nproc N [--config F] [key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nproc", type=int, required=True)
+    parser.add_argument("--config")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    from fedalign_dist.config import ConfigError, load_config
+    from fedalign_dist.train import check_before_launch, quiet_libraries
+    try:
+        cfg = load_config(args.config, args.overrides)
+        quiet_libraries()
+        check_before_launch(cfg, args.nproc)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"fedalign-dist: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
