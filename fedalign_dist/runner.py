@@ -12,12 +12,12 @@ import torch
 from fedalign_dist.aggregation.guard import DivergedError, nonfinite_names
 from fedalign_dist.clients.client_round import ClientResult, ClientRound
 from fedalign_dist.clients.state import make_client_store
+from fedalign_dist.clients.state_moves import StateHolders
 from fedalign_dist.clients.trainer import LocalTrainer
 from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import Config
 from fedalign_dist.dist.agreement import all_ranks_agree, check_identical_on_all_ranks
 from fedalign_dist.dist.env import DistEnv
-from fedalign_dist.clients.state_moves import StateHolders
 from fedalign_dist.dist.placement import balanced_placement, block_placement, client_cost, sample_clients
 from fedalign_dist.metrics import console_line, peak_gpu_mb, peak_rss_mb, round_record
 from fedalign_dist.models.build import describe_model
@@ -72,7 +72,7 @@ class Runner:
         last = round_idx + 1 == cfg.fed.rounds
         score_personal = (round_idx + 1) % cfg.eval.personalized_every == 0 or last
         hosts = self.place_round(round_idx, score_personal)
-        self.moved_bytes = self.holders.follow(hosts, self.store, self.side)  # states go where clients train
+        moved_bytes = self.holders.follow(hosts, self.store, self.side)  # states go where their clients train
         my_clients = [c for c, rank in hosts.items() if rank == self.env.rank]
         with all_ranks_agree("local training"):  # a rank that fails here stops the others at once
             results = [self.clients.run(round_idx, client_id, self.global_state, score_personal)
@@ -87,7 +87,7 @@ class Runner:
             global_sums = self.evaluate_global() if evaluate_now else self.data.task.empty_sums()
         clock["evaluated"] = time.perf_counter()
         record = self.gather_record(round_idx, results, accepted, rejected, global_sums,
-                                    (evaluate_now, score_personal), diagnostics, clock)
+                                    (evaluate_now, score_personal), diagnostics, clock, moved_bytes)
         # The round's metrics line before its checkpoint: a crash between the two re-runs the
         # round from the previous checkpoint, and resume cuts the metrics back to it.
         self.lifecycle.log(record)
@@ -147,12 +147,12 @@ class Runner:
                                             self.cfg.eval.batch_size, self.env.device)
 
     def gather_record(self, round_idx, results, accepted, rejected, global_sums, evaluated, diagnostics,
-                      clock) -> dict:
+                      clock, moved_bytes: int) -> dict:
         """This rank's numbers, gathered from every rank into the round's metrics record."""
         personal_eval = sum(r.seconds["eval"] for r in results)
         time_stats = sum(r.seconds["stats"] for r in results)
         local = dict(updates=[(u.num_examples, u.train_loss) for u in accepted],
-                     clients=[r.update.client_id for r in results], moved=self.moved_bytes,
+                     clients=[r.update.client_id for r in results], moved=moved_bytes,
                      personal=sum((r.sums for r in results), self.data.task.empty_sums()).tolist(),
                      clipped=sum(r.verdict.clipped for r in results),
                      global_=global_sums.tolist(), sent=self.comm.bytes.sent, received=self.comm.bytes.received,

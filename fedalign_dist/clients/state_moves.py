@@ -11,12 +11,13 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from fedalign_dist.clients.state import ClientStore
+from fedalign_dist.dist.placement import rank_of_client
 
 
 class StateHolders:
     def __init__(self, num_clients: int, world_size: int):
-        # home blocks (placement.rank_of_client): where a resumed run restores each client's state
-        self.holder = np.arange(num_clients, dtype=np.int64) * world_size // num_clients
+        # home blocks: where a resumed run restores each client's state
+        self.holder = np.array([rank_of_client(c, num_clients, world_size) for c in range(num_clients)])
 
     def follow(self, hosts: dict[int, int], store: ClientStore, comm) -> int:
         """Move to each client's host its entries held elsewhere; the bytes this rank sent."""
@@ -34,8 +35,9 @@ class StateHolders:
                 store.drop(client, key)
         headers = comm.all_gather_json(header)
         if any(headers):
-            data = bytearray(b"".join(blobs)) or bytearray(1)  # a rank with nothing to send sends 1 byte
-            parts = comm.all_gather_rows(torch.frombuffer(data, dtype=torch.uint8)[:, None])
+            rows = (torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)[:, None] if blobs
+                    else torch.zeros(0, 1, dtype=torch.uint8))
+            parts = comm.all_gather_rows(rows)
             for part_header, part in zip(headers, parts):
                 raw, offset = part.flatten().numpy().tobytes(), 0
                 for client, key, size in part_header:

@@ -48,4 +48,7 @@ for kind in ("memory", "disk"):
         holders.follow({0: 0, 2: 1}, store, comm)  # client 0 back home, 2 (entries) to rank 1
         assert ({0} <= {c for c, _ in store.entries()}) == (env.rank == 0)
         assert ({2} <= {c for c, _ in store.entries()}) == (env.rank == 1)
+        sent = holders.follow({0: 1}, store, comm)  # only rank 0 has something to send
+        assert (sent > 0) == (env.rank == 0)
+        assert ({0} <= {c for c, _ in store.entries()}) == (env.rank == 1)
         print(f"rank {env.rank}: {kind} states followed their clients", flush=True)
