@@ -54,16 +54,17 @@ class ClientRound:
         context = ClientContext(client_id, round_idx, data, self.device, self.vocab_size, cfg.local.batch_size,
                                 batches)
         stats = self.strategy.client_statistics(module, context)
-        t_eval = time.perf_counter()
+        t_stats_done = time.perf_counter()
         verdict = screen_update(delta, stats, cfg.guard.max_update_norm, cfg.guard.on_large_update)
         sums = data.task.empty_sums()
         if verdict.rejected is None:  # a rejected client keeps its previous personal state
             self.strategy.after_local_training(client_id, trained, self.store)
+        t_eval = time.perf_counter()  # the guard and the state store count as local work
         if verdict.rejected is None and evaluate:
             test_idx = data.clients[client_id][cfg.eval.split]
             sums = data.task.evaluate_sums(module, data.examples_at(test_idx), cfg.eval.batch_size, self.device)
         update = ClientUpdate(client_id, data.num_train(client_id), verdict.delta, loss, stats)
-        return ClientResult(update, verdict, sums, {"stats": t_eval - t_stats, "eval": time.perf_counter() - t_eval})
+        return ClientResult(update, verdict, sums, {"stats": t_stats_done - t_stats, "eval": time.perf_counter() - t_eval})
 
     def train(self, client_id: int, batches, start: dict) -> float:
         """Local training; the mean task loss."""

@@ -1,10 +1,12 @@
-"""The classification task: causal LM on "<text>\\nTopic: <label>", loss on the answer only;
+"""The classification task: causal LM on "<text>\\nTopic: <label>", loss on the answer only (the
+label's tokens, and end-of-sequence where labels need it);
 accuracy by comparing the full log-likelihoods of every label's answer; perplexity of the
 true answer. Every label is scored in one pass over the prompt: the prompt's KV cache is
 computed once and shared by the label answers (not one full sequence per label)."""
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
@@ -15,7 +17,11 @@ from fedalign_dist.data.task import IGNORE, TaskType, left_pad
 
 class ClassificationConfig(ConfigSection):
     prompt_suffix: str = "\nTopic:"
-    """Put after the text; the model then writes ' <label name>' and end-of-sequence."""
+    """Put after the text; the model then writes ' <label name>' (and end-of-sequence, see end_token)."""
+    end_token: Literal["auto", "always"] = "auto"
+    """always: every answer ends with end-of-sequence, trained and scored; auto: only when one
+    label's tokens begin another's, the one case where the labels cannot be told apart without
+    it (else it would cost a second scoring pass per label, most of evaluation's time)."""
 
 
 @register_task("classification")
@@ -28,7 +34,9 @@ class ClassificationTask(TaskType):
         super().__init__(tokenizer, corpus, data_config, seed)
         max_length = data_config.max_length
         self.label_names = list(corpus.label_names)
-        self.answers = [tokenizer.encode(" " + name) + [tokenizer.eos_id] for name in self.label_names]
+        words = [tokenizer.encode(" " + name) for name in self.label_names]
+        ended = self.options.end_token == "always" or prefix_clash(words)
+        self.answers = [w + [tokenizer.eos_id] if ended else w for w in words]
         self.suffix = tokenizer.encode(self.options.prompt_suffix)
         self.max_prompt = max_length - max(len(a) for a in self.answers)
         self.window = max(len(a) for a in self.answers) + 1
@@ -85,11 +93,16 @@ class ClassificationTask(TaskType):
         cache kept); each cache is repeated once per label and the answers (right-padded)
         continue from it."""
         n, labels = len(prompts), len(self.answers)
-        batch = {k: v.to(device) for k, v in left_pad(prompts, [[] for _ in prompts], self.tok.pad_id).items()}
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], use_cache=True, logits_to_keep=1)
-        first = out.logits[:, -1].float()  # predicts each answer's first token
         width = max(len(a) for a in self.answers)
+        batch = {k: v.to(device) for k, v in left_pad(prompts, [[] for _ in prompts], self.tok.pad_id).items()}
+        # no router statistics here: nothing uses them, and some families (GPT-OSS) would compute
+        # their load-balancing loss over the cached positions too, against a mask that is longer
+        # than the new tokens
+        routed = getattr(getattr(model, "config", None), "output_router_logits", False)
+        quiet = {"output_router_logits": False} if routed else {}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], use_cache=width > 1, logits_to_keep=1, **quiet)
+        first = out.logits[:, -1].float()  # predicts each answer's first token
         answers = torch.full((labels, width), self.tok.pad_id, dtype=torch.long)
         present = torch.zeros((labels, width), dtype=torch.long)
         for row, answer in enumerate(self.answers):
@@ -106,10 +119,6 @@ class ClassificationTask(TaskType):
             mask = torch.cat([batch["attention_mask"].repeat_interleave(labels, 0), kept[:, :-1]], dim=1)
             positions = (batch["position_ids"][:, -1:].repeat_interleave(labels, 0) + 1
                          + torch.arange(width - 1, device=device))
-            # no router statistics here: some families (GPT-OSS) would compute their load-balancing
-            # loss over the cached positions too, against a mask that is longer than the new tokens
-            routed = getattr(getattr(model, "config", None), "output_router_logits", False)
-            quiet = {"output_router_logits": False} if routed else {}
             logits = model(input_ids=ids[:, :-1], attention_mask=mask, position_ids=positions,
                            past_key_values=cache, use_cache=False, **quiet).logits
             logits = logits.float()
@@ -125,3 +134,9 @@ class ClassificationTask(TaskType):
             return {"accuracy": None, "perplexity": None, "nonfinite_examples": int(nonfinite)}
         return {"accuracy": correct / count if count else float("nan"),
                 "perplexity": math.exp(nll / ntok) if ntok else float("nan"), "nonfinite_examples": 0}
+
+
+def prefix_clash(answers: list[list[int]]) -> bool:
+    """Whether some answer's tokens begin another's (or two are equal): without an end token the
+    shorter one would always score at least as high."""
+    return any(i != j and b[:len(a)] == a for i, a in enumerate(answers) for j, b in enumerate(answers))

@@ -10,9 +10,22 @@ from fedalign_dist.data.task import IGNORE, target_log_likelihood
 from fedalign_dist.data.tokenizer import ByteTokenizer
 
 
-def classification(label_names, max_length=64):
+def classification(label_names, max_length=64, end_token="auto", tokenizer=None):
     corpus = Corpus(["x"] * len(label_names), list(range(len(label_names))), label_names)
-    return ClassificationTask(ByteTokenizer(), corpus, load_config(None, [f"data.max_length={max_length}"]).data)
+    data = load_config(None, [f"data.max_length={max_length}", f"data.classification.end_token={end_token}"]).data
+    return ClassificationTask(tokenizer or ByteTokenizer(), corpus, data)
+
+
+def test_answers_end_with_eos_only_where_labels_need_it():
+    eos = ByteTokenizer().eos_id
+    assert all(a[-1] != eos for a in classification(["sport", "tech"]).answers)
+    # " sport" begins " sports": without an end token " sport" would always score at least as high
+    assert all(a[-1] == eos for a in classification(["sport", "sports"]).answers)
+    assert all(a[-1] == eos for a in classification(["a", "a"]).answers)
+    assert all(a[-1] == eos for a in classification(["sport", "tech"], end_token="always").answers)
+    from fedalign_dist.data.tokenizer import build_tokenizer
+    bbc = classification(["business", "entertainment", "politics", "sports", "tech"], tokenizer=build_tokenizer("gpt2"))
+    assert [len(a) for a in bbc.answers] == [1] * 5  # one token each: scored from the prompt's last position
 
 
 def test_train_batch_puts_loss_on_answer_only():
@@ -64,10 +77,10 @@ def _scored_as_full_sequences(model, task, prompts):
     return ll.view(len(prompts), -1), n.view(len(prompts), -1)
 
 
-@pytest.mark.parametrize("family,finetune", [(f, "full") for f in ("deepseek_v3", "gpt_oss", "mixtral", "olmoe",
-                                                                     "qwen2_moe", "qwen3_moe", "llama")]
-                         + [("mixtral", "lora")])
-def test_shared_prompt_scoring_equals_one_sequence_per_label(family, finetune):
+@pytest.mark.parametrize("family,finetune,end_token", [(f, "full", "auto") for f in (
+    "deepseek_v3", "gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "llama")]
+                         + [("mixtral", "lora", "auto"), ("mixtral", "full", "always")])
+def test_shared_prompt_scoring_equals_one_sequence_per_label(family, finetune, end_token):
     """Scoring every label from the prompt's shared KV cache gives the same log-likelihoods as
     scoring each (prompt, answer) sequence on its own, for every family, with padding."""
     from fedalign_dist.models.build import build_model
@@ -77,10 +90,28 @@ def test_shared_prompt_scoring_equals_one_sequence_per_label(family, finetune):
     cfg = load_config(None, overrides)
     model, _ = build_model(cfg, ByteTokenizer())
     model.eval()
-    task = classification(["sport", "tech", "business news"], max_length=48)  # answers of 7, 6 and 15 bytes
+    # answers of 6, 5 and 14 bytes (one more each with the end token)
+    task = classification(["sport", "tech", "business news"], max_length=48, end_token=end_token)
     prompts = [task.encode({"text": t, "label": 0})["prompt"] for t in ("A match report.", "Chips", "Markets fell " * 3)]
     with torch.no_grad():
         got, count = task.label_log_likelihoods(model, prompts, torch.device("cpu"))
         want, want_count = _scored_as_full_sequences(model, task, prompts)
     assert torch.equal(count, want_count)
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_single_token_answers_are_scored_from_the_prompt_alone():
+    """GPT-2 BPE topic words are one token each: no continuation pass, the same log-likelihoods
+    as full sequences."""
+    from fedalign_dist.data.tokenizer import build_tokenizer
+    from fedalign_dist.models.build import build_model
+    tok = build_tokenizer("gpt2")
+    model, _ = build_model(load_config(None, ["data.tokenizer=gpt2", "data.max_length=48"]), tok)
+    model.eval()
+    task = classification(["business", "politics", "tech"], max_length=48, tokenizer=tok)
+    prompts = [task.encode({"text": t, "label": 0})["prompt"] for t in ("Shares rose.", "The vote " * 4)]
+    with torch.no_grad():
+        got, count = task.label_log_likelihoods(model, prompts, torch.device("cpu"))
+        want, want_count = _scored_as_full_sequences(model, task, prompts)
+    assert count.eq(1).all() and torch.equal(count, want_count)
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
