@@ -92,9 +92,14 @@ class DataConfig(_Section):
     task: str = "classification"
     """The task type: classification (text -> label word), instruction (prompt -> response:
     data.instruction.*), or one registered by a plugin."""
-    partition: Literal["dirichlet", "label_shards", "iid", "natural"] = "dirichlet"
+    partition: Literal["dirichlet", "label_shards", "iid", "natural", "sampled"] = "dirichlet"
+    """How examples are dealt to clients. sampled: each client draws data.examples_per_client
+    examples of its own Dirichlet label mix from the whole data set, so clients may share
+    examples and there can be more clients than examples (systems measurements at scale)."""
     alpha: float = Field(0.5, gt=0)
     """Dirichlet concentration (smaller = more skewed label mixes)."""
+    examples_per_client: Optional[int] = Field(None, ge=3)
+    """Examples each client draws under data.partition=sampled (and only there)."""
     shards_per_client: int = Field(2, ge=1)
     tokenizer: Literal["byte", "gpt2", "model"] = "byte"
     """byte: 256 bytes + specials; gpt2: GPT-2 BPE shipped in a package; model: from model.path."""
@@ -104,6 +109,16 @@ class DataConfig(_Section):
     min_client_examples: int = Field(10, ge=3)
     max_examples: Optional[int] = Field(None, ge=10)
     """Use only this many examples of the data set (seeded subsample): for quick runs."""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.partition == "sampled") != (self.examples_per_client is not None):
+            raise ValueError("data.examples_per_client goes with data.partition=sampled, and only there: "
+                             f"got partition={self.partition}, examples_per_client={self.examples_per_client}")
+        if self.examples_per_client is not None and self.examples_per_client < self.min_client_examples:
+            raise ValueError(f"data.examples_per_client={self.examples_per_client} is below "
+                             f"data.min_client_examples={self.min_client_examples}")
+        return self
 
 
 class FedConfig(_Section):

@@ -24,6 +24,10 @@ class ClassificationConfig(ConfigSection):
     it (else it would cost a second scoring pass per label, most of evaluation's time)."""
 
 
+SCORING_LOGITS_BYTES = 64 * 2**20
+"""Bound on the float32 continuation logits of one scoring pass."""
+
+
 @register_task("classification")
 class ClassificationTask(TaskType):
     config_section = ClassificationConfig
@@ -35,7 +39,8 @@ class ClassificationTask(TaskType):
         max_length = data_config.max_length
         self.label_names = list(corpus.label_names)
         words = [tokenizer.encode(" " + name) for name in self.label_names]
-        ended = self.options.end_token == "always" or prefix_clash(words)
+        # a subclass's own config section may name only prompt_suffix: the default then holds
+        ended = getattr(self.options, "end_token", "auto") == "always" or prefix_clash(words)
         self.answers = [w + [tokenizer.eos_id] if ended else w for w in words]
         self.suffix = tokenizer.encode(self.options.prompt_suffix)
         self.max_prompt = max_length - max(len(a) for a in self.answers)
@@ -73,8 +78,9 @@ class ClassificationTask(TaskType):
         was_training = model.training
         model.eval()
         sums = self.empty_sums()
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+        step = self.examples_per_pass(model, batch_size)
+        for start in range(0, len(examples), step):
+            chunk = examples[start:start + step]
             gold = torch.tensor([ex["label"] for ex in chunk])
             ll, ntok = self.label_log_likelihoods(model, [ex["prompt"] for ex in chunk], device)
             finite = torch.isfinite(ll).all(-1)
@@ -86,6 +92,17 @@ class ClassificationTask(TaskType):
             sums[4] += (~finite).sum()
         model.train(was_training)
         return sums
+
+    def examples_per_pass(self, model, batch_size: int) -> int:
+        """eval.batch_size, or fewer where the answers' continuation logits (examples x labels x
+        answer tokens x vocabulary) would pass SCORING_LOGITS_BYTES: 16 outlet names of up to 4
+        GPT-2 tokens at batch 32 took 650 MB of peak memory, at 6 a tenth, and no longer."""
+        width = max(len(a) for a in self.answers)
+        if width == 1:
+            return batch_size
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or self.tok.vocab_size
+        per_example = len(self.answers) * (width - 1) * vocab * 4
+        return max(1, min(batch_size, SCORING_LOGITS_BYTES // per_example))
 
     def label_log_likelihoods(self, model, prompts: list[list[int]], device: torch.device):
         """(examples, labels) summed log-probabilities of every label's answer after each

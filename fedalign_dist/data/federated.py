@@ -78,7 +78,8 @@ def build_federated_data(data_cfg, num_clients: int, seed: int, tokenizer) -> Fe
     groups = np.asarray(frame["group"]) if corpus.groups is not None else None
     parts = part.partition(labels, groups, len(frame), num_clients, data_cfg.partition, seed,
                            alpha=data_cfg.alpha, shards_per_client=data_cfg.shards_per_client,
-                           min_size=data_cfg.min_client_examples, source=data_cfg.name)
+                           min_size=data_cfg.min_client_examples, source=data_cfg.name,
+                           per_client=data_cfg.examples_per_client)
     split_rng = np.random.default_rng([seed, 0x5911])
     clients = [part.split_client(p, data_cfg.val_fraction, data_cfg.test_fraction, split_rng) for p in parts]
     return FederatedData(task, encoded, labels, clients, corpus.label_names)

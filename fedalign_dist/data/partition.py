@@ -43,6 +43,30 @@ def label_shards(labels: np.ndarray, num_clients: int, shards_per_client: int,
     return [np.sort(np.concatenate([shards[s] for s in row])) for row in assignment]
 
 
+def sampled(labels: np.ndarray | None, num_examples: int, num_clients: int, per_client: int, alpha: float,
+            rng: np.random.Generator) -> list[np.ndarray]:
+    """Every client draws `per_client` examples from the whole data set, its label mix ~ Dir(alpha)
+    (uniform over examples when unlabelled): clients may share examples, so there can be more
+    clients than the data could split (systems measurements at 100k clients, not accuracy
+    claims). A client's examples are distinct (a repeat drawn is dropped, so it may hold a few
+    fewer). Vectorised: 100k clients take about a second."""
+    if labels is None:
+        drawn = rng.integers(num_examples, size=(num_clients, per_client))
+    else:
+        classes, class_of = np.unique(labels, return_inverse=True)
+        mixes = np.cumsum(rng.dirichlet(np.full(len(classes), alpha), size=num_clients), axis=1)
+        wanted = (rng.random((num_clients, per_client))[..., None] > mixes[:, None, :]).sum(-1)
+        wanted = np.minimum(wanted, len(classes) - 1)  # a cumulative sum a rounding short of 1
+        drawn = np.empty_like(wanted)
+        for k in range(len(classes)):
+            members, slots = np.flatnonzero(class_of == k), wanted == k
+            drawn[slots] = members[rng.integers(len(members), size=int(slots.sum()))]
+    drawn.sort(axis=1)
+    fresh = np.ones_like(drawn, dtype=bool)
+    fresh[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    return [row[keep] for row, keep in zip(drawn.astype(np.int64), fresh)]
+
+
 def natural(groups: np.ndarray, num_clients: int) -> list[np.ndarray]:
     """One client per natural group (e.g. news outlet)."""
     group_ids = np.unique(groups)
@@ -54,7 +78,7 @@ def natural(groups: np.ndarray, num_clients: int) -> list[np.ndarray]:
 
 def partition(labels: np.ndarray | None, groups: np.ndarray | None, num_examples: int, num_clients: int,
               scheme: str, seed: int, alpha: float = 0.5, shards_per_client: int = 2, min_size: int = 1,
-              source: str = "the data source") -> list[np.ndarray]:
+              source: str = "the data source", per_client: int | None = None) -> list[np.ndarray]:
     rng = np.random.default_rng([seed, 0xDA7A])
     if scheme in ("dirichlet", "label_shards") and labels is None:
         raise PartitionError(f"data.partition={scheme} splits by label, but {source} has no labels: use "
@@ -65,6 +89,10 @@ def partition(labels: np.ndarray | None, groups: np.ndarray | None, num_examples
         parts = dirichlet(labels, num_clients, alpha, rng, min_size)
     elif scheme == "label_shards":
         parts = label_shards(labels, num_clients, shards_per_client, rng)
+    elif scheme == "sampled":
+        if per_client is None:
+            raise PartitionError("data.partition=sampled needs data.examples_per_client")
+        parts = sampled(labels, num_examples, num_clients, per_client, alpha, rng)
     elif scheme == "natural":
         if groups is None:
             raise PartitionError(f"data.partition=natural needs each example's natural client, but {source} "

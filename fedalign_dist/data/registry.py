@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 _SOURCES: dict[str, type["DataSource"]] = {}
 _TASKS: dict[str, type] = {}
 _RESERVED = {"name", "task", "partition", "alpha", "shards_per_client", "tokenizer", "max_length",
-             "val_fraction", "test_fraction", "min_client_examples", "max_examples"}
+             "val_fraction", "test_fraction", "min_client_examples", "max_examples",
+             "examples_per_client"}
 """DataConfig's own keys: a source or task type of that name would shadow one."""
 
 T = TypeVar("T")

@@ -45,3 +45,30 @@ def test_client_split_is_disjoint():
     split = split_client(np.arange(50), 0.1, 0.2, np.random.default_rng(0))
     assert len(split["test"]) == 10 and len(split["val"]) == 5 and len(split["train"]) == 35
     _check_disjoint_cover(list(split.values()), 50)
+
+
+def test_sampled_gives_more_clients_than_examples_each_a_distinct_skewed_draw():
+    parts = partition(LABELS, None, len(LABELS), 1000, "sampled", seed=0, alpha=0.1, min_size=5, per_client=12)
+    assert len(parts) == 1000  # 1000 clients from 300 examples: clients share examples
+    assert all(5 <= len(p) <= 12 and len(np.unique(p)) == len(p) and p.max() < len(LABELS) for p in parts)
+    assert np.mean([len(p) for p in parts]) > 10  # repeats dropped are few
+    table = label_table(parts, LABELS, 5)
+    skewed = (table.max(1) / table.sum(1)).mean()
+    even = label_table(partition(LABELS, None, len(LABELS), 1000, "sampled", seed=0, alpha=100.0, per_client=12),
+                       LABELS, 5)
+    assert skewed > (even.max(1) / even.sum(1)).mean() + 0.3  # alpha sets each client's label mix
+    again = partition(LABELS, None, len(LABELS), 1000, "sampled", seed=0, alpha=0.1, min_size=5, per_client=12)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))  # a pure function of the seed
+    unlabelled = partition(None, None, 50, 20, "sampled", seed=0, per_client=8)
+    assert all(len(np.unique(p)) == len(p) and p.max() < 50 for p in unlabelled)
+
+
+def test_sampled_needs_its_size_in_config():
+    from fedalign_dist.config import load_config
+    with pytest.raises(ValueError, match="examples_per_client"):
+        load_config(None, ["data.partition=sampled"])
+    with pytest.raises(ValueError, match="examples_per_client"):
+        load_config(None, ["data.examples_per_client=20"])
+    with pytest.raises(ValueError, match="min_client_examples"):
+        load_config(None, ["data.partition=sampled", "data.examples_per_client=5"])
+    assert load_config(None, ["data.partition=sampled", "data.examples_per_client=20"]).data.examples_per_client == 20

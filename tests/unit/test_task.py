@@ -115,3 +115,21 @@ def test_single_token_answers_are_scored_from_the_prompt_alone():
         want, want_count = _scored_as_full_sequences(model, task, prompts)
     assert count.eq(1).all() and torch.equal(count, want_count)
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_scoring_passes_keep_the_continuation_logits_bounded():
+    """Many multi-token labels over a large vocabulary: fewer examples per pass, the logits of
+    one pass within the budget; one-token answers and small vocabularies keep eval.batch_size."""
+    from types import SimpleNamespace
+
+    from fedalign_dist.data.classification import SCORING_LOGITS_BYTES
+    from fedalign_dist.data.tokenizer import build_tokenizer
+    tok = build_tokenizer("gpt2")
+    big = SimpleNamespace(config=SimpleNamespace(vocab_size=tok.vocab_size))
+    outlets = classification([f"outlet number {i}" for i in range(16)], tokenizer=tok)
+    width = max(map(len, outlets.answers))
+    step = outlets.examples_per_pass(big, 32)
+    assert 1 <= step < 32 and step * 16 * (width - 1) * tok.vocab_size * 4 <= SCORING_LOGITS_BYTES
+    assert classification(["business", "tech"], tokenizer=tok).examples_per_pass(big, 32) == 32
+    small = SimpleNamespace(config=SimpleNamespace(vocab_size=ByteTokenizer().vocab_size))
+    assert classification(["sport", "tech"]).examples_per_pass(small, 32) == 32
