@@ -7,12 +7,15 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Callable
 
 from fedalign_dist import faults
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported where tensors are read or written: the launcher reads
+# checkpoint folders (latest_checkpoint) and must not hold torch for the whole run.
 
 
 def _publish(tmp: Path, target: Path, synced: set[str] = frozenset()) -> None:
@@ -61,6 +64,7 @@ def commit_checkpoint(run_dir: Path, round_idx: int, global_state: dict, strateg
     """client_files: every rank's {path: sha256} of the client states it staged (already
     synced): neither hashed nor synced again, so a checkpoint's cost follows the clients
     changed since the last one."""
+    from safetensors.torch import save_file
     tmp, target = staging_dir(run_dir, round_idx), checkpoint_dir(run_dir, round_idx)
     save_file({n: t.contiguous() for n, t in global_state.items()}, str(tmp / "global.safetensors"))
     save_strategy_state(tmp, strategy_state)
@@ -116,12 +120,16 @@ def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
 def save_strategy_state(folder: Path, state: dict) -> None:
     """Tensors as safetensors, everything else (None, numbers, strings) as JSON: a checkpoint
     holds data only, never code that loading it would run (as unpickling can)."""
+    import torch
+    from safetensors.torch import save_file
     tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     save_file(tensors, str(folder / "strategy.safetensors"))
     (folder / "strategy.json").write_text(json.dumps({k: v for k, v in state.items() if k not in tensors}))
 
 
 def load_strategy_state(folder: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
     if not (folder / "strategy.safetensors").exists() and (folder / "strategy.pt").exists():
         return torch.load(folder / "strategy.pt", weights_only=True)  # checkpoints of earlier versions
     return {**json.loads((folder / "strategy.json").read_text()), **load_file(str(folder / "strategy.safetensors"))}
@@ -129,6 +137,7 @@ def load_strategy_state(folder: Path) -> dict:
 
 def load_checkpoint(folder: Path) -> tuple[int, dict, dict]:
     """(round, global state, strategy state) of a committed checkpoint."""
+    from safetensors.torch import load_file
     meta = json.loads((folder / "meta.json").read_text())
     return meta["round"], load_file(str(folder / "global.safetensors")), load_strategy_state(folder)
 
@@ -160,6 +169,8 @@ def save_final(run_dir: Path, global_state: dict, module: torch.nn.Module, finet
     (FedAMoLE), else LoRA: a PEFT adapter directory (final/adapter) plus, when given, the base
     model it belongs to (final/base_model); full fine-tuning: a Hugging Face checkpoint of the
     global model (final/model)."""
+    from safetensors.torch import save_file
+
     def fill(folder: Path):
         save_file({n: t.contiguous() for n, t in global_state.items()}, str(folder / "global.safetensors"))
         if export is not None and export(folder):

@@ -1,7 +1,7 @@
 """The `fedalign-dist` command (also `python -m fedalign_dist`).
 
   fedalign-dist train --config configs/demo.yaml fed.rounds=3      one rank (under torchrun/srun: each rank)
-  fedalign-dist run --nproc 2 --config configs/demo.yaml           local multi-process run (wraps torchrun)
+  fedalign-dist run --nproc 2 --config configs/demo.yaml           local multi-process run (one process per rank)
   fedalign-dist partition --config configs/demo.yaml               per-client label table + PNG
   fedalign-dist report runs/demo                                   summary.md + plots of a run folder
   fedalign-dist bench --grid configs/bench/quality.yaml --out DIR  a (scenario x method x seed) grid, resumable
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     with_config(sub.add_parser("train", help="run training in this process (one rank)", epilog=EPILOG))
-    run = with_config(sub.add_parser("run", help="launch a local multi-process run through torchrun",
+    run = with_config(sub.add_parser("run", help="launch a local multi-process run (one process per rank)",
                                      epilog=EPILOG))
     run.add_argument("--nproc", type=int, default=2, help="number of ranks (processes) on this machine")
     part = with_config(sub.add_parser("partition", help="print the per-client label table and write a PNG",
@@ -76,21 +76,28 @@ def config_args(args) -> list[str]:
 
 
 def cmd_run(args) -> int:
+    """The launcher: it checks through a child process and starts the ranks, and imports no
+    torch (the config is validated by the child; rank processes do the rest)."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
     overrides = config_args(args)
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (got {args.nproc})")
-    cfg = load_config(args.config, overrides)
     rank_args = (["--config", args.config] if args.config else []) + overrides
-    # fail once, before any rank starts; in a child process, so the launcher does not hold the
-    # data (nor transformers and datasets) for the whole run
-    import subprocess
-    checked = subprocess.run([sys.executable, "-m", "fedalign_dist.launch_checks", "--nproc", str(args.nproc),
-                              *rank_args])
-    if checked.returncode != 0:
-        return checked.returncode
+    # fail once, before any rank starts; in a child process, so the launcher holds neither
+    # the data nor torch, transformers and datasets for the whole run
+    with tempfile.TemporaryDirectory(prefix="fedalign_checks_") as tmp:
+        told = Path(tmp) / "checked.json"
+        checked = subprocess.run([sys.executable, "-m", "fedalign_dist.launch_checks", "--nproc", str(args.nproc),
+                                  "--tell", str(told), *rank_args])
+        if checked.returncode != 0:
+            return checked.returncode
+        run_dir = Path(json.loads(told.read_text())["run_dir"])
     from fedalign_dist.dist.local_launch import launch_local
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank; ranks share the cores
-    return launch_local(args.nproc, rank_args, cfg.run_dir, args.argv)
+    return launch_local(args.nproc, rank_args, run_dir, args.argv)
 
 
 def cmd_train(args) -> int:

@@ -88,3 +88,27 @@ def test_ctrl_c_stops_every_rank_quietly_and_prints_the_command_that_resumes(tmp
     rerun = [sys.executable, "-m", "fedalign_dist", *resume[1:-1], "fed.rounds=4", "run.resume=true"]
     done = subprocess.run(rerun, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "resumed from round_000" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_a_rank_killed_from_outside_ends_the_run_and_is_named_as_the_cause(tmp_path, tiny_overrides):
+    """SIGKILL (the OOM killer, a user's kill) leaves no error file: the launcher names the
+    killed rank, not the peer that then failed on the broken connection, and stops that peer."""
+    import signal
+    from tests.faults import _children, _rank_of, rounds_logged
+    args = [sys.executable, "-m", "fedalign_dist", "run", "--nproc", "2", "--config", "configs/demo.yaml",
+            *tiny_overrides, "fed.rounds=30", "run.name=r", "strategy.name=fedavg"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while rounds_logged(tmp_path / "r") < 1 and time.time() < deadline:
+        time.sleep(0.2)
+    ranks = _children(proc.pid)
+    victim = next(pid for pid in ranks if _rank_of(pid) == 1)
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.time()
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, text[-4000:]
+    assert time.time() - killed_at < 40  # the peer ends by itself, or is stopped after 10 + 10 s
+    assert "the run failed: rank 1 exited with code -9 (killed by SIGKILL)" in text, text[-4000:]
+    assert not [pid for pid in ranks if os.path.exists(f"/proc/{pid}") and
+                open(f"/proc/{pid}/stat").read().split()[2] != "Z"], "a rank outlived the launcher"
