@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,17 +18,41 @@ from fedalign_dist.clients.solo_mpu import SoloMPU
 NamedTensors = dict[str, torch.Tensor]
 
 
-def deepspeed_config(cfg) -> dict:
+@dataclass(frozen=True)
+class StepPath:
+    """Which parts of DeepSpeed's step a client's engine runs. Every engine is data-parallel
+    size 1 (SoloMPU), so DeepSpeed's gradient all-reduce is an identity that still flattens
+    and copies every gradient, and zero-fills the gradient of every expert no token reached
+    (AdamW then moves those experts by momentum and weight decay, as plain torch would not);
+    its fp32 gradient clipping runs collectives over the size-1 group. Both are skipped for
+    ZeRO-0 in fp32, where the engine's optimizer is the plain torch one; ZeRO-1/2 reduce and
+    bf16 clips inside DeepSpeed's own optimizers, so those keep the full path."""
+    backward_allreduce: bool
+    deepspeed_clipping: bool
+
+    @classmethod
+    def lean(cls, cfg) -> "StepPath":
+        full = cfg.deepspeed.zero_stage > 0 or cfg.deepspeed.bf16
+        return cls(backward_allreduce=full, deepspeed_clipping=full)
+
+    @classmethod
+    def full(cls) -> "StepPath":
+        return cls(backward_allreduce=True, deepspeed_clipping=True)
+
+
+def deepspeed_config(cfg, path: StepPath | None = None) -> dict:
+    path = path or StepPath.lean(cfg)
     return {
         "train_batch_size": cfg.local.batch_size,  # dp size 1: micro batch x grad accumulation
         "train_micro_batch_size_per_gpu": cfg.local.batch_size,
         "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.local.grad_clip,
+        "gradient_clipping": cfg.local.grad_clip if path.deepspeed_clipping else 0.0,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": cfg.deepspeed.bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False}},
     }
 
 
@@ -59,16 +84,18 @@ class LocalTrainer:
     engines_built = 0
     """DeepSpeed engines built in this process (a run reports how many it built: one per rank)."""
 
-    def __init__(self, model: torch.nn.Module, cfg, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cfg, device: torch.device, path: StepPath | None = None):
         import deepspeed
         self.cfg, self.device = cfg, device
+        self.path = path or StepPath.lean(cfg)
         model.to(device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)
         _skip_shared_memory_comm_op()
         with _launcher_variables():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=deepspeed_config(cfg), mpu=SoloMPU())
+                model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.path), mpu=SoloMPU())
+        self.engine.enable_backward_allreduce = self.path.backward_allreduce
         LocalTrainer.engines_built += 1
         self.params = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
         # ZeRO-0 + bf16 keeps its fp32 masters in lists parallel to the bf16 parameters
@@ -142,6 +169,8 @@ class LocalTrainer:
             objective, task_loss = loss_fn(self.engine, batch)
             extra = regularizer(self.params)
             self.engine.backward(objective if extra is None else objective + extra)
+            if not self.path.deepspeed_clipping and self.cfg.local.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params.values(), self.cfg.local.grad_clip)
             self.engine.step()
             losses.append(float(task_loss.detach()))
         return float(np.mean(losses)) if losses else float("nan")

@@ -6,7 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from fedalign_dist.clients.trainer import LocalTrainer, client_batches
+from fedalign_dist.clients.trainer import LocalTrainer, StepPath, client_batches
 from fedalign_dist.config import load_config
 from fedalign_dist.data.federated import build_federated_data
 from fedalign_dist.data.tokenizer import ByteTokenizer
@@ -54,6 +54,24 @@ if env.rank == 1:
     redo = train_client(0)
     flat0 = torch.cat([redo[n].reshape(-1) for n in sorted(redo)])
     torch.testing.assert_close(flat0, gathered[0], rtol=0, atol=0)
+
+if stage == 0:
+    # ZeRO-0 in fp32 takes the lean step (no size-1 gradient all-reduce, torch's clipping):
+    # bitwise the plain torch loop, AdamW and clip_grad_norm_ on the same batches
+    assert trainer.path == StepPath(backward_allreduce=False, deepspeed_clipping=False)
+    plain = {n: p for n, p in trainer.module.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, p in plain.items():
+            p.copy_(start[name])
+    optimizer = torch.optim.AdamW(plain.values(), lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)
+    trainer.module.train()
+    for batch in client_batches(data, data.clients[env.rank]["train"], 4, 4, 0, 0, env.rank):
+        optimizer.zero_grad(set_to_none=True)
+        data.task.loss(trainer.module, batch, 0.01).backward()
+        torch.nn.utils.clip_grad_norm_(plain.values(), cfg.local.grad_clip)
+        optimizer.step()
+    for name, p in plain.items():
+        assert torch.equal(p.detach(), first[name]), f"lean step differs from plain torch ({name})"
 dist.barrier()
 print(f"rank {env.rank} stage {stage} OK")
 dist.destroy_process_group()
