@@ -1,7 +1,8 @@
 """What a checkpoint costs with many clients holding state on disk (fed.client_state=disk),
 and how that cost follows the clients changed since the previous checkpoint: a disk store
 with N clients' states (each the size of one tiny-Mixtral personal expert set), a first
-checkpoint, then `changed` clients rewritten and a second checkpoint.
+checkpoint, then three more, each after `changed` clients were rewritten (keep=2: the last
+two also prune one and free the blobs no kept checkpoint names).
 
     python bench/checkpoint_cost_report.py [--clients 20000] [--changed 16]     # ~1 min
 """
@@ -23,9 +24,10 @@ from fedalign_dist.clients.state import DiskClientStore  # noqa: E402
 
 def one_checkpoint(run_dir: Path, store: DiskClientStore, round_idx: int, global_state: dict) -> float:
     start = time.perf_counter()
-    staging = checkpoint.begin_checkpoint(run_dir, round_idx)
-    digests = store.export_to(staging / "clients")
-    checkpoint.commit_checkpoint(run_dir, round_idx, global_state, {}, keep=2, client_files=[digests])
+    checkpoint.begin_checkpoint(run_dir, round_idx)
+    entries = store.export_to(checkpoint.blob_dir(run_dir))
+    checkpoint.stage_client_part(run_dir, round_idx, 0, entries)
+    checkpoint.commit_checkpoint(run_dir, round_idx, global_state, {}, keep=2)
     return time.perf_counter() - start
 
 
@@ -42,15 +44,20 @@ def main() -> None:
         store = DiskClientStore(run_dir / "clients" / "rank0")
         start = time.perf_counter()
         for client in range(args.clients):
-            store.put(client, "personal", expert)
+            store.put(client, "personal", {k: v + client for k, v in expert.items()})  # distinct contents
         written = time.perf_counter() - start
         first = one_checkpoint(run_dir, store, 0, global_state)
-        for client in range(args.changed):
-            store.put(client, "personal", {k: v + 1 for k, v in expert.items()})
-        second = one_checkpoint(run_dir, store, 1, global_state)
-        assert checkpoint.verify_checkpoint(checkpoint.checkpoint_dir(run_dir, 1)) is None
+        later = []
+        for round_idx in (1, 2, 3):  # from the third on, each also prunes one and frees its blobs
+            for client in range(args.changed):
+                store.put(client, "personal", {k: v + client + round_idx / 8 for k, v in expert.items()})
+            later.append(one_checkpoint(run_dir, store, round_idx, global_state))
+        assert checkpoint.verify_checkpoint(checkpoint.checkpoint_dir(run_dir, 3)) is None
+        blobs = len(list(checkpoint.blob_dir(run_dir).glob("*/*.safetensors")))
+        assert blobs == args.clients + args.changed  # rounds 2 and 3 kept
         print(f"{args.clients} clients' states written in {written:.1f} s; first checkpoint {first:.2f} s; "
-              f"after {args.changed} changed: {second:.2f} s")
+              f"then {args.changed} changed before each: {', '.join(f'{s:.2f}' for s in later)} s "
+              f"({blobs} blobs kept)")
 
 
 if __name__ == "__main__":

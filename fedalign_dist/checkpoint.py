@@ -18,11 +18,10 @@ if TYPE_CHECKING:
 # checkpoint folders (latest_checkpoint) and must not hold torch for the whole run.
 
 
-def _publish(tmp: Path, target: Path, synced: set[str] = frozenset()) -> None:
-    """fsync every file of `tmp` but those named in `synced` (paths relative to tmp, synced
-    by their writers), then swap it in under `target` by rename."""
+def _publish(tmp: Path, target: Path) -> None:
+    """fsync every file of `tmp`, then swap it in under `target` by rename."""
     for path in tmp.rglob("*"):
-        if path.is_file() and str(path.relative_to(tmp)) not in synced:
+        if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
     shutil.rmtree(target, ignore_errors=True)
@@ -38,10 +37,17 @@ def _atomic_write_dir(target: Path, fill) -> None:
 
 
 # -- periodic checkpoints: staged by every rank, committed by the coordinator ---------------
-#   1. coordinator: begin_checkpoint()    (empty staging folder)
-#   2. every rank:  its client states into staging_dir()/clients (synced; their digests, taken
-#                   when the states were written, reach the coordinator)
-#   3. coordinator: commit_checkpoint()   (global + strategy state, fsync, rename, prune)
+#   1. coordinator: begin_checkpoint()     (empty staging folder)
+#   2. every rank:  its client states' new contents into the blob pool (store.export_to),
+#                   then stage_client_part(): {client/key: sha256} of every state it holds
+#   3. coordinator: commit_checkpoint()    (global + strategy state, fsync, rename, prune)
+# Client states live in checkpoints/blobs/, named by their sha256 and shared by every
+# checkpoint that holds them: a checkpoint writes, links and syncs only the states changed
+# since the previous one, and its own folder has a handful of files whatever the clients.
+
+CLIENT_PARTS = "client_states"
+"""A checkpoint's folder of per-rank parts: {"client_000012/personal": sha256, ...}."""
+
 
 def checkpoint_dir(run_dir: Path, round_idx: int) -> Path:
     return run_dir / "checkpoints" / f"round_{round_idx:05d}"
@@ -52,18 +58,33 @@ def staging_dir(run_dir: Path, round_idx: int) -> Path:
     return target.with_name(target.name + ".tmp")
 
 
+def blob_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / "blobs"
+
+
+def blob_path(blobs: Path, digest: str) -> Path:
+    return blobs / digest[:2] / f"{digest}.safetensors"
+
+
 def begin_checkpoint(run_dir: Path, round_idx: int) -> Path:
     tmp = staging_dir(run_dir, round_idx)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    (tmp / CLIENT_PARTS).mkdir(parents=True)
     return tmp
 
 
+def stage_client_part(run_dir: Path, round_idx: int, rank: int, entries: dict[str, str]) -> None:
+    """One rank's part of the checkpoint's client index; the blobs it names are already
+    in the pool, synced."""
+    path = staging_dir(run_dir, round_idx) / CLIENT_PARTS / f"rank_{rank:05d}.json"
+    with open(path, "w") as f:
+        json.dump(entries, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def commit_checkpoint(run_dir: Path, round_idx: int, global_state: dict, strategy_state: dict,
-                      keep: int, client_files: list[dict[str, str]] = ()) -> Path:
-    """client_files: every rank's {path: sha256} of the client states it staged (already
-    synced): neither hashed nor synced again, so a checkpoint's cost follows the clients
-    changed since the last one."""
+                      keep: int) -> Path:
     from safetensors.torch import save_file
     tmp, target = staging_dir(run_dir, round_idx), checkpoint_dir(run_dir, round_idx)
     save_file({n: t.contiguous() for n, t in global_state.items()}, str(tmp / "global.safetensors"))
@@ -71,14 +92,68 @@ def commit_checkpoint(run_dir: Path, round_idx: int, global_state: dict, strateg
     faults.maybe_raise("checkpoint_commit")
     # The manifest is written last: a checkpoint without it, or whose files do not match
     # it, is incomplete or corrupt.
-    known = {rel: digest for part in client_files for rel, digest in part.items()}
-    files = {str(p.relative_to(tmp)): known.get(str(p.relative_to(tmp))) or _sha256(p)
-             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / "meta.json").write_text(json.dumps({"round": round_idx, "files": files}))
-    _publish(tmp, target, synced=set(known))
-    for old in sorted((run_dir / "checkpoints").glob("round_?????"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _publish(tmp, target)
+    prune_checkpoints(run_dir, keep)
     return target
+
+
+def client_entries(folder: Path) -> dict[tuple[int, str], tuple[Path, str | None]]:
+    """(client, key) -> (file, sha256 or None where unrecorded) of a committed checkpoint's
+    client states, read from its parts (or, for checkpoints of earlier versions, from the
+    client_XXXXXX/KEY.safetensors files of its clients/ folder)."""
+    folder = Path(folder)
+    out = {}
+    if (folder / CLIENT_PARTS).is_dir():
+        blobs = blob_dir(folder.parent.parent)
+        for name, digest in _client_index(folder).items():
+            client, key = name.split("/", 1)
+            out[(int(client.removeprefix("client_")), key)] = (blob_path(blobs, digest), digest)
+        return out
+    for path in sorted((folder / "clients").glob("client_*/*.safetensors")):
+        out[(int(path.parent.name.removeprefix("client_")), path.name.removesuffix(".safetensors"))] = (path, None)
+    return out
+
+
+def _client_index(folder: Path) -> dict[str, str]:
+    """{"client_XXXXXX/KEY": sha256} over the ranks' parts of a checkpoint."""
+    index = {}
+    for part in sorted((folder / CLIENT_PARTS).glob("rank_*.json")):
+        index.update(json.loads(part.read_text()))
+    return index
+
+
+def _blob_digests(folder: Path) -> set[str]:
+    try:
+        return set(_client_index(folder).values())
+    except (OSError, ValueError):
+        return set()  # a damaged checkpoint keeps no blob alive
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints; a blob goes with the last checkpoint naming it."""
+    folders = sorted((run_dir / "checkpoints").glob("round_?????"))
+    old, kept = folders[:-keep], folders[-keep:]
+    if not old:
+        return
+    alive = set().union(*map(_blob_digests, kept))
+    for folder in old:
+        for digest in _blob_digests(folder) - alive:
+            blob_path(blob_dir(run_dir), digest).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep_blobs(run_dir: Path) -> int:
+    """Remove the blobs that no checkpoint names (staged by a checkpoint that never
+    committed); call when no rank is staging. Returns how many went."""
+    alive = set().union(set(), *map(_blob_digests, (run_dir / "checkpoints").glob("round_?????")))
+    gone = 0
+    for path in blob_dir(run_dir).glob("*/*.safetensors"):
+        if path.name.removesuffix(".safetensors") not in alive:
+            path.unlink(missing_ok=True)
+            gone += 1
+    return gone
 
 
 def _sha256(path: Path) -> str:
@@ -90,7 +165,8 @@ def _sha256(path: Path) -> str:
 
 
 def verify_checkpoint(folder: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    """None if the checkpoint is complete and intact (its client states included), else
+    what is wrong with it."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         files = meta["files"]
@@ -102,6 +178,15 @@ def verify_checkpoint(folder: Path) -> str | None:
             return f"{rel} is missing"
         if _sha256(path) != digest:
             return f"{rel} does not match its checksum"
+    checked = set()
+    for (client, key), (path, digest) in client_entries(folder).items():
+        if digest is None or digest in checked:
+            continue  # an earlier version's file: checked above, through the manifest
+        if not path.is_file():
+            return f"client {client}'s {key} state ({path.name}) is missing"
+        if _sha256(path) != digest:
+            return f"client {client}'s {key} state ({path.name}) does not match its checksum"
+        checked.add(digest)
     return None
 
 

@@ -46,7 +46,8 @@ class RunLifecycle:
             self.strategy.load_state_dict(strategy_state)
             self.store.clear()
             hosted = set(clients_of_rank(self.env.rank, self.cfg.fed.num_clients, self.env.world_size))
-            self.store.import_from(folder / "clients", hosted)
+            self.store.import_from(folder, hosted)
+        on_coordinator("removing client states no checkpoint names", checkpoint.sweep_blobs, self.run_dir)
         records = on_coordinator("cutting the metrics back to the checkpoint",
                                  checkpoint.cut_metrics, self.run_dir, done) or []
         if self.env.is_coordinator:
@@ -69,10 +70,10 @@ class RunLifecycle:
             return
         on_coordinator("starting the checkpoint", checkpoint.begin_checkpoint, self.run_dir, round_idx)
         with all_ranks_agree("staging the client states"):
-            staged = self.store.export_to(checkpoint.staging_dir(self.run_dir, round_idx) / "clients")
-        staged = self.side.all_gather_json(staged)  # digests taken when written: not hashed again
+            entries = self.store.export_to(checkpoint.blob_dir(self.run_dir))
+            checkpoint.stage_client_part(self.run_dir, round_idx, self.env.rank, entries)
         on_coordinator("committing the checkpoint", checkpoint.commit_checkpoint, self.run_dir, round_idx,
-                       global_state, self.strategy.state_dict(), self.cfg.checkpoint.keep, staged)
+                       global_state, self.strategy.state_dict(), self.cfg.checkpoint.keep)
 
     def finish(self, trainer, tokenizer, global_state: dict, summary: dict) -> None:
         """The final model, then summary.json (a finished run's marker, written last and

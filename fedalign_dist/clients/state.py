@@ -2,8 +2,9 @@
 
 On disk, each (client, key) is one safetensors file written atomically, so thousands of
 clients cost disk, not memory: only the round's sampled clients are ever loaded.
-Checkpoints use the same layout (client_XXXXXX/KEY.safetensors), independent of the world
-size, so a run can resume with clients hosted elsewhere.
+Checkpoints index every (client, key) by the sha256 of its file in a pool of blobs shared
+by all checkpoints (checkpoint.py), independent of the world size, so a run can resume with
+clients hosted elsewhere.
 """
 from __future__ import annotations
 
@@ -40,35 +41,54 @@ class ClientStore:
         for client_id, key in self.entries():
             self.drop(client_id, key)
 
-    def export_to(self, folder: Path) -> dict[str, str]:
-        """Write every entry under `folder` in the checkpoint layout, each file synced; returns
-        {path relative to folder's parent: sha256} for the checkpoint's manifest."""
-        digests = {}
-        for client_id, key in self.entries():
-            target = entry_path(folder, client_id, key)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            digests[_relative(target, folder)] = _write_synced(
-                target, save_bytes({n: t.contiguous() for n, t in self.get(client_id, key).items()}))
-        return digests
+    def export_to(self, blobs: Path) -> dict[str, str]:
+        """Put the contents of the entries changed since the last export into the checkpoint
+        blob pool `blobs` (each file named by its sha256, synced); returns
+        {"client_XXXXXX/KEY": sha256} of every entry."""
+        raise NotImplementedError
 
-    def import_from(self, folder: Path, client_ids: set[int]) -> None:
-        """Load the entries of `client_ids` from a checkpoint folder."""
-        for client_id, key, path in scan_entries(folder):
+    def import_from(self, checkpoint_folder: Path, client_ids: set[int]) -> None:
+        """Load the entries of `client_ids` from a committed checkpoint."""
+        from fedalign_dist.checkpoint import client_entries
+        for (client_id, key), (path, _) in client_entries(checkpoint_folder).items():
             if client_id in client_ids:
                 self.put(client_id, key, load_file(path))
 
 
-def _relative(path: Path, folder: Path) -> str:
-    return str(Path(folder.name) / path.relative_to(folder))
+def entry_name(client_id: int, key: str) -> str:
+    return f"client_{client_id:06d}/{key}"
 
 
-def _write_synced(path: Path, data: bytes) -> str:
-    """Write `data` to `path` durably (fsync); its sha256."""
-    with open(path, "wb") as f:
+def _write_blob(blobs: Path, digest: str, data: bytes) -> None:
+    """The pool's file for `digest`, written durably unless it is already there."""
+    from fedalign_dist.checkpoint import blob_path
+    path = blob_path(blobs, digest)
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    return hashlib.sha256(data).hexdigest()
+    os.replace(tmp, path)
+
+
+def _link_blob(blobs: Path, digest: str, source: Path) -> None:
+    """The pool's file for `digest` as a hard link to `source` (synced); copied where the
+    file system has no links. Entries are replaced by rename, never rewritten in place, so
+    a link is a true snapshot."""
+    from fedalign_dist.checkpoint import blob_path
+    with open(source, "rb") as f:
+        os.fsync(f.fileno())
+    path = blob_path(blobs, digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, path)
+    except FileExistsError:
+        return  # the same contents, pooled before
+    except OSError:
+        _write_blob(blobs, digest, source.read_bytes())
 
 
 def entry_path(folder: Path, client_id: int, key: str) -> Path:
@@ -86,15 +106,18 @@ def scan_entries(folder: Path) -> list[tuple[int, str, Path]]:
 class MemoryClientStore(ClientStore):
     def __init__(self):
         self._data: dict[tuple[int, str], NamedTensors] = {}
+        self._pooled: dict[tuple[int, str], str] = {}  # sha256 of entries exported unchanged since
 
     def get(self, client_id, key):
         return self._data.get((client_id, key))
 
     def put(self, client_id, key, tensors):
         self._data[(client_id, key)] = {n: t.detach().cpu().clone() for n, t in tensors.items()}
+        self._pooled.pop((client_id, key), None)
 
     def drop(self, client_id, key):
         self._data.pop((client_id, key), None)
+        self._pooled.pop((client_id, key), None)
 
     def entries(self):
         return sorted(self._data)
@@ -102,24 +125,35 @@ class MemoryClientStore(ClientStore):
     def keys_of(self, client_id):
         return sorted(key for client, key in self._data if client == client_id)
 
+    def export_to(self, blobs):
+        for entry in self.entries():
+            if entry not in self._pooled:
+                data = save_bytes({n: t.contiguous() for n, t in self._data[entry].items()})
+                self._pooled[entry] = hashlib.sha256(data).hexdigest()
+                _write_blob(Path(blobs), self._pooled[entry], data)
+        return {entry_name(*entry): self._pooled[entry] for entry in self.entries()}
+
 
 class DiskClientStore(ClientStore):
-    """Each entry's sha256 is taken once, from the bytes written, and the file is synced once,
-    at the first checkpoint after it was written: a checkpoint hashes and syncs only the
-    entries changed since the previous one (unchanged ones are hard links with known digests)."""
+    """Each entry's sha256 is taken once, from the bytes written, and the file is synced and
+    linked into the checkpoint pool once, at the first checkpoint after it was written. The
+    index of entries is kept in memory: listing them touches no file."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._digests: dict[tuple[int, str], str] = {}
-        self._unsynced: set[tuple[int, str]] = set()
+        # entries left by an earlier process: digests taken when first exported
+        self._digests: dict[tuple[int, str], str | None] = {
+            (client_id, key): None for client_id, key, _ in scan_entries(self.root)}
+        self._unpooled: set[tuple[int, str]] = set(self._digests)
 
     def _path(self, client_id: int, key: str) -> Path:
         return entry_path(self.root, client_id, key)
 
     def get(self, client_id, key):
-        path = self._path(client_id, key)
-        return load_file(path) if path.exists() else None
+        if (client_id, key) not in self._digests:
+            return None
+        return load_file(self._path(client_id, key))
 
     def put(self, client_id, key, tensors):
         path = self._path(client_id, key)
@@ -129,42 +163,45 @@ class DiskClientStore(ClientStore):
         tmp.write_bytes(data)
         os.replace(tmp, path)
         self._digests[(client_id, key)] = hashlib.sha256(data).hexdigest()
-        self._unsynced.add((client_id, key))
+        self._unpooled.add((client_id, key))
 
     def drop(self, client_id, key):
         self._path(client_id, key).unlink(missing_ok=True)
         self._digests.pop((client_id, key), None)
-        self._unsynced.discard((client_id, key))
+        self._unpooled.discard((client_id, key))
 
     def entries(self):
-        return [(client_id, key) for client_id, key, _ in scan_entries(self.root)]
+        return sorted(self._digests)
 
     def keys_of(self, client_id):
         folder = entry_path(self.root, client_id, "x").parent
         return sorted(p.name.removesuffix(".safetensors") for p in folder.glob("*.safetensors"))
 
-    def export_to(self, folder):
-        # Entries are replaced by rename, never rewritten in place, so a hard link is a
-        # true snapshot; it costs no copy for thousands of clients.
-        digests = {}
-        for client_id, key, path in scan_entries(self.root):
-            entry = (client_id, key)
-            if entry in self._unsynced or entry not in self._digests:
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-                if entry not in self._digests:  # written by an earlier process: hashed once here
-                    self._digests[entry] = hashlib.sha256(path.read_bytes()).hexdigest()
-            target = entry_path(folder, client_id, key)
-            target.parent.mkdir(parents=True, exist_ok=True)
+    def import_from(self, checkpoint_folder, client_ids):
+        # a pooled blob is linked in, not rewritten: it is already synced and hashed
+        from fedalign_dist.checkpoint import client_entries
+        for (client_id, key), (source, digest) in client_entries(checkpoint_folder).items():
+            if client_id not in client_ids:
+                continue
+            path = self._path(client_id, key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
             try:
-                os.link(path, target)
+                os.link(source, path)
             except OSError:
-                shutil.copy2(path, target)
-                with open(target, "rb") as f:
-                    os.fsync(f.fileno())
-            digests[_relative(target, folder)] = self._digests[entry]
-        self._unsynced.clear()
-        return digests
+                shutil.copyfile(source, path)
+            self._digests[(client_id, key)] = digest
+            if digest is None:  # an earlier version's checkpoint: hashed when first exported
+                self._unpooled.add((client_id, key))
+
+    def export_to(self, blobs):
+        for entry in sorted(self._unpooled):
+            path = self._path(*entry)
+            if self._digests[entry] is None:
+                self._digests[entry] = hashlib.sha256(path.read_bytes()).hexdigest()
+            _link_blob(Path(blobs), self._digests[entry], path)
+        self._unpooled.clear()
+        return {entry_name(*entry): digest for entry, digest in sorted(self._digests.items())}
 
 
 def make_client_store(kind: str, root: str | Path) -> ClientStore:

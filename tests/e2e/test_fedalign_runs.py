@@ -6,6 +6,7 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
+from fedalign_dist import checkpoint
 from tests.conftest import torchrun
 
 TRAIN = ["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml"]
@@ -18,14 +19,19 @@ def _records(run_dir):
 
 
 def test_allgather_and_reduce_paths_agree(tmp_path, tiny_overrides):
-    common = tiny_overrides + ["strategy.name=fedalign", "fed.num_clients=4", "fed.clients_per_round=4"]
+    common = tiny_overrides + ["strategy.name=fedalign", "fed.num_clients=4", "fed.clients_per_round=4",
+                               "checkpoint.every=1"]
     torchrun(TRAIN + common + ["run.name=reduce", "strategy.fedalign.comm=reduce"], nproc=2)
     torchrun(TRAIN + common + ["run.name=gather", "strategy.fedalign.comm=allgather"], nproc=2)
-    reduce, gather = (load_file(tmp_path / f"{n}/final/global.safetensors") for n in ("reduce", "gather"))
-    assert reduce.keys() == gather.keys()
-    for name in reduce:
-        torch.testing.assert_close(reduce[name], gather[name], rtol=1e-3, atol=1e-4)
-        assert (reduce[name] - gather[name]).norm() <= 1e-5 * reduce[name].norm() + 1e-6
+    # the first aggregation differs only by the order of the sums (measured: 2e-8 relative);
+    # the next round's AdamW steps amplify that round-off (2e-5 after round 2: a first Adam
+    # step is lr-sized whatever the gradient)
+    for saved, bound in (("checkpoints/round_00000/global.safetensors", 1e-6), ("final/global.safetensors", 1e-4)):
+        reduce, gather = (load_file(tmp_path / n / saved) for n in ("reduce", "gather"))
+        assert reduce.keys() == gather.keys()
+        for name in reduce:
+            torch.testing.assert_close(reduce[name], gather[name], rtol=1e-3, atol=1e-4)
+            assert (reduce[name] - gather[name]).norm() <= bound * reduce[name].norm() + 1e-7, (saved, name)
     r_rec, g_rec = _records(tmp_path / "reduce"), _records(tmp_path / "gather")
     assert all(DIAGNOSTICS <= r.keys() for r in r_rec + g_rec)
     assert [r["aligned_fraction"] for r in r_rec] == [r["aligned_fraction"] for r in g_rec]
@@ -43,8 +49,8 @@ def test_personal_experts_survive_checkpoint_and_resume(tmp_path, tiny_overrides
                                "fed.num_clients=6", "fed.clients_per_round=4"]
     torchrun(TRAIN + common + ["run.name=full"], nproc=2)
     full = tmp_path / "full"
-    kept = sorted((full / "checkpoints/round_00001/clients").glob("client_*/personal_experts.safetensors"))
-    assert kept, "no personal experts in the round-1 checkpoint"
+    kept = [key for _, key in checkpoint.client_entries(full / "checkpoints/round_00001")]
+    assert "personal_experts" in kept, "no personal experts in the round-1 checkpoint"
 
     # A crash during round 2: its checkpoint and the final state never got written.
     crashed = tmp_path / "crashed"

@@ -20,16 +20,18 @@ def _records(run_dir):
 
 def test_results_do_not_depend_on_client_placement(tmp_path, tiny_overrides):
     """1 rank x 4 clients and 2 ranks x 2 clients give the same global model."""
-    common = tiny_overrides + ["fed.num_clients=4", "fed.clients_per_round=4"]
+    common = tiny_overrides + ["fed.num_clients=4", "fed.clients_per_round=4", "checkpoint.every=1"]
     torchrun(TRAIN + common + ["run.name=one"], nproc=1)
     torchrun(TRAIN + common + ["run.name=two"], nproc=2)
-    one, two = load_file(tmp_path / "one/final/global.safetensors"), load_file(tmp_path / "two/final/global.safetensors")
-    assert one.keys() == two.keys()
-    for name in one:
-        # Summation order differs (one all_reduce vs local sums), and Adam's normalisation can
-        # magnify a last-bit difference where a gradient is ~0: float tolerance, not bitwise.
-        torch.testing.assert_close(one[name], two[name], rtol=1e-3, atol=1e-4)
-        assert (one[name] - two[name]).norm() <= 1e-5 * one[name].norm() + 1e-6
+    # Summation order differs (one all_reduce vs local sums): the first aggregation agrees to
+    # float round-off; the next round's AdamW magnifies it where a gradient is ~0 or an
+    # expert takes its first step (a first Adam step is lr-sized whatever the gradient).
+    for saved, bound in (("checkpoints/round_00000/global.safetensors", 1e-6), ("final/global.safetensors", 1e-4)):
+        one, two = load_file(tmp_path / "one" / saved), load_file(tmp_path / "two" / saved)
+        assert one.keys() == two.keys()
+        for name in one:
+            torch.testing.assert_close(one[name], two[name], rtol=1e-3, atol=1e-4)
+            assert (one[name] - two[name]).norm() <= bound * one[name].norm() + 1e-7, (saved, name)
     r1, r2 = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert r1[-1]["train_loss"] == pytest.approx(r2[-1]["train_loss"], rel=1e-5)
     assert r1[-1]["global_accuracy"] == pytest.approx(r2[-1]["global_accuracy"], abs=1e-9)
@@ -73,7 +75,7 @@ def test_demo_two_ranks_writes_the_run_folder(tmp_path, tiny_overrides):
     assert (run / "config.yaml").is_file() and any((run / "tb").iterdir())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["engine_inits_per_rank"] == [1, 1]
-    checkpoints = sorted((run / "checkpoints").iterdir())
+    checkpoints = sorted((run / "checkpoints").glob("round_?????"))
     assert [c.name for c in checkpoints] == ["round_00001"]  # keep=1 pruned round 0
     torch.testing.assert_close(load_file(checkpoints[0] / "global.safetensors"),
                                load_file(run / "final/global.safetensors"))
