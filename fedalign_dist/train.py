@@ -46,9 +46,10 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
+    # an environment variable, not datasets.disable_progress_bars(): datasets is imported only
+    # where a user's files are read (its pyarrow and pandas cost every rank ~90 MB)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import transformers
-    datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # saving the final model: 'Writing model shards'
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import csr_array, kron, identity
 
 
 class InfeasibleAssignment(ValueError):
@@ -38,6 +36,9 @@ def selection_scores(expert_emb: torch.Tensor, client_emb: torch.Tensor) -> torc
 
 def solve_assignment(scores: np.ndarray, beta: int, max_experts: int, min_experts: int = 2) -> np.ndarray:
     """0/1 (E, N) maximising sum scores * X under the degree constraints."""
+    # imported here: scipy costs every rank ~40 MB, and only FedAMoLE's coordinator solves
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_array, identity, kron
     num_experts, num_clients = scores.shape
     check_feasible(num_experts, num_clients, beta, max_experts, min_experts)
     # x is X flattened row-major: x[i * N + c]

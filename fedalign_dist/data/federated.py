@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from datasets import Dataset
 
 from fedalign_dist.data import partition as part
 from fedalign_dist.data.registry import source_class, task_class
@@ -67,16 +66,19 @@ def build_federated_data(data_cfg, num_clients: int, seed: int, tokenizer) -> Fe
     task_type = task_class(data_cfg.task)
     task_type.check_corpus(corpus, data_cfg.name)
     n = len(corpus.texts)
-    columns = {"text": corpus.texts, "label": corpus.labels, "group": corpus.groups, "response": corpus.responses}
-    frame = Dataset.from_dict({k: v for k, v in columns.items() if v is not None})
+    rows = np.arange(n)
     if data_cfg.max_examples is not None and data_cfg.max_examples < n:
-        keep = np.random.default_rng([seed, 0x5B5]).choice(n, data_cfg.max_examples, replace=False)
-        frame = frame.select(np.sort(keep))
+        rows = np.sort(np.random.default_rng([seed, 0x5B5]).choice(n, data_cfg.max_examples, replace=False))
+    # plain columns, not a datasets.Dataset: that would cost every rank ~90 MB of pyarrow and
+    # pandas to pick rows of a list
+    columns = {k: [v[i] for i in rows] for k, v in {"text": corpus.texts, "label": corpus.labels,
+                                                     "group": corpus.groups, "response": corpus.responses}.items()
+               if v is not None}
     task = task_type(tokenizer, corpus, data_cfg, seed)
-    encoded = [task.encode({**row, "id": i}) for i, row in enumerate(frame)]
-    labels = np.asarray(frame["label"], dtype=np.int64) if corpus.labels is not None else None
-    groups = np.asarray(frame["group"]) if corpus.groups is not None else None
-    parts = part.partition(labels, groups, len(frame), num_clients, data_cfg.partition, seed,
+    encoded = [task.encode({**{k: v[i] for k, v in columns.items()}, "id": i}) for i in range(len(rows))]
+    labels = np.asarray(columns["label"], dtype=np.int64) if corpus.labels is not None else None
+    groups = np.asarray(columns["group"]) if corpus.groups is not None else None
+    parts = part.partition(labels, groups, len(rows), num_clients, data_cfg.partition, seed,
                            alpha=data_cfg.alpha, shards_per_client=data_cfg.shards_per_client,
                            min_size=data_cfg.min_client_examples, source=data_cfg.name,
                            per_client=data_cfg.examples_per_client)

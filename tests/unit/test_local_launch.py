@@ -43,3 +43,18 @@ def test_the_launcher_imports_no_torch():
             "launch_local, interrupted_report; import fedalign_dist.checkpoint; "
             "print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'datasets') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_a_rank_on_packaged_data_imports_neither_datasets_nor_pandas():
+    """A rank building its federated data from a packaged set (no user files) and every
+    strategy: datasets' pyarrow and pandas would cost each rank ~90 MB."""
+    import subprocess
+    code = ("import sys; from fedalign_dist.train import quiet_libraries, train; quiet_libraries(); "
+            "import fedalign_dist.strategies, fedalign_dist.runner; "
+            "from fedalign_dist.config import load_config; from fedalign_dist.data.tokenizer import ByteTokenizer; "
+            "from fedalign_dist.data.federated import build_federated_data; "
+            "cfg = load_config(None, ['data.max_examples=200', 'data.min_client_examples=5']); "
+            "data = build_federated_data(cfg.data, 4, 0, ByteTokenizer()); assert len(data.examples) == 200; "
+            "print(sorted(m for m in ('datasets', 'pandas', 'pyarrow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
