@@ -47,6 +47,16 @@ def consistency_weights(n: torch.Tensor, consistency: torch.Tensor, usage: torch
     return torch.where(total > 0, mass / total.clamp(min=1e-300), by_examples).to(usage.dtype)
 
 
+def rows_without(weights: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """Router row weights (N, L, E) with the `excluded` (client, layer, expert) entries left
+    out and the rest renormalised per (l, e): a router row belongs to its expert, so a client
+    left out of expert e's aligned set is left out of row e too. A row whose every weighted
+    client is excluded keeps its weights."""
+    kept = weights.double() * (~excluded).double()
+    total = kept.sum(0, keepdim=True)
+    return torch.where(total > 0, kept / total.clamp(min=1e-300), weights.double()).to(weights.dtype)
+
+
 def routing_prior(n: torch.Tensor, consistency: torch.Tensor, usage: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """pi_l = normalise(sum_i n_i c_{i,l} u_{i,l} + eps): (L, E)."""
     mass = (n.double()[:, None, None] * consistency.double()[:, :, None] * usage.double()).sum(0) + eps
@@ -74,10 +84,17 @@ class Selection:
     """pairwise only: (N, N) personalisation weights g_ij, rows of active clients sum to 1."""
 
 
+def outlier_threshold(mean: float, std: float, beta: float, floor: float) -> float:
+    """tau = min(mean - beta * std, floor): a client is left out only if it is both an outlier
+    and dissimilar. Similarities are cosines, so floor = 1 is the plain mean - beta * std rule,
+    which always trims the low tail, even when every client agrees."""
+    return min(mean - beta * std, floor)
+
+
 def centroid_selection(signatures: torch.Tensor, mass: torch.Tensor, active: torch.Tensor,
-                       beta: float) -> Selection:
+                       beta: float, floor: float = 1.0) -> Selection:
     """One (layer, expert): z = normalise(sum_i mass_i hhat_i) over active clients;
-    s_i = hhat_i . z; aligned = {s_i >= mean(s) - beta * std(s)} (population std)."""
+    s_i = hhat_i . z; aligned = {s_i >= min(mean(s) - beta * std(s), floor)} (population std)."""
     aligned = torch.zeros(active.shape[0], dtype=torch.bool)
     idx = active.nonzero().flatten()
     if idx.numel() == 0:
@@ -88,7 +105,7 @@ def centroid_selection(signatures: torch.Tensor, mass: torch.Tensor, active: tor
     if idx.numel() < 3 or math.isinf(beta):
         aligned[idx] = True
         return Selection(aligned, math.nan, float(score.mean()))
-    tau = float(score.mean() - beta * score.std(unbiased=False))
+    tau = outlier_threshold(float(score.mean()), float(score.std(unbiased=False)), beta, floor)
     keep = score >= tau
     keep[score.argmax()] = True
     aligned[idx[keep]] = True
@@ -96,9 +113,9 @@ def centroid_selection(signatures: torch.Tensor, mass: torch.Tensor, active: tor
 
 
 def pairwise_selection(signatures: torch.Tensor, mass: torch.Tensor, active: torch.Tensor,
-                       beta: float) -> Selection:
-    """One (layer, expert): sim_ij = hhat_i . hhat_j over active clients; tau = M - beta * S
-    (mean and population std over pairs i != j); aligned = {i: mean_{j != i} sim_ij >= tau};
+                       beta: float, floor: float = 1.0) -> Selection:
+    """One (layer, expert): sim_ij = hhat_i . hhat_j over active clients; tau = min(M - beta * S,
+    floor) (mean and population std over pairs i != j); aligned = {i: mean_{j != i} sim_ij >= tau};
     gate g_ij proportional to 1[sim_ij >= tau] mass_j, with j = i always in."""
     num = active.shape[0]
     aligned = torch.zeros(num, dtype=torch.bool)
@@ -114,7 +131,7 @@ def pairwise_selection(signatures: torch.Tensor, mass: torch.Tensor, active: tor
     if m < 3 or math.isinf(beta):
         tau, keep, linked = math.nan, torch.ones(m, dtype=torch.bool), torch.ones(m, m, dtype=torch.bool)
     else:
-        tau = float(sim[off].mean() - beta * sim[off].std(unbiased=False))
+        tau = outlier_threshold(float(sim[off].mean()), float(sim[off].std(unbiased=False)), beta, floor)
         row_mean = (sim * off).sum(1) / (m - 1)
         keep = row_mean >= tau
         keep[row_mean.argmax()] = True

@@ -71,6 +71,11 @@ class ExpertwiseStrategy(Strategy):
         super().__init__(config, anatomy, store)
         self.layer_pos = {layer: i for i, layer in enumerate(anatomy.layers())} if anatomy is not None else {}
 
+    @property
+    def personal_kinds(self) -> tuple[str, ...]:
+        """The parameter kinds (models/anatomy.py) a personal expert is made of."""
+        return ("expert", "expert_lora_A", "expert_lora_B")
+
     def make_table(self, rows: list[tuple[int, int, dict]]):
         """The gathered (client id, examples, statistics) rows as tensors, in client-id order."""
         return ClientTable.from_rows(rows)
@@ -171,9 +176,10 @@ class ExpertwiseStrategy(Strategy):
 
     def _keep_personal_experts(self, update: ClientUpdate, row: int, plan: AggregationPlan,
                                start_global: NamedTensors, everyone, row_of) -> None:
-        """A client outside the aligned set keeps its expert; aligned again, it drops it."""
+        """A client outside the aligned set keeps its expert (and, where personal_kinds says so,
+        its router row); aligned again, it drops it."""
         personal = self.store.get(update.client_id, PERSONAL_KEY) or {}
-        for name in self.anatomy.names_of("expert", "expert_lora_A", "expert_lora_B", among=update.delta):
+        for name in self.anatomy.names_of(*self.personal_kinds, among=update.delta):
             li = self.layer_pos[self.anatomy.role(name).layer]
             for e in range(self.anatomy.num_experts):
                 key, code = f"{name}|{e}", int(plan.personal[row, li, e])

@@ -21,17 +21,26 @@ from fedalign_dist.strategies.expertwise import (ALIGNED, INACTIVE, OWN, PAIRWIS
 class FedAlignConfig(ConfigSection):
     """FedAlign-MoE knobs (docs/algorithms.md). Ablations by config alone:
     mu=0 (no routing regulariser), consistency_temperature=inf (c_i = 1), beta=inf
-    (aggregate every active client)."""
+    (aggregate every active client), similarity_floor=1 (the threshold as first specified)."""
     mu: float = Field(0.01, ge=0)
     """Weight of the batch-level KL(qbar || prior) routing regulariser."""
     consistency_temperature: float = Field(0.1, gt=0)
     """T_c in c_i = exp(-JS(u_i, Pbar) / T_c)."""
     beta: float = Field(1.0, ge=0)
-    """Selection threshold tau = mean - beta * std of the similarities."""
+    """Selection threshold tau = min(mean - beta * std of the similarities, similarity_floor)."""
+    similarity_floor: float = Field(0.5, ge=-1.0, le=1.0)
+    """A client is left out of an expert's aligned set only if its similarity is below both
+    mean - beta * std and this cosine: agreeing clients are never trimmed. 1.0 = the rule as
+    first specified (mean - beta * std alone)."""
     mode: Literal["centroid", "pairwise"] = "centroid"
     signature: Literal["output", "input", "probe"] = "output"
     signature_dim: int | None = Field(None, ge=1)
     """Seeded random projection of the signatures to this size (None: keep hidden size)."""
+    router_rows_follow_experts: bool = True
+    """Row e of a router is aggregated over expert e's aligned set only, and a client left out
+    keeps its trained row e with its personal expert e. false: rows weighted by routing
+    consistency alone, as first specified (a client with permuted experts looks consistent,
+    so its rows were blurred while its experts were protected)."""
     min_tokens: int = Field(1, ge=0)
     """A client takes part in expert e's selection only if it routed this many tokens to it."""
     stats_batches: int = Field(2, ge=1)
@@ -56,6 +65,11 @@ class FedAlign(ExpertwiseStrategy):
         self.comm_path = self.knobs.comm
         self.prior: torch.Tensor | None = None
         """(L, E) global routing prior pi; None = uniform (before the first aggregation)."""
+
+    @property
+    def personal_kinds(self) -> tuple[str, ...]:
+        rows = ("router",) if self.knobs.router_rows_follow_experts else ()
+        return super().personal_kinds + rows
 
     @property
     def stats_request(self):
@@ -96,13 +110,16 @@ class FedAlign(ExpertwiseStrategy):
         select = A.pairwise_selection if k.mode == "pairwise" else A.centroid_selection
         for li in range(num_layers):
             for e in range(num_experts):
-                chosen = select(table.signature[:, li, e], n * usage[:, li, e], active[:, li, e], k.beta)
+                chosen = select(table.signature[:, li, e], n * usage[:, li, e], active[:, li, e], k.beta,
+                                k.similarity_floor)
                 aligned[:, li, e] = chosen.aligned
                 taus[li, e] = chosen.tau
                 sims.append(chosen.similarity_mean)
                 if chosen.gate is not None:
                     gates[(li, e)] = chosen.gate
         expert_w = A.expert_update_weights(n, usage, aligned)
+        if k.router_rows_follow_experts:
+            router_w = A.rows_without(router_w, active & ~aligned)
 
         personal = torch.full(active.shape, INACTIVE, dtype=torch.int8)
         personal[active & ~aligned] = PAIRWISE if k.mode == "pairwise" else OWN

@@ -41,10 +41,10 @@ def test_allgather_and_reduce_paths_agree(tmp_path, tiny_overrides):
 
 
 def test_personal_experts_survive_checkpoint_and_resume(tmp_path, tiny_overrides):
-    # beta=0: the threshold is the mean similarity, so some clients are always outside the
-    # aligned set and keep personal experts; pairwise mode over allgather; clients on disk.
+    # beta=0 without a floor: the threshold is the mean similarity, so some clients are always
+    # outside the aligned set and keep personal experts; pairwise mode over allgather; disk.
     common = tiny_overrides + ["strategy.name=fedalign", "strategy.fedalign.beta=0",
-                               "strategy.fedalign.mode=pairwise", "strategy.fedalign.comm=allgather",
+                               "strategy.fedalign.similarity_floor=1", "strategy.fedalign.mode=pairwise", "strategy.fedalign.comm=allgather",
                                "fed.client_state=disk", "fed.rounds=3", "checkpoint.every=1", "checkpoint.keep=3",
                                "fed.num_clients=6", "fed.clients_per_round=4"]
     torchrun(TRAIN + common + ["run.name=full"], nproc=2)

@@ -17,9 +17,11 @@ TRAIN = ["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml"]
 METHODS = {
     "fedavg": ["strategy.name=fedavg"],
     "fedmoe": ["strategy.name=fedmoe"],
-    "fedalign_reduce": ["strategy.name=fedalign", "strategy.fedalign.comm=reduce", "strategy.fedalign.beta=0"],
+    "fedalign_reduce": ["strategy.name=fedalign", "strategy.fedalign.comm=reduce", "strategy.fedalign.beta=0",
+                        "strategy.fedalign.similarity_floor=1"],
     "fedalign_allgather": ["strategy.name=fedalign", "strategy.fedalign.comm=allgather",
-                           "strategy.fedalign.mode=pairwise", "strategy.fedalign.beta=0"],
+                           "strategy.fedalign.mode=pairwise", "strategy.fedalign.beta=0",
+                           "strategy.fedalign.similarity_floor=1"],
     "fedamole": ["strategy.name=fedamole", "model.family=llama", "strategy.fedamole.num_experts=6",
                  "strategy.fedamole.rank=4", "strategy.fedamole.max_experts=4"],
 }

@@ -14,7 +14,7 @@ TRAIN = ["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml"]
 
 def test_killed_rank_restarts_resumes_and_matches_uninterrupted_run(tmp_path, tiny_overrides):
     common = tiny_overrides + ["fed.rounds=4", "checkpoint.every=1", "run.resume=auto",
-                               "strategy.fedalign.beta=0", "fed.num_clients=6"]
+                               "strategy.fedalign.beta=0", "strategy.fedalign.similarity_floor=1", "fed.num_clients=6"]
     torchrun(TRAIN + common + ["run.name=clean"], nproc=2)
     out = run_and_kill(TRAIN + common + ["run.name=killed"], tmp_path / "killed", free_port(),
                        kill_rank=1, after_rounds=2)

@@ -125,6 +125,33 @@ def test_pairwise_selection_by_hand():
     torch.testing.assert_close(strict.gate.sum(1), torch.ones(3, dtype=torch.float64))
 
 
+def test_the_floor_keeps_agreeing_clients_and_still_drops_a_dissimilar_outlier():
+    # 4 clients that agree: signatures (1, t) at small angles; masses equal
+    agree = torch.tensor([[1.0, 0.0], [1.0, 0.1], [1.0, 0.2], [1.0, 0.4]])
+    mass, everyone = torch.ones(4), torch.ones(4, dtype=torch.bool)
+    unit = [(1 / math.hypot(1, t), t / math.hypot(1, t)) for t in (0.0, 0.1, 0.2, 0.4)]
+    z = [sum(u[k] for u in unit) for k in range(2)]
+    z = [v / math.hypot(*z) for v in z]
+    s = [u[0] * z[0] + u[1] * z[1] for u in unit]  # every cosine > 0.97
+    mean = sum(s) / 4
+    std = math.sqrt(sum((x - mean) ** 2 for x in s) / 4)
+    old = A.centroid_selection(agree, mass, everyone, beta=1.0)  # floor 1: the first rule
+    assert old.tau == pytest.approx(mean - std, rel=1e-6)  # the signatures are float32
+    assert old.aligned.tolist() == [x >= mean - std for x in s] == [True, True, True, False]
+    floored = A.centroid_selection(agree, mass, everyone, beta=1.0, floor=0.5)
+    assert floored.tau == 0.5 and floored.aligned.all()
+    # a client whose expert means something else (cosine 0 to the others) is still dropped
+    odd = torch.cat([agree[:3], torch.tensor([[0.0, -1.0]])])
+    assert A.centroid_selection(odd, mass, everyone, beta=1.0, floor=0.5).aligned.tolist() == [True, True, True, False]
+    # pairwise: M - beta * S over the 6 pair cosines, against the floor
+    pairs = [unit[i][0] * unit[j][0] + unit[i][1] * unit[j][1] for i in range(4) for j in range(4) if i != j]
+    m = sum(pairs) / len(pairs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in pairs) / len(pairs))
+    assert A.pairwise_selection(agree, mass, everyone, beta=1.0).tau == pytest.approx(m - sd, rel=1e-6)
+    assert A.pairwise_selection(agree, mass, everyone, beta=1.0, floor=0.5).tau == 0.5
+    assert A.pairwise_selection(agree, mass, everyone, beta=1.0, floor=0.5).aligned.all()
+
+
 @pytest.mark.parametrize("select", [A.centroid_selection, A.pairwise_selection])
 def test_small_n_fallback_and_inactive_clients(select):
     two_active = torch.tensor([True, False, True])

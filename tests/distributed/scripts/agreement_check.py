@@ -62,7 +62,8 @@ print(f"rank {env.rank}: difference detected")
 #    still applies rank 0's plan, so the result equals one process aggregating everything.
 E, L, D, N = 4, 2, 16, 6
 cfg = load_config(None, ["strategy.name=fedalign", f"model.num_experts={E}", "data.max_length=32",
-                         f"fed.num_clients={N}", "strategy.fedalign.beta=0.5"])
+                         f"fed.num_clients={N}", "strategy.fedalign.beta=0.5",
+                         "strategy.fedalign.similarity_floor=1.0"])
 model, anatomy = build_model(cfg, ByteTokenizer())
 glob = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 gen = torch.Generator().manual_seed(7)
@@ -78,8 +79,8 @@ reference_store = MemoryClientStore()
 reference, _ = build_strategy(cfg, anatomy, reference_store).aggregate(glob, updates, Communicator(0, 1, env.device))
 if env.rank == 1:
     original = alignment.centroid_selection
-    def everyone_aligned(signatures, mass, active, beta):
-        return original(signatures, mass, active, math.inf)
+    def everyone_aligned(signatures, mass, active, beta, floor):
+        return original(signatures, mass, active, math.inf, floor)
     alignment.centroid_selection = everyone_aligned
 store = MemoryClientStore()
 strategy = build_strategy(cfg, anatomy, store)
