@@ -58,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--scenarios", default=None, metavar="A,B",
                        help="grid: only these scenarios (comma-separated; default: all)")
     bench.add_argument("--methods", default=None, metavar="A,B", help="grid: only these methods (default: all)")
+    pre = sub.add_parser("pretrain", help="pretrain the small MoE base on public text (a Hugging Face checkpoint "
+                                          "for model.path, with card.json: perplexity, expert roles, the command)")
+    pre.add_argument("--out", required=True, help="checkpoint folder to write (refused if it exists)")
+    pre.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the base's, 8000)")
+    pre.add_argument("--seed", type=int, default=0,
+                     help="seeds the held-out split, the initial weights and the batch order (default 0)")
+    up = sub.add_parser("upcycle", help="turn a dense Llama-architecture checkpoint into an MoE whose experts copy "
+                                        "its MLP (same function; a model.path for MoE strategies)")
+    up.add_argument("--dense", required=True, help="the dense model: a local checkpoint, a .gguf file, or "
+                                                   "package:smollm2-135m-instruct")
+    up.add_argument("--experts", type=int, default=4, help="experts per layer (default 4)")
+    up.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    up.add_argument("--out", required=True, help="checkpoint folder to write (refused if it exists)")
     config = sub.add_parser("config", help="inspect configurations")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     with_config(config_sub.add_parser("show", help="print every key of the resolved config with its value, type "
@@ -173,6 +186,40 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    import shlex
+    from functools import partial
+    from pathlib import Path
+    from fedalign_dist.pretrain.train import BaseSpec, pretrain
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists: pretraining writes a new checkpoint folder")
+    spec = BaseSpec(seed=args.seed) if args.steps is None else BaseSpec(seed=args.seed, steps=args.steps)
+    if spec.steps < 1:
+        raise ConfigError(f"--steps must be >= 1 (got {spec.steps})")
+    command = "fedalign-dist " + " ".join(shlex.quote(a) for a in args.argv)
+    pretrain(spec, out, command, log=partial(print, flush=True))
+    return 0
+
+
+def cmd_upcycle(args) -> int:
+    from pathlib import Path
+    from fedalign_dist.models.packaged import check_exists, load_causal_lm, load_tokenizer
+    from fedalign_dist.pretrain.upcycle import upcycle
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists: upcycling writes a new checkpoint folder")
+    check_exists(args.dense)
+    dense = load_causal_lm(args.dense)
+    if dense.config.model_type != "llama":
+        raise ValueError(f"--dense {args.dense} is a {dense.config.model_type} model: upcycling takes a Llama-"
+                         f"architecture decoder")
+    upcycle(dense, args.experts, args.top_k).save_pretrained(str(out))
+    load_tokenizer(args.dense).save_pretrained(str(out))
+    print(f"wrote {out}: {args.experts} experts, top-{args.top_k} (model.path={out} data.tokenizer=model)")
+    return 0
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """Options may come before, between or after the key=value overrides (argparse alone stops
     collecting positionals at the first option)."""
@@ -200,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
             from fedalign_dist.config_docs import describe_config
             print(describe_config(load_config(args.config, config_args(args))))
             code = 0
+        elif args.command == "pretrain":
+            code = cmd_pretrain(args)
+        elif args.command == "upcycle":
+            code = cmd_upcycle(args)
         elif args.command == "report":
             from fedalign_dist.report import write_report
             print(f"wrote {write_report(args.run_dir)}")

