@@ -70,8 +70,10 @@ def test_ctrl_c_stops_every_rank_quietly_and_prints_the_command_that_resumes(tmp
     args = [sys.executable, "-m", "fedalign_dist", "run", "--nproc", "2", "--config", "configs/demo.yaml",
             *tiny_overrides, "fed.rounds=500", "checkpoint.every=1", "run.name=r", "strategy.name=fedavg"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # its own process group with SIGINT at its default, as a terminal's foreground job (a shell
+    # starts background jobs with SIGINT ignored, and Python then leaves it ignored)
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group, as a terminal's job
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     # any committed checkpoint (a tiny round takes a fraction of a second: round 1's is pruned
     # by round 3's within a poll)
