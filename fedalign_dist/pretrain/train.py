@@ -109,7 +109,8 @@ def pretrain(spec: BaseSpec, out: Path, command: str, log=print) -> dict:
         optimizer.step()
         schedule.step()
         if step % 500 == 0 or step == spec.steps - 1:
-            log(f"step {step:>6}  loss {float(loss.detach()):.3f}  {(step + 1) * batch.numel() / (time.time() - t0):,.0f} tokens/s")
+            rate = (step + 1) * batch.numel() / (time.time() - t0)
+            log(f"step {step:>6}  loss {float(loss.detach()):.3f}  {rate:,.0f} tokens/s")
     train_seconds = time.time() - t0
     ppl = perplexity(model, held_rows)
     roles = expert_roles(model, held_rows, held_sources, held_kinds, len(SOURCES))

@@ -49,7 +49,8 @@ def test_a_checkpoint_touches_only_the_changed_states_and_its_index_is_true(tmp_
     entries = checkpoint.client_entries(folder)
     assert len(entries) == 20
     path, digest = entries[(3, "personal")]
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest and torch.equal(load_file(path)["e|0"], _state(-1)["e|0"])
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert torch.equal(load_file(path)["e|0"], _state(-1)["e|0"])
 
 
 def test_a_blob_goes_with_the_last_checkpoint_that_names_it(tmp_path):
