@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the base's, 8000)")
     pre.add_argument("--seed", type=int, default=0,
                      help="seeds the held-out split, the initial weights and the batch order (default 0)")
+    pre.add_argument("--dense", action="store_true",
+                     help="a dense Llama decoder whose MLP is top-k experts wide (the same compute per token; "
+                          "FedAMoLE's base) instead of the MoE")
     up = sub.add_parser("upcycle", help="turn a dense Llama-architecture checkpoint into an MoE whose experts copy "
                                         "its MLP (same function; a model.path for MoE strategies)")
     up.add_argument("--dense", required=True, help="the dense model: a local checkpoint, a .gguf file, or "
@@ -188,13 +191,16 @@ def cmd_bench(args) -> int:
 
 def cmd_pretrain(args) -> int:
     import shlex
+    from dataclasses import replace
     from functools import partial
     from pathlib import Path
     from fedalign_dist.pretrain.train import BaseSpec, pretrain
     out = Path(args.out)
     if out.exists():
         raise FileExistsError(f"{out} exists: pretraining writes a new checkpoint folder")
-    spec = BaseSpec(seed=args.seed) if args.steps is None else BaseSpec(seed=args.seed, steps=args.steps)
+    spec = BaseSpec(seed=args.seed, dense=args.dense)
+    if args.steps is not None:
+        spec = replace(spec, steps=args.steps)
     if spec.steps < 1:
         raise ConfigError(f"--steps must be >= 1 (got {spec.steps})")
     command = "fedalign-dist " + " ".join(shlex.quote(a) for a in args.argv)

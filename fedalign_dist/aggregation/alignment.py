@@ -68,6 +68,16 @@ def active_mask(tokens: torch.Tensor, min_tokens: float) -> torch.Tensor:
     return tokens >= min_tokens
 
 
+def centered_signatures(signatures: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Each client's signatures minus their mean over its active experts of the same layer:
+    (N, L, E, D). What every expert's output shares (on a pretrained model, a common
+    direction of the residual stream) makes any two experts' raw signatures look alike;
+    what is left is what tells experts apart. Inactive experts stay zero."""
+    weight = active.to(signatures.dtype)[..., None]
+    mean = (signatures * weight).sum(2, keepdim=True) / weight.sum(2, keepdim=True).clamp(min=1)
+    return (signatures - mean) * weight
+
+
 def _unit(h: torch.Tensor) -> torch.Tensor:
     return h / h.norm(dim=-1, keepdim=True).clamp(min=EPS)
 

@@ -12,6 +12,7 @@ import math
 import platform
 import sys
 import time
+from functools import partial
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,10 +39,20 @@ class BaseSpec:
     warmup: int = 200
     heldout_fraction: float = 0.02
     seed: int = 0
+    dense: bool = False
+    """A dense Llama decoder instead (FedAMoLE's base): its MLP is top_k experts wide, so it
+    does as much compute per token as the MoE, on the same text, tokenizer and schedule."""
 
 
 def model_config(spec: BaseSpec, tokenizer):
-    from transformers import MixtralConfig
+    from transformers import LlamaConfig, MixtralConfig
+    if spec.dense:
+        return LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.top_k * spec.expert_size,
+            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+            max_position_embeddings=4 * spec.seq_len, tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id)
     return MixtralConfig(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.expert_size,
         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
@@ -78,7 +89,7 @@ def perplexity(model, rows: torch.Tensor, batch_size: int = 32) -> float:
 
 
 def pretrain(spec: BaseSpec, out: Path, command: str, log=print) -> dict:
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
     started = time.time()
     torch.manual_seed(spec.seed)
     text = split_documents(load_documents(), spec.heldout_fraction, spec.seed)
@@ -87,8 +98,9 @@ def pretrain(spec: BaseSpec, out: Path, command: str, log=print) -> dict:
     held_rows, held_sources, held_kinds = pack(tokenizer, text.heldout, spec.seq_len)
     log(f"pretraining text: {len(text.train):,} documents, {train_rows.numel():,} tokens; held out "
         f"{len(text.heldout):,} documents, {held_rows.numel():,} tokens; tokenizer of {len(tokenizer):,}")
-    model = MixtralForCausalLM(model_config(spec, tokenizer))
-    roles_before = expert_roles(model, held_rows, held_sources, held_kinds, len(SOURCES))
+    model = AutoModelForCausalLM.from_config(model_config(spec, tokenizer))
+    roles = None if spec.dense else partial(expert_roles, model, held_rows, held_sources, held_kinds, len(SOURCES))
+    roles_before = roles and roles()
     ppl_before = perplexity(model, held_rows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / spec.warmup) * 0.5 * (
@@ -102,7 +114,8 @@ def pretrain(spec: BaseSpec, out: Path, command: str, log=print) -> dict:
             order, at = torch.randperm(len(train_rows), generator=gen), 0
         batch = train_rows[order[at:at + spec.batch_size]]
         model.train()
-        loss = model(input_ids=batch, labels=batch, output_router_logits=True).loss  # with load balancing
+        moe = {} if spec.dense else {"output_router_logits": True}  # with load balancing
+        loss = model(input_ids=batch, labels=batch, **moe).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -113,7 +126,7 @@ def pretrain(spec: BaseSpec, out: Path, command: str, log=print) -> dict:
             log(f"step {step:>6}  loss {float(loss.detach()):.3f}  {rate:,.0f} tokens/s")
     train_seconds = time.time() - t0
     ppl = perplexity(model, held_rows)
-    roles = expert_roles(model, held_rows, held_sources, held_kinds, len(SOURCES))
+    roles_after = roles and roles()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -125,7 +138,7 @@ def pretrain(spec: BaseSpec, out: Path, command: str, log=print) -> dict:
                  "heldout_documents": len(text.heldout), "heldout_tokens": held_rows.numel()},
         "tokens_seen": spec.steps * spec.batch_size * spec.seq_len,
         "heldout_perplexity": ppl, "heldout_perplexity_at_init": ppl_before,
-        "roles": {"kinds": list(KINDS), "trained": roles, "at_init": roles_before},
+        "roles": roles and {"kinds": list(KINDS), "trained": roles_after, "at_init": roles_before},
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - started, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,

@@ -34,6 +34,10 @@ class FedAlignConfig(ConfigSection):
     first specified (mean - beta * std alone)."""
     mode: Literal["centroid", "pairwise"] = "centroid"
     signature: Literal["output", "input", "probe"] = "output"
+    center_signatures: bool = False
+    """Compare signatures after subtracting each client's mean over its experts (per layer):
+    on a pretrained base every expert's output shares a large common part, so a client
+    whose experts are permuted can still look similar (docs/results.md measures it)."""
     signature_dim: int | None = Field(None, ge=1)
     """Seeded random projection of the signatures to this size (None: keep hidden size)."""
     router_rows_follow_experts: bool = True
@@ -108,9 +112,10 @@ class FedAlign(ExpertwiseStrategy):
         num_clients, num_layers, num_experts = usage.shape
         taus, sims, gates = torch.full((num_layers, num_experts), math.nan), [], {}
         select = A.pairwise_selection if k.mode == "pairwise" else A.centroid_selection
+        signature = A.centered_signatures(table.signature, active) if k.center_signatures else table.signature
         for li in range(num_layers):
             for e in range(num_experts):
-                chosen = select(table.signature[:, li, e], n * usage[:, li, e], active[:, li, e], k.beta,
+                chosen = select(signature[:, li, e], n * usage[:, li, e], active[:, li, e], k.beta,
                                 k.similarity_floor)
                 aligned[:, li, e] = chosen.aligned
                 taus[li, e] = chosen.tau

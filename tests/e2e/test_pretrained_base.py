@@ -15,14 +15,23 @@ from tests.conftest import REPO
 BASE = "package:public-moe-8x2"
 
 
-def test_pretrain_writes_a_checkpoint_with_its_tokenizer_and_card(tmp_path):
+@pytest.mark.parametrize("dense", [False, True])
+def test_pretrain_writes_a_checkpoint_with_its_tokenizer_and_card(tmp_path, dense):
     out = tmp_path / "base"
-    done = subprocess.run([sys.executable, "-m", "fedalign_dist", "pretrain", "--out", str(out), "--steps", "2"],
+    flag = ["--dense"] if dense else []
+    done = subprocess.run([sys.executable, "-m", "fedalign_dist", "pretrain", "--out", str(out), "--steps", "2", *flag],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert {"config.json", "model.safetensors", "tokenizer.json", "card.json"} <= {p.name for p in out.iterdir()}
     card = json.loads((out / "card.json").read_text())
-    assert card["command"].endswith(f"pretrain --out {out} --steps 2") and card["tokens_seen"] == 2 * 16 * 128
+    assert card["command"].endswith(f"pretrain --out {out} --steps 2{' --dense' if dense else ''}")
+    assert card["tokens_seen"] == 2 * 16 * 128
+    config = json.loads((out / "config.json").read_text())
+    if dense:  # the MoE's compute per token: an MLP two experts wide; no experts, no roles
+        assert config["model_type"] == "llama" and config["intermediate_size"] == 2 * 256
+        assert card["roles"] is None
+        return
+    assert config["model_type"] == "mixtral" and card["roles"]["trained"]
     again = subprocess.run([sys.executable, "-m", "fedalign_dist", "pretrain", "--out", str(out)],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "exists" in again.stderr

@@ -152,6 +152,32 @@ def test_the_floor_keeps_agreeing_clients_and_still_drops_a_dissimilar_outlier()
     assert A.pairwise_selection(agree, mass, everyone, beta=1.0, floor=0.5).aligned.all()
 
 
+def test_centered_signatures_subtract_the_mean_over_active_experts():
+    sig = torch.tensor([[[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]]])  # 1 client, 1 layer, 3 experts
+    active = torch.tensor([[[True, True, False]]])
+    out = A.centered_signatures(sig, active)  # mean of the two active ones: (2, 3)
+    torch.testing.assert_close(out, torch.tensor([[[[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0]]]]))
+
+
+def test_centering_reveals_a_permuted_client_that_the_shared_direction_hides():
+    """Every expert's signature = a large shared part c + its own part; client 3 has experts
+    0 and 1 swapped. Raw cosines stay near 1 (c dominates), so the floor keeps client 3;
+    centred per client, its expert 0 points where the others' expert 1 does."""
+    common, own = torch.tensor([10.0, 0.0, 0.0]), torch.tensor([[0.0, 1.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
+    honest = common + own  # (E=3, D=3)
+    permuted = honest[[1, 0, 2]]
+    sig = torch.stack([honest, honest, honest, permuted])[:, None]  # (N=4, L=1, E=3, D=3)
+    active = torch.ones(4, 1, 3, dtype=torch.bool)
+    mass = torch.ones(4)
+    raw = A.centroid_selection(sig[:, 0, 0], mass, active[:, 0, 0], beta=1.0, floor=0.5)
+    assert raw.aligned.all()  # cosine of (10, 1, 0) and (10, -1, 0) is 0.98
+    centred = A.centered_signatures(sig, active)
+    caught = A.centroid_selection(centred[:, 0, 0], mass, active[:, 0, 0], beta=1.0, floor=0.5)
+    assert caught.aligned.tolist() == [True, True, True, False]
+    # expert 2 is where it should be on every client: nobody is left out
+    assert A.centroid_selection(centred[:, 0, 2], mass, active[:, 0, 2], beta=1.0, floor=0.5).aligned.all()
+
+
 @pytest.mark.parametrize("select", [A.centroid_selection, A.pairwise_selection])
 def test_small_n_fallback_and_inactive_clients(select):
     two_active = torch.tensor([True, False, True])

@@ -109,15 +109,17 @@ def test_router_rows_follow_consistency_weights(layout):
         torch.testing.assert_close(new[router][e], expected, rtol=1e-5, atol=1e-6)
 
 
-def _misaligned_round(state, anatomy, swapped_client=2, a=0, b=1, num=6):
+def _misaligned_round(state, anatomy, swapped_client=2, a=0, b=1, num=6, shared=0.0):
     """Clients agree on what each expert does, except one on which experts a and b swapped
     roles: its deltas of experts and router rows a and b, and its signatures, are exchanged
-    (its routing distribution looks normal: usage is uniform)."""
+    (its routing distribution looks normal: usage is uniform). `shared`: the length of a
+    direction common to every expert's signature (as on a pretrained model)."""
     gen = torch.Generator().manual_seed(11)
     true_delta = _random_delta(state, gen)
     # experts with distinct roles: orthogonal signatures (random ones in 16 dimensions can
     # have cosines of 0.4, which the similarity floor rightly calls similar)
     true_sig = 4 * torch.stack([torch.linalg.qr(torch.randn(D, E, generator=gen))[0].T for _ in range(L)])
+    true_sig = true_sig + shared * torch.nn.functional.normalize(torch.randn(L, 1, D, generator=gen), dim=-1)
     ups = []
     for i in range(num):
         delta = {n: t + 0.05 * torch.randn(t.shape, generator=gen) for n, t in true_delta.items()}
@@ -173,6 +175,20 @@ def test_misaligned_expert_is_excluded_and_not_blurred(layout, mode):
     assert honest, "expected some client aligned on every expert"
     assert store.get(honest[0], PERSONAL_KEY) is None
     assert strategy.client_start_state(honest[0], new, store) is new
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_centred_signatures_catch_a_permutation_that_a_shared_direction_hides(layout, center):
+    anatomy, state = layout
+    ups = _misaligned_round(state, anatomy, shared=30.0)  # raw cosines between experts ~0.97
+    strategy = _strategy(layout, "fedalign", f"strategy.fedalign.center_signatures={str(center).lower()}")
+    plan = strategy.plan(ClientTable.from_rows([(u.client_id, u.num_examples, u.stats) for u in ups]))
+    aligned = plan.weights.expert > 0
+    assert aligned[[0, 1, 3, 4, 5]].all()  # honest clients are never trimmed
+    swapped_kept = bool(aligned[2, :, 0].any() or aligned[2, :, 1].any())
+    assert swapped_kept != center  # raw: missed in some layer; centred: excluded everywhere
+    if center:  # its mean over experts does not depend on their order: its other experts match
+        assert aligned[2, :, 2:].all()
 
 
 @pytest.mark.parametrize("follow", [True, False])
