@@ -38,6 +38,10 @@ class FedAlignConfig(ConfigSection):
     """Compare signatures after subtracting each client's mean over its experts (per layer):
     on a pretrained base every expert's output shares a large common part, so a client
     whose experts are permuted can still look similar (docs/results.md measures it)."""
+    centroid_weights: Literal["mass", "uniform"] = "mass"
+    """centroid mode: the centroid of expert e weights each client by n_i u_i(e) (`mass`, as
+    specified) or equally (`uniform`: one client, one vote; a client with permuted experts
+    that holds most of an expert's mass otherwise becomes the centroid itself)."""
     signature_dim: int | None = Field(None, ge=1)
     """Seeded random projection of the signatures to this size (None: keep hidden size)."""
     router_rows_follow_experts: bool = True
@@ -115,8 +119,10 @@ class FedAlign(ExpertwiseStrategy):
         signature = A.centered_signatures(table.signature, active) if k.center_signatures else table.signature
         for li in range(num_layers):
             for e in range(num_experts):
-                chosen = select(signature[:, li, e], n * usage[:, li, e], active[:, li, e], k.beta,
-                                k.similarity_floor)
+                mass = n * usage[:, li, e]
+                if k.mode == "centroid" and k.centroid_weights == "uniform":  # pairwise: mass gates the mix
+                    mass = torch.ones_like(mass)
+                chosen = select(signature[:, li, e], mass, active[:, li, e], k.beta, k.similarity_floor)
                 aligned[:, li, e] = chosen.aligned
                 taus[li, e] = chosen.tau
                 sims.append(chosen.similarity_mean)

@@ -178,6 +178,21 @@ def test_centering_reveals_a_permuted_client_that_the_shared_direction_hides():
     assert A.centroid_selection(centred[:, 0, 2], mass, active[:, 0, 2], beta=1.0, floor=0.5).aligned.all()
 
 
+def test_a_heavy_outlier_becomes_the_mass_weighted_centroid():
+    # four clients agree on (1, 0); one holding 10 of 14 units of mass says (0, 1)
+    sig = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]])
+    everyone = torch.ones(5, dtype=torch.bool)
+    heavy = A.centroid_selection(sig, torch.tensor([1.0, 1, 1, 1, 10]), everyone, beta=1.0, floor=0.5)
+    # centre (4, 10) / |.|: scores 4/sqrt(116) (x4) and 10/sqrt(116); tau = mean - std < both
+    s_honest, s_odd = 4 / math.sqrt(116), 10 / math.sqrt(116)
+    mean = (4 * s_honest + s_odd) / 5
+    std = math.sqrt((4 * (s_honest - mean) ** 2 + (s_odd - mean) ** 2) / 5)
+    assert heavy.tau == pytest.approx(mean - std, rel=1e-6) and heavy.aligned.all()
+    # one vote each: centre (4, 1) / |.|; the outlier scores 1/sqrt(17) < the floor 0.5 < mean - std
+    uniform = A.centroid_selection(sig, torch.ones(5), everyone, beta=1.0, floor=0.5)
+    assert uniform.tau == 0.5 and uniform.aligned.tolist() == [True, True, True, True, False]
+
+
 @pytest.mark.parametrize("select", [A.centroid_selection, A.pairwise_selection])
 def test_small_n_fallback_and_inactive_clients(select):
     two_active = torch.tensor([True, False, True])

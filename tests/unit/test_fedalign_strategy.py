@@ -109,7 +109,7 @@ def test_router_rows_follow_consistency_weights(layout):
         torch.testing.assert_close(new[router][e], expected, rtol=1e-5, atol=1e-6)
 
 
-def _misaligned_round(state, anatomy, swapped_client=2, a=0, b=1, num=6, shared=0.0):
+def _misaligned_round(state, anatomy, swapped_client=2, a=0, b=1, num=6, shared=0.0, swapped_examples=20):
     """Clients agree on what each expert does, except one on which experts a and b swapped
     roles: its deltas of experts and router rows a and b, and its signatures, are exchanged
     (its routing distribution looks normal: usage is uniform). `shared`: the length of a
@@ -129,7 +129,7 @@ def _misaligned_round(state, anatomy, swapped_client=2, a=0, b=1, num=6, shared=
                 ta, tb = delta[name][a].clone(), delta[name][b].clone()
                 delta[name][a], delta[name][b] = tb, ta
             sig[:, [a, b]] = sig[:, [b, a]]
-        ups.append(ClientUpdate(i, 20, delta, 0.0, _stats(signature=sig)))
+        ups.append(ClientUpdate(i, swapped_examples if i == swapped_client else 20, delta, 0.0, _stats(signature=sig)))
     return ups
 
 
@@ -189,6 +189,22 @@ def test_centred_signatures_catch_a_permutation_that_a_shared_direction_hides(la
     assert swapped_kept != center  # raw: missed in some layer; centred: excluded everywhere
     if center:  # its mean over experts does not depend on their order: its other experts match
         assert aligned[2, :, 2:].all()
+
+
+@pytest.mark.parametrize("weights", ["mass", "uniform"])
+def test_a_heavy_permuted_client_pulls_the_mass_weighted_centroid(layout, weights):
+    """The swapped client holds 400 of 500 examples: weighted by mass, the centroid of
+    experts 0 and 1 is its own signature, so it looks aligned and the honest clients look
+    like the outliers; one client, one vote (`uniform`) leaves it out."""
+    anatomy, state = layout
+    ups = _misaligned_round(state, anatomy, num=6, swapped_examples=400)
+    strategy = _strategy(layout, "fedalign", f"strategy.fedalign.centroid_weights={weights}")
+    plan = strategy.plan(ClientTable.from_rows([(u.client_id, u.num_examples, u.stats) for u in ups]))
+    aligned = plan.weights.expert > 0
+    if weights == "mass":
+        assert aligned[2, :, :2].all()
+    else:
+        assert not aligned[2, :, :2].any() and aligned[[0, 1, 3, 4, 5]].all()
 
 
 @pytest.mark.parametrize("follow", [True, False])
