@@ -194,14 +194,17 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
             secs = mean_std([sum(x["time_round_s"] for x in r) / len(r) for r in runs])[0]
             sent = mean_std([sum(x["bytes_sent"] for x in r) / len(r) for r in runs])[0] / 1e6
             sent_text = f"{sent:.2f}" if spec.nproc > 1 else "- (1 rank)"
+            aligned = [r[-1].get("aligned_fraction") for r in runs]
+            aligned_text = "-" if None in aligned else fmt(*mean_std(aligned))
             rows.append([method, _bold_best(finals[glob][method], best[glob]),
                          _bold_best(finals[pers][method], best[pers]),
-                         reach if reach else "not reached", f"{secs:.2f}", split, sent_text,
+                         reach if reach else "not reached", aligned_text, f"{secs:.2f}", split, sent_text,
                          f"`{' '.join(chosen[scenario][method]) or '-'}`"])
         png = out / f"convergence_{scenario}.png"
         plot_band_curves(curves, png, f"global {metric} (test)", f"{scenario}: mean ± std over {len(seeds)} seed(s)")
         lines += [f"## {scenario}", "", f"Overrides: `{' '.join(spec.scenarios[scenario])}`", "",
-                  *table(["method", f"global {metric}", f"personalized {metric}", f"rounds to {spec.reference or '-'}'s final", "s/round",
+                  *table(["method", f"global {metric}", f"personalized {metric}", f"rounds to {spec.reference or '-'}'s final",
+                          "aligned fraction", "s/round",
                           "local / stats / agg / eval s", "MB sent/rank/round", "chosen"], rows),
                   "", f"![{scenario}]({png.name})", ""]
     (out / "results.json").write_text(json.dumps(results))
