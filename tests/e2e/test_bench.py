@@ -79,6 +79,29 @@ def test_quick_quality_grid_covers_every_scenario_and_method(tmp_path):
     assert amole["strategy"]["name"] == "fedamole" and amole["data"]["partition"] == "dirichlet"
 
 
+def test_quick_pretrained_grid_runs_every_kind_of_cell(tmp_path):
+    """configs/bench/pretrained.yaml (issue 16's benchmark on the pretrained bases) in its
+    --quick form: every cell's config is validated; one cell of each kind runs (full
+    fine-tuning of the MoE base, per-expert LoRA, the robust FedAlign variant, FedAMoLE on
+    the dense base)."""
+    spec = load_grid(REPO / "configs/bench/pretrained.yaml")
+    assert {"fedavg", "fedalign", "fedalign_as_specified", "fedamole", "fedalign_lora"} <= set(spec.methods)
+    out = tmp_path / "quick"
+    done = subprocess.run([sys.executable, "-m", "fedalign_dist", "bench", "--grid", "configs/bench/pretrained.yaml",
+                           "--out", str(out), "--quick", "--scenarios", "bbc_dir0.1", "--methods",
+                           "fedavg,fedalign_robust,fedalign_lora,fedamole"], cwd=REPO, capture_output=True, text=True,
+                          timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (out / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in ("fedavg", "fedalign_robust", "fedalign_lora", "fedamole"))
+    runs = out / "runs/bbc_dir0.1"
+    model = {m: json.loads((runs / m / "seed0/model.json").read_text()) for m in ("fedalign_lora", "fedamole")}
+    assert model["fedalign_lora"]["source"] == "package:public-moe-8x2" and model["fedalign_lora"]["num_experts"] == 8
+    assert model["fedamole"]["source"] == "package:public-dense"
+    robust = yaml.safe_load((runs / "fedalign_robust/seed0/config.yaml").read_text())["strategy"]["fedalign"]
+    assert robust["center_signatures"] is True and robust["centroid_weights"] == "uniform"
+
+
 def test_quick_systems_suite_writes_tables_and_plots(tmp_path):
     out = tmp_path / "systems"
     done = subprocess.run([sys.executable, "-m", "fedalign_dist", "bench", "--systems", "--quick", "--out", str(out)],

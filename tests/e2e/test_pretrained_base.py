@@ -13,6 +13,7 @@ from fedalign_dist.models.packaged import resolve
 from tests.conftest import REPO
 
 BASE = "package:public-moe-8x2"
+DENSE = "package:public-dense"  # FedAMoLE's base: same text and tokenizer, a dense MLP two experts wide
 
 
 @pytest.mark.parametrize("dense", [False, True])
@@ -43,12 +44,14 @@ def card():
     return json.loads((folder / "card.json").read_text())
 
 
-def test_the_committed_base_has_the_perplexity_its_card_states(card):
+@pytest.mark.parametrize("base", [BASE, DENSE])
+def test_the_committed_base_has_the_perplexity_its_card_states(base):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fedalign_dist.pretrain.corpus import load_documents, split_documents
     from fedalign_dist.pretrain.train import pack, perplexity
-    folder, _ = resolve(BASE)
+    folder, _ = resolve(base)
+    card = json.loads((folder / "card.json").read_text())
     assert sum(p.stat().st_size for p in folder.iterdir()) < 25e6
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -78,3 +81,13 @@ def test_a_federated_run_fine_tunes_the_base(tmp_path):
     assert [r["round"] for r in records] == [0, 1]
     model = json.loads((tmp_path / "on_base/model.json").read_text())
     assert model["num_experts"] == 8 and records[-1]["global_accuracy"] is not None
+
+
+def test_the_dense_base_shares_the_moe_bases_tokenizer_and_compute_per_token():
+    """FedAMoLE's base is comparable: same vocabulary, same attention, an MLP as wide as the
+    MoE's top-k experts together."""
+    (moe, _), (dense, _) = resolve(BASE), resolve(DENSE)
+    assert (moe / "tokenizer.json").read_bytes() == (dense / "tokenizer.json").read_bytes()
+    m, d = (json.loads((f / "config.json").read_text()) for f in (moe, dense))
+    assert d["intermediate_size"] == m["num_experts_per_tok"] * m["intermediate_size"]
+    assert all(d[k] == m[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"))
