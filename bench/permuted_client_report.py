@@ -84,15 +84,17 @@ def one_method(cfg, data, tokenizer, env) -> dict:
     # fresh strategies: aggregation may keep state (personal copies) between calls
     together, diag = build_strategy(cfg, anatomy, runner.store).aggregate(state, updates, runner.comm)
     alone, _ = build_strategy(cfg, anatomy, runner.store).aggregate(state, honest, runner.comm)
-    return {"experts": blur(anatomy, together, alone, "expert"), "router_rows": blur(anatomy, together, alone, "router"),
-            "aligned_fraction": diag.get("aligned_fraction"), "clients": len(updates), "permuted_client": permuted}
+    return {"experts": blur(anatomy, together, alone, "expert"),
+            "router_rows": blur(anatomy, together, alone, "router"), "aligned_fraction": diag.get("aligned_fraction"), "clients": len(updates), "permuted_client": permuted}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", default="configs/bench/pretrained.yaml", help="benchmark grid to take the setting from")
+    parser.add_argument("--grid", default="configs/bench/pretrained.yaml",
+                        help="benchmark grid to take the setting from")
     parser.add_argument("--scenario", default="bbc_dir0.1")
-    parser.add_argument("--methods", default="fedavg,fedprox,fedmoe,fedalign,fedalign_robust,fedalign_as_specified,fedalign_beta_inf")
+    parser.add_argument("--methods", default="fedavg,fedprox,fedmoe,fedalign,fedalign_robust,fedalign_as_specified,"
+                                              "fedalign_beta_inf,fedalign_mu0,fedalign_uniform_c")
     parser.add_argument("--lr", type=float, default=0.001, help="local.lr for every method")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="overrides added to every method's (e.g. strategy.fedalign.center_signatures=true)")
