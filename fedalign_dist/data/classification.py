@@ -5,6 +5,7 @@ true answer. Every label is scored in one pass over the prompt: the prompt's KV 
 computed once and shared by the label answers (not one full sequence per label)."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Literal
 
@@ -107,8 +108,8 @@ class ClassificationTask(TaskType):
     def label_log_likelihoods(self, model, prompts: list[list[int]], device: torch.device):
         """(examples, labels) summed log-probabilities of every label's answer after each
         prompt, and the answers' token counts. The prompts run once (left-padded, their KV
-        cache kept); each cache is repeated once per label and the answers (right-padded)
-        continue from it."""
+        cache kept); for each answer length, the cache is repeated once per label of that length
+        and those answers continue from it."""
         n, labels = len(prompts), len(self.answers)
         width = max(len(a) for a in self.answers)
         batch = {k: v.to(device) for k, v in left_pad(prompts, [[] for _ in prompts], self.tok.pad_id).items()}
@@ -128,20 +129,28 @@ class ClassificationTask(TaskType):
         ids, kept = answers.to(device).repeat(n, 1), present.to(device).repeat(n, 1)
         # log-probabilities as logit - logsumexp: no vocabulary-sized log_softmax is written out
         ll = (first.gather(-1, answers[:, 0].to(device).repeat(n, 1)) - first.logsumexp(-1, keepdim=True)).reshape(-1)
-        if width > 1:
-            # The answers continue from the prompt's cache. An answer's last token is only ever
-            # a target, so it is not fed: input token j predicts answer token j + 1.
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(labels)
-            mask = torch.cat([batch["attention_mask"].repeat_interleave(labels, 0), kept[:, :-1]], dim=1)
-            positions = (batch["position_ids"][:, -1:].repeat_interleave(labels, 0) + 1
-                         + torch.arange(width - 1, device=device))
-            logits = model(input_ids=ids[:, :-1], attention_mask=mask, position_ids=positions,
-                           past_key_values=cache, use_cache=False, **quiet).logits
-            logits = logits.float()
-            rest = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
-            ll = ll + torch.where(kept[:, 1:].bool(), rest, 0.0).sum(-1)  # padding adds nothing, not even NaN
-        return ll.view(n, labels).cpu(), kept.sum(-1).view(n, labels).cpu()
+        ll = ll.view(n, labels)
+        # The answers continue from the prompt's cache, one pass per answer length, so no
+        # position is padding (byte-level labels of 4-13 tokens padded to the longest spent
+        # about half the pass on it). An answer's last token is only ever a target, so it is
+        # not fed: input token j predicts answer token j + 1.
+        lengths = [len(a) for a in self.answers]
+        groups = sorted({size for size in lengths if size > 1})
+        for i, size in enumerate(groups):
+            members = [row for row, length in enumerate(lengths) if length == size]
+            k = len(members)
+            # a pass appends to the cache it is given: every pass but the last gets a copy
+            cache = out.past_key_values if i == len(groups) - 1 else copy.deepcopy(out.past_key_values)
+            cache.batch_repeat_interleave(k)
+            group_ids = ids.view(n, labels, width)[:, members, :size].reshape(n * k, size)
+            mask = torch.cat([batch["attention_mask"].repeat_interleave(k, 0),
+                              torch.ones((n * k, size - 1), dtype=batch["attention_mask"].dtype, device=device)], 1)
+            positions = batch["position_ids"][:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(size - 1, device=device)
+            logits = model(input_ids=group_ids[:, :-1], attention_mask=mask, position_ids=positions,
+                           past_key_values=cache, use_cache=False, **quiet).logits.float()
+            rest = logits.gather(-1, group_ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)
+            ll[:, members] += rest.sum(-1).view(n, k)
+        return ll.cpu(), kept.sum(-1).view(n, labels).cpu()
 
     def summarise(self, sums: torch.Tensor) -> dict[str, float | None]:
         """None for both metrics when any example's scores were non-finite, nan when there
