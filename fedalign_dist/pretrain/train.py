@@ -12,8 +12,8 @@ import math
 import platform
 import sys
 import time
-from functools import partial
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -99,8 +99,10 @@ def pretrain(spec: BaseSpec, out: Path, command: str, log=print) -> dict:
     log(f"pretraining text: {len(text.train):,} documents, {train_rows.numel():,} tokens; held out "
         f"{len(text.heldout):,} documents, {held_rows.numel():,} tokens; tokenizer of {len(tokenizer):,}")
     model = AutoModelForCausalLM.from_config(model_config(spec, tokenizer))
-    roles = None if spec.dense else partial(expert_roles, model, held_rows, held_sources, held_kinds, len(SOURCES))
-    roles_before = roles and roles()
+    # a dense model has no experts, so no roles to measure
+    measure_roles = None if spec.dense else partial(expert_roles, model, held_rows, held_sources, held_kinds,
+                                                    len(SOURCES))
+    roles_before = measure_roles() if measure_roles else None
     ppl_before = perplexity(model, held_rows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / spec.warmup) * 0.5 * (
@@ -126,7 +128,7 @@ def pretrain(spec: BaseSpec, out: Path, command: str, log=print) -> dict:
             log(f"step {step:>6}  loss {float(loss.detach()):.3f}  {rate:,.0f} tokens/s")
     train_seconds = time.time() - t0
     ppl = perplexity(model, held_rows)
-    roles_after = roles and roles()
+    roles_after = measure_roles() if measure_roles else None
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
@@ -138,7 +140,7 @@ def pretrain(spec: BaseSpec, out: Path, command: str, log=print) -> dict:
                  "heldout_documents": len(text.heldout), "heldout_tokens": held_rows.numel()},
         "tokens_seen": spec.steps * spec.batch_size * spec.seq_len,
         "heldout_perplexity": ppl, "heldout_perplexity_at_init": ppl_before,
-        "roles": roles and {"kinds": list(KINDS), "trained": roles_after, "at_init": roles_before},
+        "roles": None if spec.dense else {"kinds": list(KINDS), "trained": roles_after, "at_init": roles_before},
         "train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - started, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,

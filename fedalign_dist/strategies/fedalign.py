@@ -59,6 +59,9 @@ class FedAlignConfig(ConfigSection):
         if self.mode == "pairwise" and self.comm != "allgather":
             raise ValueError("strategy.fedalign.mode=pairwise needs every client's expert deltas: "
                              "set strategy.fedalign.comm=allgather")
+        if self.centroid_weights == "uniform" and self.mode != "centroid":
+            raise ValueError("strategy.fedalign.centroid_weights=uniform weights the centroid, which only "
+                             "mode=centroid has (pairwise uses the mass to gate its mix)")
         return self
 
 
@@ -120,7 +123,7 @@ class FedAlign(ExpertwiseStrategy):
         for li in range(num_layers):
             for e in range(num_experts):
                 mass = n * usage[:, li, e]
-                if k.mode == "centroid" and k.centroid_weights == "uniform":  # pairwise: mass gates the mix
+                if k.centroid_weights == "uniform":  # the config allows it with mode=centroid only
                     mass = torch.ones_like(mass)
                 chosen = select(signature[:, li, e], mass, active[:, li, e], k.beta, k.similarity_floor)
                 aligned[:, li, e] = chosen.aligned

@@ -7,7 +7,7 @@ import torch
 
 from fedalign_dist.clients.state import DiskClientStore, MemoryClientStore
 from fedalign_dist.dist.communicator import Communicator
-from fedalign_dist.config import load_config
+from fedalign_dist.config import ConfigError, load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
 from fedalign_dist.models.build import build_model
 from fedalign_dist.strategies import ClientUpdate, build_strategy
@@ -203,8 +203,11 @@ def test_a_heavy_permuted_client_pulls_the_mass_weighted_centroid(layout, weight
     aligned = plan.weights.expert > 0
     if weights == "mass":
         assert aligned[2, :, :2].all()
-    else:
-        assert not aligned[2, :, :2].any() and aligned[[0, 1, 3, 4, 5]].all()
+        return
+    with pytest.raises(ConfigError, match="centroid_weights=uniform"):
+        _strategy(layout, "fedalign", "strategy.fedalign.centroid_weights=uniform", "strategy.fedalign.mode=pairwise",
+                  "strategy.fedalign.comm=allgather")
+    assert not aligned[2, :, :2].any() and aligned[[0, 1, 3, 4, 5]].all()
 
 
 @pytest.mark.parametrize("follow", [True, False])
