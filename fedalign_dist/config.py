@@ -125,6 +125,9 @@ class FedConfig(_Section):
     num_clients: int = Field(8, ge=1)
     clients_per_round: int = Field(4, ge=1)
     rounds: int = Field(5, ge=1)
+    weighting: Literal["examples", "uniform"] = "examples"
+    """What a client's update weighs in aggregation: its training examples (McMahan et al.), or
+    1 for every client (always under privacy.enabled: example counts are private)."""
     client_state: Literal["memory", "disk"] = "memory"
     """Where per-client state (local-only weights) lives between rounds."""
     placement: Literal["balanced", "blocks"] = "balanced"
@@ -211,6 +214,42 @@ class GuardConfig(_Section):
     """Above max_update_norm: leave the client out, or scale its update down to the bound."""
 
 
+class PrivacyConfig(_Section):
+    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018) for every strategy,
+    the routing statistics a strategy shares included (README "Privacy"). Off by default."""
+    enabled: bool = False
+    clip_norm: float = Field(0.1, gt=0)
+    """C: every client's whole update is scaled down to at most this L2 norm (with
+    adaptive_clip: the starting bound)."""
+    noise_multiplier: float = Field(1.0, ge=0)
+    """z: the aggregate gets Gaussian noise of std z * C * (the largest weight any client has in
+    that parameter; 1/clients with the uniform weights DP uses), drawn once per round."""
+    statistics_noise_multiplier: Optional[float] = Field(1.0, ge=0)
+    """Gaussian noise, relative to their bound, on the statistics a client sends (routing
+    usage, load, tokens, signatures; FedAMoLE's embeddings), each first normalised to a bound
+    that holds whatever the data. None: sent in the clear (needs accept_clear_statistics)."""
+    accept_clear_statistics: bool = False
+    """Let a strategy share its statistics without noise; epsilon then covers the model updates
+    only, and the summary says so."""
+    adaptive_clip: bool = False
+    """Adapt C each round towards the target_quantile of the clients' update norms (Andrew et
+    al. 2021), from a noised count of the clients whose update was within C."""
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(0.2, gt=0)
+    """C <- C * exp(-clip_learning_rate * (noised fraction within C - target_quantile))."""
+    count_noise_multiplier: Optional[float] = Field(None, gt=0)
+    """Std of the Gaussian noise on the count of clients within C (its sensitivity is 1);
+    None: fed.clients_per_round / 20, as Andrew et al. recommend."""
+    delta: float = Field(1e-5, gt=0, lt=1)
+    """The delta of the (epsilon, delta) statement; below 1 / fed.num_clients."""
+    target_epsilon: Optional[float] = Field(None, gt=0)
+    """Stop (with the final model and summary) before a round that would take epsilon above this."""
+    noise_seed: Optional[int] = None
+    """Seed of the noise and of the client sampling under DP. None: a secret drawn at the run's
+    start and kept in its checkpoints (whoever knows it can remove the noise). Set it only for
+    reproducible experiments."""
+
+
 class DistConfig(_Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = Field(1800.0, gt=0)
@@ -235,6 +274,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     dist: DistConfig = Field(default_factory=DistConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _check(self):
@@ -252,6 +292,9 @@ class Config(_Section):
         source_class(self.data.name).check_config(self)
         if self.data.tokenizer == "model" and self.model.path is None:
             raise ValueError("data.tokenizer=model needs model.path (a local checkpoint with a tokenizer)")
+        if self.privacy.enabled:
+            from fedalign_dist.privacy.checks import check_privacy_config
+            check_privacy_config(self)
         return self
 
     @property

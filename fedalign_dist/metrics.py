@@ -106,7 +106,8 @@ def console_line(r: dict, metric: str) -> str:
     """One line per round; `metric` is the task's headline metric."""
     rejected = f" | {r['num_rejected']} rejected" if r.get("num_rejected") else ""
     scores = f"global {metric} {_fmt(r.get('global_' + metric))} | personal {_fmt(r.get('personalized_' + metric))}"
-    return (f"round {r['round']:>3} | {r['strategy']} | loss {_fmt(r['train_loss'], 4)}{rejected} | {scores} | "
+    privacy = (f" | eps {_fmt(r['dp_epsilon'], 2)} (delta {r['dp_delta']:g})" if "dp_delta" in r else "")
+    return (f"round {r['round']:>3} | {r['strategy']} | loss {_fmt(r['train_loss'], 4)}{rejected} | {scores}{privacy} | "
             f"sent {r['bytes_sent'] / 1e6:.2f} MB | {r['time_round_s']:.1f} s")
 
 

@@ -22,8 +22,9 @@ def prepare(cfg) -> None:
 
 
 class RunLifecycle:
-    def __init__(self, cfg, env, side, strategy, store):
+    def __init__(self, cfg, env, side, strategy, store, privacy=None):
         self.cfg, self.env, self.side, self.strategy, self.store = cfg, env, side, strategy, store
+        self.privacy = privacy
         self.run_dir = cfg.run_dir
         self.writer = None
 
@@ -43,6 +44,11 @@ class RunLifecycle:
         with all_ranks_agree(f"restoring {folder}"):
             done, saved, strategy_state = checkpoint.load_checkpoint(folder)
             global_state = {n: saved[n] for n in global_state}
+            privacy_state = {k: strategy_state.pop(k) for k in list(strategy_state) if k.startswith("privacy.")}
+            if self.privacy is not None:
+                if not privacy_state:
+                    raise ValueError(f"{folder} was written without privacy.enabled: it cannot be resumed with it")
+                self.privacy.load_state_dict(privacy_state)
             self.strategy.load_state_dict(strategy_state)
             self.store.clear()
             hosted = set(clients_of_rank(self.env.rank, self.cfg.fed.num_clients, self.env.world_size))
@@ -73,7 +79,8 @@ class RunLifecycle:
             entries = self.store.export_to(checkpoint.blob_dir(self.run_dir))
             checkpoint.stage_client_part(self.run_dir, round_idx, self.env.rank, entries)
         on_coordinator("committing the checkpoint", checkpoint.commit_checkpoint, self.run_dir, round_idx,
-                       global_state, self.strategy.state_dict(), self.cfg.checkpoint.keep)
+                       global_state, {**self.strategy.state_dict(),
+                       **(self.privacy.state_dict() if self.privacy is not None else {})}, self.cfg.checkpoint.keep)
 
     def finish(self, trainer, tokenizer, global_state: dict, summary: dict) -> None:
         """The final model, then summary.json (a finished run's marker, written last and

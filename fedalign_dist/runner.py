@@ -21,6 +21,7 @@ from fedalign_dist.dist.env import DistEnv
 from fedalign_dist.dist.placement import balanced_placement, block_placement, client_cost, sample_clients
 from fedalign_dist.metrics import console_line, peak_gpu_mb, peak_rss_mb, round_record
 from fedalign_dist.models.build import describe_model
+from fedalign_dist.privacy.mechanism import ClientLevelDP
 from fedalign_dist.run_lifecycle import RunLifecycle
 from fedalign_dist.strategies import build_strategy, strategy_class
 
@@ -35,12 +36,13 @@ class Runner:
         self.store = make_client_store(cfg.fed.client_state, cfg.run_dir / "clients" / f"rank{env.rank}")
         self.holders = StateHolders(cfg.fed.num_clients, env.world_size)
         self.strategy = build_strategy(cfg, self.anatomy, self.store)
-        self.clients = ClientRound(cfg, env.device, data, tokenizer.vocab_size, self.trainer, self.strategy,
-                                   self.anatomy, self.store)
         self.comm = Communicator(env.rank, env.world_size, env.device)  # aggregation traffic (counted)
         self.side = Communicator(env.rank, env.world_size, env.device)  # metrics bookkeeping
+        self.privacy = ClientLevelDP.start(cfg, self.strategy, self.side)  # None unless privacy.enabled
+        self.clients = ClientRound(cfg, env.device, data, tokenizer.vocab_size, self.trainer, self.strategy,
+                                   self.anatomy, self.store, self.privacy)
         self.trainable_bytes = sum(t.numel() * 4 for t in self.global_state.values())
-        self.lifecycle = RunLifecycle(cfg, env, self.side, self.strategy, self.store)
+        self.lifecycle = RunLifecycle(cfg, env, self.side, self.strategy, self.store, self.privacy)
         self.start_round, self.global_state, self.past_records = self.lifecycle.resume(self.global_state)
         self.lifecycle.open(describe_model(cfg, self.trainer, self.anatomy), data.describe(cfg.data.name),
                             self.past_records if self.start_round else None)
@@ -53,17 +55,29 @@ class Runner:
         # noise, and the one line per round below says the same
         bar = tqdm(range(self.start_round, self.cfg.fed.rounds), desc="rounds",
                    disable=not (progress and self.env.is_coordinator and sys.stderr.isatty()))
+        stopped_at_target = False
         for round_idx in bar:
+            if self.privacy is not None and self.privacy.would_exceed_target(round_idx):
+                stopped_at_target = True
+                if self.env.is_coordinator:
+                    bar.write(f"privacy.target_epsilon={self.cfg.privacy.target_epsilon:g} reached: round {round_idx} "
+                              f"would take epsilon to {self.privacy.epsilon(round_idx + 1):.3g}; stopping with "
+                              f"{round_idx} rounds")
+                break
             records.append(self.run_round(round_idx))
             if self.env.is_coordinator:
                 bar.write(console_line(records[-1], self.data.task.metrics[0]))
         inits = self.side.all_gather_json(LocalTrainer.engines_built - self.engines_before)
+        if not records:
+            raise RuntimeError(f"privacy.target_epsilon={self.cfg.privacy.target_epsilon:g} is below the epsilon of a "
+                               f"single round ({self.privacy.epsilon(1):.3g}): no round ran; raise it, or the noise")
         last = records[-1]
         self.lifecycle.finish(self.trainer, self.tokenizer, self.global_state, {
             "rounds": len(records), "wall_s": time.perf_counter() - t0, "engine_inits_per_rank": inits,
             "world_size": self.env.world_size, "trainable_bytes": self.trainable_bytes,
             **{f"final_{scope}_{metric}": last[f"{scope}_{metric}"]
-               for scope in ("global", "personalized") for metric in self.data.task.metrics}})
+               for scope in ("global", "personalized") for metric in self.data.task.metrics},
+            **(self.privacy.summary(len(records), stopped_at_target) if self.privacy is not None else {})})
         return records
 
     # -- one round ---------------------------------------------------------------------
@@ -81,6 +95,12 @@ class Runner:
         accepted, rejected, anyone_accepted = self.exchange_verdicts(round_idx, results)
         clock["synced"] = time.perf_counter()
         diagnostics = self.aggregate(round_idx, accepted, anyone_accepted)
+        if self.privacy is not None:
+            clip_used = self.privacy.clip_norm
+            diagnostics.update(self.privacy.adapt_clip(round_idx, sum(r.within_clip for r in results if
+                                                                      r.verdict.rejected is None),
+                                                       self.cfg.fed.clients_per_round, self.comm))
+            diagnostics.update(self.privacy.record(round_idx + 1, clip_used))
         clock["aggregated"] = time.perf_counter()
         evaluate_now = (round_idx + 1) % cfg.eval.every == 0 or last
         with all_ranks_agree("evaluating the global model"):
@@ -97,7 +117,9 @@ class Runner:
     def place_round(self, round_idx: int, score_personal: bool) -> dict[int, int]:
         """{client: rank} for the round's sampled clients (fed.placement)."""
         cfg = self.cfg
-        sampled = sample_clients(cfg.seed, round_idx, cfg.fed.num_clients, cfg.fed.clients_per_round)
+        # under DP from the secret: the accountant's amplification assumes nobody knows the sample
+        seed = self.privacy.secret if self.privacy is not None else cfg.seed
+        sampled = sample_clients(seed, round_idx, cfg.fed.num_clients, cfg.fed.clients_per_round)
         if cfg.fed.placement == "blocks" or self.env.world_size == 1:
             return block_placement(sampled, cfg.fed.num_clients, self.env.world_size)
         request = self.strategy.stats_request
@@ -123,6 +145,9 @@ class Runner:
         then the check that the new global state is finite, on every rank."""
         if anyone_accepted:
             self.global_state, diagnostics = self.strategy.aggregate(self.global_state, accepted, self.comm)
+            if self.privacy is not None:
+                self.global_state, noise_info = self.privacy.noise_aggregate(round_idx, self.global_state, self.comm)
+                diagnostics = {**diagnostics, **noise_info}
         else:
             diagnostics = {"aggregation_skipped": "every sampled client was rejected"}
         with all_ranks_agree("checking the global state"):

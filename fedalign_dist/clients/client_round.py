@@ -26,12 +26,15 @@ class ClientResult:
     verdict: Verdict
     sums: torch.Tensor
     seconds: dict
+    within_clip: bool = True
+    """Under privacy.enabled: whether the update's norm was within the clip bound C."""
 
 
 class ClientRound:
     def __init__(self, cfg, device: torch.device, data, vocab_size: int, trainer: LocalTrainer,
-                 strategy: Strategy, anatomy, store):
+                 strategy: Strategy, anatomy, store, privacy=None):
         self.cfg, self.device, self.data, self.vocab_size = cfg, device, data, vocab_size
+        self.privacy = privacy
         self.trainer, self.strategy, self.anatomy, self.store = trainer, strategy, anatomy, store
         self.aux_coef = float(getattr(trainer.module.config, "router_aux_loss_coef", 0.0))
 
@@ -63,8 +66,13 @@ class ClientRound:
         if verdict.rejected is None and evaluate:
             test_idx = data.clients[client_id][cfg.eval.split]
             sums = data.task.evaluate_sums(module, data.examples_at(test_idx), cfg.eval.batch_size, self.device)
-        update = ClientUpdate(client_id, data.num_train(client_id), verdict.delta, loss, stats)
-        return ClientResult(update, verdict, sums, {"stats": t_stats_done - t_stats, "eval": time.perf_counter() - t_eval})
+        uniform = cfg.fed.weighting == "uniform" or self.privacy is not None  # under DP the count is private
+        update = ClientUpdate(client_id, 1 if uniform else data.num_train(client_id), verdict.delta, loss, stats)
+        within = True
+        if self.privacy is not None and verdict.rejected is None:  # before anything leaves the client
+            update.delta, update.stats, within = self.privacy.privatize_client(round_idx, client_id, update.delta, stats)
+        return ClientResult(update, verdict, sums, {"stats": t_stats_done - t_stats, "eval": time.perf_counter() - t_eval},
+                            within)
 
     def train(self, client_id: int, batches, start: dict) -> float:
         """Local training; the mean task loss."""

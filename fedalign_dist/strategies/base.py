@@ -79,6 +79,12 @@ class Strategy(ABC):
     judged_by: Literal["global", "personalized"] = "global"
     """Which model's evaluation measures the method (the benchmark's tuning and tables):
     personalized for a method whose global model never changes."""
+    shares_updates: bool = True
+    """Whether clients' updates leave them (local-only: no). Under privacy.enabled a strategy
+    that shares them must implement max_client_weight."""
+    shares_statistics: bool = False
+    """Whether clients send statistics computed from their data with their update; under
+    privacy.enabled they are bounded and noised (privacy/statistics.py)."""
 
     @classmethod
     def check_config(cls, config: "Config") -> None:
@@ -157,6 +163,12 @@ class Strategy(ABC):
                   comm: "Communicator") -> tuple[NamedTensors, dict[str, float]]:
         """New global state from this rank's updates (collectives via comm); plus diagnostics.
         Every rank calls this every round, also with an empty update list."""
+
+    def max_client_weight(self, global_state: NamedTensors, comm: "Communicator") -> dict[str, torch.Tensor | float]:
+        """Per federated parameter, the largest weight any client's delta had in the last
+        aggregate (a float or a tensor broadcastable to the parameter): privacy noise is scaled
+        by it, so that a client moves any parameter block by at most its weight times C."""
+        raise NotImplementedError(f"strategy {self.name} does not declare its clients' weights")
 
     def export_final(self, folder: Path, module: torch.nn.Module, global_state: NamedTensors) -> bool:
         """Write the final model in a format of the strategy's own into `folder` (FedAMoLE:

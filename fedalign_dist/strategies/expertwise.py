@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights, weighted_delta_sum
+from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights, client_weight, weighted_delta_sum
 from fedalign_dist.aggregation.weighted import apply_delta
 from fedalign_dist.clients.routing_stats import probe_batch, routing_statistics
 from fedalign_dist.dist.collectives import flatten, unflatten
@@ -66,6 +66,7 @@ class AggregationPlan:
 
 class ExpertwiseStrategy(Strategy):
     comm_path = "reduce"
+    shares_statistics = True
 
     def __init__(self, config, anatomy=None, store=None):
         super().__init__(config, anatomy, store)
@@ -112,6 +113,7 @@ class ExpertwiseStrategy(Strategy):
         with comm.all_ranks_agree("the aggregation plan"):
             plan = self.plan(table)
         self._agree_on_plan(plan, comm)
+        self._last_weights = plan.weights
         row_of = {cid: i for i, cid in enumerate(table.client_ids)}
         if self.comm_path == "reduce":
             partial = weighted_delta_sum([u.delta for u in updates], [row_of[u.client_id] for u in updates],
@@ -135,6 +137,16 @@ class ExpertwiseStrategy(Strategy):
             for update in updates:
                 self._keep_personal_experts(update, row_of[update.client_id], plan, global_state, everyone, row_of)
         return new_state, plan.diagnostics
+
+    def max_client_weight(self, global_state, comm):
+        """From the last plan (the same on every rank): per parameter the largest weight over
+        clients, per router row and per expert where the weights are."""
+        w = self._last_weights
+        largest = ExpertwiseWeights(other=w.other.max(0, keepdim=True).values,
+                                    router=w.router.max(0, keepdim=True).values,
+                                    expert=w.expert.max(0, keepdim=True).values)
+        return {name: client_weight(self.anatomy, self.layer_pos, largest, 0, name, t.ndim)
+                for name, t in global_state.items()}
 
     @staticmethod
     def _gather_stats(updates: list[ClientUpdate], comm) -> list[tuple[int, int, dict]]:

@@ -10,6 +10,7 @@ _KEY = "local_weights"
 @register("local")
 class LocalOnly(Strategy):
     judged_by = "personalized"  # its global model is the initial one
+    shares_updates = False  # nothing leaves a client: epsilon 0 under privacy.enabled
 
     def client_start_state(self, client_id, global_state, store):
         own = store.get(client_id, _KEY)

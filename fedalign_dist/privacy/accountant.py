@@ -1,0 +1,53 @@
+"""Epsilon from Google's dp-accounting library (its RDP accountant), for the mechanism a
+round runs: the round's clients sampled WITHOUT replacement, a fixed number K of N, the same
+draw every rank makes (dist/placement.py sample_clients), so the neighbouring relation is
+REPLACE_ONE (one client's data replaced; N public). Each client then takes part in Gaussian
+mechanisms whose multipliers are relative to the REPLACE_ONE sensitivity:
+  model update   sum of updates clipped to C, noise std z C  -> sensitivity 2C: z / 2
+  statistics     rows of norm <= sqrt(k), noise std z_s sqrt(k) -> 2 sqrt(k): z_s / 2
+  clip count     count of bits, noise std sigma_b             -> 1: sigma_b
+composed inside the sampled event (the library composes the Gaussians)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import dp_accounting
+
+
+@dataclass(frozen=True)
+class RoundMechanism:
+    num_clients: int
+    clients_per_round: int
+    multipliers: tuple[float, ...]
+    """Gaussian noise multipliers relative to the REPLACE_ONE sensitivity."""
+
+    def event(self) -> dp_accounting.DpEvent:
+        gaussians = [dp_accounting.GaussianDpEvent(m) for m in self.multipliers]
+        inner = gaussians[0] if len(gaussians) == 1 else dp_accounting.ComposedDpEvent(gaussians)
+        return dp_accounting.SampledWithoutReplacementDpEvent(self.num_clients, self.clients_per_round, inner)
+
+
+def round_mechanism(num_clients: int, clients_per_round: int, noise_multiplier: float,
+                    statistics_multiplier: float | None = None, count_noise: float | None = None) -> RoundMechanism:
+    """The round's mechanism in the accountant's terms (None: that part is not released, or is
+    released in the clear and not counted)."""
+    parts = [noise_multiplier / 2]
+    if statistics_multiplier is not None:
+        parts.append(statistics_multiplier / 2)
+    if count_noise is not None:
+        parts.append(count_noise)
+    return RoundMechanism(num_clients, clients_per_round, tuple(parts))
+
+
+@lru_cache(maxsize=256)
+def epsilon(mechanism: RoundMechanism, rounds: int, delta: float) -> float:
+    """Epsilon at `delta` after `rounds` rounds of `mechanism` (inf where a multiplier is 0)."""
+    if rounds <= 0:
+        return 0.0
+    if min(mechanism.multipliers) <= 0:
+        return float("inf")
+    accountant = dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(mechanism.event(), rounds)
+    return float(accountant.get_epsilon(delta))

@@ -1,0 +1,63 @@
+"""Client-level DP in real runs: with the noise off and clipping that never bites, a DP run is
+the plain run bit for bit; with noise, the aggregate gets one draw whatever the number of
+ranks; epsilon in the metrics is the accountant's, and a run stops at its target epsilon."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedalign_dist.config import load_config
+from fedalign_dist.privacy.accountant import epsilon, round_mechanism
+from tests.conftest import torchrun
+
+TRAIN = ["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml"]
+EQUAL = ["fed.num_clients=6", "fed.clients_per_round=4"]
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_noise_off_and_unbitten_clipping_is_the_plain_run_bitwise(tmp_path, tiny_overrides):
+    # DP weighs every client as one (example counts are private): the plain run does the same
+    plain = TRAIN + tiny_overrides + EQUAL + ["strategy.name=fedavg", "run.name=plain", "fed.weighting=uniform"]
+    torchrun(plain, nproc=1)
+    torchrun(TRAIN + tiny_overrides + EQUAL + [
+        "strategy.name=fedavg", "run.name=dp", "privacy.enabled=true", "privacy.noise_multiplier=0",
+        "privacy.clip_norm=1e9", "privacy.noise_seed=0", "privacy.delta=1e-3"], nproc=1)
+    a, b = load_file(tmp_path / "plain/final/global.safetensors"), load_file(tmp_path / "dp/final/global.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    plain_r, dp_r = _records(tmp_path / "plain"), _records(tmp_path / "dp")
+    assert [r["clients_per_rank"] for r in plain_r] == [r["clients_per_rank"] for r in dp_r]
+    assert all(r["dp_epsilon"] is None and r["dp_clip_norm"] == 1e9 for r in dp_r)  # no noise: no guarantee
+    assert "dp_epsilon" not in plain_r[0]
+
+
+def test_dp_fedalign_run_reports_epsilon_and_stops_at_its_target(tmp_path, tiny_overrides):
+    overrides = ["strategy.name=fedalign", "fed.num_clients=8", "fed.clients_per_round=4",
+                 "fed.rounds=3", "privacy.enabled=true", "privacy.noise_seed=5", "privacy.delta=1e-3",
+                 "privacy.noise_multiplier=1.5", "privacy.statistics_noise_multiplier=2", "privacy.adaptive_clip=true"]
+    cfg = load_config("configs/demo.yaml", tiny_overrides + overrides)
+    mech = round_mechanism(8, 4, 1.5, 2.0, 4 / 20)
+    target = (epsilon(mech, 2, 1e-3) + epsilon(mech, 3, 1e-3)) / 2  # allows 2 of the 3 rounds
+    finals = {}
+    for nproc in (2, 1):
+        out = torchrun(TRAIN + tiny_overrides + overrides + [f"run.name=dp{nproc}", f"privacy.target_epsilon={target}"],
+                       nproc=nproc)
+        run = tmp_path / f"dp{nproc}"
+        records = _records(run)
+        assert [r["round"] for r in records] == [0, 1]
+        for r in records:
+            assert r["dp_epsilon"] == pytest.approx(epsilon(mech, r["round"] + 1, 1e-3), rel=1e-9)
+            assert r["dp_delta"] == 1e-3 and r["dp_noise_std_max"] > 0
+        assert records[0]["dp_clip_norm"] == cfg.privacy.clip_norm != records[1]["dp_clip_norm"]
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["rounds"] == 2 and summary["privacy"]["stopped_at_target_epsilon"]
+        assert summary["privacy"]["epsilon"] == pytest.approx(records[-1]["dp_epsilon"])
+        assert summary["privacy"]["covers"] == "model updates and shared statistics"
+        assert "eps " in out.stdout and "target_epsilon" in out.stdout
+        finals[nproc] = load_file(run / "final/global.safetensors")
+    # the same sample and ONE noise draw on one rank and on two: equal up to float summation order
+    for name, t in finals[2].items():
+        torch.testing.assert_close(t, finals[1][name], rtol=1e-4, atol=1e-5)
