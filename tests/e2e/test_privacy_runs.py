@@ -61,3 +61,20 @@ def test_dp_fedalign_run_reports_epsilon_and_stops_at_its_target(tmp_path, tiny_
     # the same sample and ONE noise draw on one rank and on two: equal up to float summation order
     for name, t in finals[2].items():
         torch.testing.assert_close(t, finals[1][name], rtol=1e-4, atol=1e-5)
+
+
+def test_a_resumed_dp_run_keeps_its_secret_and_clip_bound(tmp_path, tiny_overrides):
+    """The secret (drawn at the start, not configured) and the adaptive C live in the
+    checkpoint: resuming continues with them, exactly as a run that knew the secret from the start."""
+    dp = tiny_overrides + ["strategy.name=fedavg", "fed.num_clients=6", "fed.clients_per_round=3", "privacy.enabled=true",
+                           "privacy.delta=1e-3", "privacy.adaptive_clip=true", "checkpoint.every=1"]
+    torchrun(TRAIN + dp + ["run.name=resumed", "fed.rounds=2"], nproc=1)
+    saved = json.loads((tmp_path / "resumed/checkpoints/round_00001/strategy.json").read_text())
+    secret = int(saved["privacy.secret"])
+    torchrun(TRAIN + dp + ["run.name=resumed", "fed.rounds=3", "run.resume=true"], nproc=1)
+    torchrun(TRAIN + dp + ["run.name=clean", "fed.rounds=3", f"privacy.noise_seed={secret}"], nproc=1)
+    a, b = load_file(tmp_path / "resumed/final/global.safetensors"), load_file(tmp_path / "clean/final/global.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    resumed, clean = _records(tmp_path / "resumed"), _records(tmp_path / "clean")
+    assert [r["dp_clip_norm"] for r in resumed] == [r["dp_clip_norm"] for r in clean]
+    assert [r["clients_per_rank"] for r in resumed] == [r["clients_per_rank"] for r in clean]
