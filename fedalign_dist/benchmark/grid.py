@@ -88,9 +88,14 @@ def load_grid(path: str | Path) -> GridSpec:
     # every cell's configuration must be valid before anything runs
     for scenario, method in itertools.product(spec.scenarios.values(), spec.methods.values()):
         for candidate in spec.candidates(False):
-            load_config(spec.base, spec.common + scenario + method + candidate + spec.quick)
-            load_config(spec.base, spec.common + scenario + method + candidate)
+            load_config(spec.base, with_seed(spec.common + scenario + method + candidate + spec.quick, spec.seeds[0]))
+            load_config(spec.base, with_seed(spec.common + scenario + method + candidate, spec.seeds[0]))
     return spec
+
+
+def with_seed(overrides: list[str], seed: int) -> list[str]:
+    """Overrides with `{seed}` replaced by the cell's seed (e.g. privacy.noise_seed={seed})."""
+    return [o.replace("{seed}", str(seed)) for o in overrides]
 
 
 def _tune_dir(out: Path, scenario: str, method: str, candidate: int) -> Path:
@@ -142,19 +147,19 @@ def run_grid(spec: GridSpec, out: Path, quick: bool = False, log=print) -> dict:
     tuning = len(candidates) > 1
     if tuning:
         _run_cells(spec, [(f"tune  {scenario} / {method} / {' '.join(candidate)}", _tune_dir(out, scenario, method, i),
-                           base + candidate + [f"seed={seeds[0]}", "eval.split=val"])
+                           with_seed(base + candidate, seeds[0]) + [f"seed={seeds[0]}", "eval.split=val"])
                           for scenario, method, base in pairs for i, candidate in enumerate(candidates)], log)
     chosen: dict[str, dict[str, list[str]]] = {}
     for scenario, method, base in pairs:
         best = 0
         if tuning:
-            judged = judged_key(spec, base)
+            judged = judged_key(spec, with_seed(base, seeds[0]))
             scores = [_score(judged, read_records(_tune_dir(out, scenario, method, i))[-1]) for i in range(len(candidates))]
             best = max(range(len(candidates)), key=scores.__getitem__)
         chosen.setdefault(scenario, {})[method] = candidates[best]
     # seed-major, so that an interrupted grid holds whole seeds, comparable across methods
     _run_cells(spec, [(f"final {scenario} / {method} / seed {seed}", out / "runs" / scenario / method / f"seed{seed}",
-                       base + chosen[scenario][method] + [f"seed={seed}", "eval.split=test"])
+                       with_seed(base + chosen[scenario][method], seed) + [f"seed={seed}", "eval.split=test"])
                       for seed in seeds for scenario, method, base in pairs], log)
     return write_results(spec, out, chosen, seeds)
 
@@ -196,15 +201,17 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
             sent_text = f"{sent:.2f}" if spec.nproc > 1 else "- (1 rank)"
             aligned = [r[-1].get("aligned_fraction") for r in runs]
             aligned_text = "-" if None in aligned else fmt(*mean_std(aligned))
+            eps = [r[-1].get("dp_epsilon", "off") for r in runs]
+            eps_text = "-" if "off" in eps else "inf" if None in eps else f"{max(eps):.3g}"
             rows.append([method, _bold_best(finals[glob][method], best[glob]),
                          _bold_best(finals[pers][method], best[pers]),
-                         reach if reach else "not reached", aligned_text, f"{secs:.2f}", split, sent_text,
+                         reach if reach else "not reached", aligned_text, eps_text, f"{secs:.2f}", split, sent_text,
                          f"`{' '.join(chosen[scenario][method]) or '-'}`"])
         png = out / f"convergence_{scenario}.png"
         plot_band_curves(curves, png, f"global {metric} (test)", f"{scenario}: mean ± std over {len(seeds)} seed(s)")
         lines += [f"## {scenario}", "", f"Overrides: `{' '.join(spec.scenarios[scenario])}`", "",
                   *table(["method", f"global {metric}", f"personalized {metric}", f"rounds to {spec.reference or '-'}'s final",
-                          "aligned fraction", "s/round",
+                          "aligned fraction", "epsilon", "s/round",
                           "local / stats / agg / eval s", "MB sent/rank/round", "chosen"], rows),
                   "", f"![{scenario}]({png.name})", ""]
     (out / "results.json").write_text(json.dumps(results))

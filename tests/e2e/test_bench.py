@@ -123,3 +123,26 @@ def test_quick_systems_suite_writes_tables_and_plots(tmp_path):
     assert overhead["floor_s"] > 0 and overhead["framework_s"] > 0 and "plain-torch floor" in (out / "systems.md").read_text()
     for png in ("time_split.png", "bytes_vs_clients.png", "scale.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def test_quick_privacy_sweep_writes_the_epsilon_accuracy_table_and_plot(tmp_path):
+    """configs/bench/privacy.yaml (issue 17's sweep) in --quick form, then bench/privacy_sweep.py:
+    every cell's config is validated, the noise seed follows the cell's seed, and the table
+    carries each method's epsilon (none without DP, the accountant's with it)."""
+    spec = load_grid(REPO / "configs/bench/privacy.yaml")
+    assert {"fedavg", "fedalign", "fedavg_clip", "fedalign_z1e-1"} <= set(spec.methods)
+    out = tmp_path / "quick"
+    done = subprocess.run([sys.executable, "-m", "fedalign_dist", "bench", "--grid", "configs/bench/privacy.yaml",
+                           "--out", str(out), "--quick", "--methods", "fedavg,fedavg_z1e-2,fedalign_z1e-2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cfg = yaml.safe_load((out / "runs/bbc_dir1.0/fedalign_z1e-2/seed0/config.yaml").read_text())
+    assert cfg["privacy"]["noise_seed"] == 0 and cfg["privacy"]["statistics_noise_multiplier"] == 0.01
+    sweep = subprocess.run([sys.executable, "bench/privacy_sweep.py", str(out)], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    table = (out / "privacy_sweep.md").read_text()
+    from fedalign_dist.privacy.accountant import epsilon, round_mechanism
+    eps = epsilon(round_mechanism(10, 5, 0.01), 2, 1e-5)
+    assert "| fedavg | no DP | - |" in table and f"| fedavg_z1e-2 | z1e-2 | {eps:.3g} |" in table
+    assert (out / "privacy_sweep.png").stat().st_size > 1000
