@@ -77,6 +77,10 @@ def write_report(run_dir: str | Path) -> Path:
                                                          "time_eval_s"))),
             ("mean bytes sent per rank per round", _mean(records, "bytes_sent")),
             ("peak RSS per rank (MB)", max(r["peak_rss_mb"] for r in records))]
+    if "dp_delta" in last:  # privacy.enabled
+        eps = last.get("dp_epsilon")
+        rows.append(("epsilon (delta) after the last round",
+                     f"{'inf (no noise)' if eps is None else f'{eps:.4g}'} ({last['dp_delta']:g})"))
     metric_rows = [[name, _cell(value)] for name, value in rows]
     round_rows = [[r["round"], _cell(r.get(glob)), _cell(r.get(pers)), _cell(r.get("train_loss"))] for r in records]
     lines = [f"# Run report: {run_dir.name}", "", *table(["metric", "value"], metric_rows), "",

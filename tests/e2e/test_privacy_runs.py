@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from fedalign_dist.config import load_config
 from fedalign_dist.privacy.accountant import epsilon, round_mechanism
+from fedalign_dist.report import write_report
 from tests.conftest import torchrun
 
 TRAIN = ["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml"]
@@ -57,6 +58,8 @@ def test_dp_fedalign_run_reports_epsilon_and_stops_at_its_target(tmp_path, tiny_
         assert summary["privacy"]["epsilon"] == pytest.approx(records[-1]["dp_epsilon"])
         assert summary["privacy"]["covers"] == "model updates and shared statistics"
         assert "eps " in out.stdout and "target_epsilon" in out.stdout
+        assert f"| epsilon (delta) after the last round | {records[-1]['dp_epsilon']:.4g} (0.001) |" in \
+            write_report(run).read_text()
         finals[nproc] = load_file(run / "final/global.safetensors")
     # the same sample and ONE noise draw on one rank and on two: equal up to float summation order
     for name, t in finals[2].items():
