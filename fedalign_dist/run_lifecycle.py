@@ -49,6 +49,10 @@ class RunLifecycle:
                 if not privacy_state:
                     raise ValueError(f"{folder} was written without privacy.enabled: it cannot be resumed with it")
                 self.privacy.load_state_dict(privacy_state)
+            elif privacy_state:
+                raise ValueError(f"{folder} was written with privacy.enabled: resuming without it would add "
+                                 f"un-noised rounds to a run whose earlier rounds claimed DP; set privacy.enabled=true "
+                                 f"with the settings it had, or start a new run")
             self.strategy.load_state_dict(strategy_state)
             self.store.clear()
             hosted = set(clients_of_rank(self.env.rank, self.cfg.fed.num_clients, self.env.world_size))

@@ -69,7 +69,15 @@ class ClientRound:
         uniform = cfg.fed.weighting == "uniform" or self.privacy is not None  # under DP the count is private
         update = ClientUpdate(client_id, 1 if uniform else data.num_train(client_id), verdict.delta, loss, stats)
         within = True
+        if self.privacy is not None and verdict.rejected is not None and self.privacy.counts_every_client:
+            # leaving a client out would change every other client's weight by its data: under DP a
+            # non-finite update counts as a zero update (its statistics are bounded like any)
+            print(f"WARNING: round {round_idx}: client {client_id}: {verdict.rejected}; under privacy.enabled it "
+                  f"counts as a zero update", flush=True)
+            update.delta, update.keeps_state = {n: torch.zeros_like(t) for n, t in delta.items()}, False
+            verdict = Verdict(update.delta)
         if self.privacy is not None and verdict.rejected is None:  # before anything leaves the client
+            update.own_delta = update.delta
             update.delta, update.stats, within = self.privacy.privatize_client(round_idx, client_id, update.delta, stats)
         return ClientResult(update, verdict, sums, {"stats": t_stats_done - t_stats, "eval": time.perf_counter() - t_eval},
                             within)

@@ -18,6 +18,10 @@ def check_privacy_config(cfg) -> None:
     if cls.shares_updates and cls.max_client_weight is Strategy.max_client_weight:
         raise ValueError(f"strategy {cfg.strategy.name} does not declare its clients' largest weight "
                          f"(Strategy.max_client_weight), so its noise cannot be calibrated under privacy.enabled")
+    if cfg.guard.max_update_norm is not None and cfg.guard.on_large_update == "reject":
+        raise ValueError("privacy.enabled with guard.on_large_update=reject: leaving a client out because of its "
+                         "update's size changes the other clients' weights by its data; privacy.clip_norm already "
+                         "bounds every update (use guard.on_large_update=clip, or drop guard.max_update_norm)")
     fedalign = getattr(cfg.strategy, "fedalign", None)
     if cfg.strategy.name == "fedalign" and fedalign is not None and fedalign.mode == "pairwise":
         raise ValueError("privacy.enabled with strategy.fedalign.mode=pairwise: pairwise mixes other clients' raw "

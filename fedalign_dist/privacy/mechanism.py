@@ -19,11 +19,15 @@ class ClientLevelDP:
         self.cfg, self.p, self.strategy, self.secret = cfg, cfg.privacy, strategy, secret
         self.clip_norm = float(self.p.clip_norm)
         self.count_noise = (self.p.count_noise_multiplier if self.p.count_noise_multiplier is not None
-                            else cfg.fed.clients_per_round / 20)
+                            else max(cfg.fed.clients_per_round / 20, 2 * self.p.noise_multiplier))
         self.statistics_in_clear = strategy.shares_statistics and self.p.statistics_noise_multiplier is None
+        self.counts_every_client = not self.statistics_in_clear
+        """A non-finite client counts as a zero update (its statistics bounded), so the weights of
+        the others never depend on whether it diverged; with statistics in the clear it is left out."""
         counted_stats = strategy.shares_statistics and not self.statistics_in_clear
+        sampled = cfg.fed.num_clients if strategy.model_reveals_sample else cfg.fed.clients_per_round
         self.mechanism = round_mechanism(
-            cfg.fed.num_clients, cfg.fed.clients_per_round, self.p.noise_multiplier,
+            cfg.fed.num_clients, sampled, self.p.noise_multiplier,
             self.p.statistics_noise_multiplier if counted_stats else None,
             self.count_noise if self.p.adaptive_clip else None)
         request = strategy.stats_request
@@ -89,7 +93,8 @@ class ClientLevelDP:
     def summary(self, rounds_done: int, stopped_at_target: bool) -> dict:
         eps = self.epsilon(rounds_done)
         covers = ("nothing leaves a client" if not self.strategy.shares_updates else
-                  "model updates only: statistics shared in the clear (privacy.accept_clear_statistics)"
+                  "no guarantee: statistics shared in the clear (privacy.accept_clear_statistics) set the "
+                  "aggregation weights; epsilon is that of the update noise alone, as if the weights were public"
                   if self.statistics_in_clear else
                   "model updates and shared statistics" if self.strategy.shares_statistics else "model updates")
         return {"privacy": {"epsilon": eps if math.isfinite(eps) else None, "delta": self.p.delta,
@@ -97,12 +102,24 @@ class ClientLevelDP:
                             "statistics_noise_multiplier": self.p.statistics_noise_multiplier,
                             "clip_norm_final": self.clip_norm, "adaptive_clip": self.p.adaptive_clip,
                             "covers": covers, "statistics_in_clear": self.statistics_in_clear,
-                            "accountant": "dp-accounting RDP, sampling without replacement, replace-one",
+                            "accountant": "dp-accounting RDP, replace-one, " + (
+                                "no amplification (the model shows the sample)" if self.strategy.model_reveals_sample
+                                else "sampling without replacement"),
                             "stopped_at_target_epsilon": stopped_at_target}}
 
     def state_dict(self) -> dict:
-        return {"privacy.secret": str(self.secret), "privacy.clip_norm": self.clip_norm}
+        """The secret (checkpoints are the operator's: whoever holds one can remove the noise),
+        C, and the accounted mechanism, which a resumed run must keep."""
+        m = self.mechanism
+        return {"privacy.secret": str(self.secret), "privacy.clip_norm": self.clip_norm,
+                "privacy.mechanism": [m.num_clients, m.clients_per_round, list(m.multipliers)]}
 
     def load_state_dict(self, state: dict) -> None:
+        m = self.mechanism
+        saved = state.get("privacy.mechanism")
+        if saved != [m.num_clients, m.clients_per_round, list(m.multipliers)]:
+            raise ValueError(f"the checkpoint's rounds were accounted with (clients, sampled, multipliers) = {saved}, "
+                             f"this config gives {[m.num_clients, m.clients_per_round, list(m.multipliers)]}: epsilon "
+                             f"would count the past rounds wrongly; resume with the privacy and fed settings it had")
         self.secret = int(state["privacy.secret"])
         self.clip_norm = float(state["privacy.clip_norm"])

@@ -32,6 +32,12 @@ class ClientUpdate:
     train_loss: float
     stats: dict[str, Any] = field(default_factory=dict)
     """Routing statistics (usage, load, tokens, signature) when the strategy asks for them."""
+    own_delta: NamedTensors | None = None
+    """Under privacy.enabled: the unclipped delta, for state that never leaves the client's rank
+    (personal experts); None: `delta` itself."""
+    keeps_state: bool = True
+    """False for a client whose update was replaced by zeros (non-finite under DP): its personal
+    state stays as it was."""
 
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
@@ -85,6 +91,10 @@ class Strategy(ABC):
     shares_statistics: bool = False
     """Whether clients send statistics computed from their data with their update; under
     privacy.enabled they are bounded and noised (privacy/statistics.py)."""
+    model_reveals_sample: bool = False
+    """Whether the published model shows which clients a round sampled (FedAMoLE: only the
+    experts a sampled client holds change, and the assignment is public); the accountant then
+    counts no amplification by sampling."""
 
     @classmethod
     def check_config(cls, config: "Config") -> None:

@@ -134,7 +134,7 @@ class ExpertwiseStrategy(Strategy):
                 new_state = {n: t.clone() for n, t in global_state.items()}
             comm.broadcast_(new_state)
         if plan.personal is not None and self.store is not None:
-            for update in updates:
+            for update in (u for u in updates if u.keeps_state):
                 self._keep_personal_experts(update, row_of[update.client_id], plan, global_state, everyone, row_of)
         return new_state, plan.diagnostics
 
@@ -191,6 +191,7 @@ class ExpertwiseStrategy(Strategy):
         """A client outside the aligned set keeps its expert (and, where personal_kinds says so,
         its router row); aligned again, it drops it."""
         personal = self.store.get(update.client_id, PERSONAL_KEY) or {}
+        own = update.own_delta if update.own_delta is not None else update.delta  # DP clips only what leaves
         for name in self.anatomy.names_of(*self.personal_kinds, among=update.delta):
             li = self.layer_pos[self.anatomy.role(name).layer]
             for e in range(self.anatomy.num_experts):
@@ -207,7 +208,7 @@ class ExpertwiseStrategy(Strategy):
                     value = self.anatomy.expert_slice(name, start_global[name], e).float() + mixed
                 else:  # OWN, or INACTIVE with a copy: its trained expert = global + delta
                     value = (self.anatomy.expert_slice(name, start_global[name], e).float()
-                             + self.anatomy.expert_slice(name, update.delta[name], e))
+                             + self.anatomy.expert_slice(name, own[name], e))
                 personal[key] = value.clone()
         if personal:
             self.store.put(update.client_id, PERSONAL_KEY, personal)

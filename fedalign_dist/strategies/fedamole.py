@@ -62,6 +62,7 @@ class EmbeddingTable:
 class FedAMoLE(ExpertwiseStrategy):
     config_section = FedAMoLEConfig
     model_kind = "dense"
+    model_reveals_sample = True
 
     @classmethod
     def check_config(cls, config) -> None:

@@ -40,7 +40,7 @@ def test_dp_fedalign_run_reports_epsilon_and_stops_at_its_target(tmp_path, tiny_
                  "fed.rounds=3", "privacy.enabled=true", "privacy.noise_seed=5", "privacy.delta=1e-3",
                  "privacy.noise_multiplier=1.5", "privacy.statistics_noise_multiplier=2", "privacy.adaptive_clip=true"]
     cfg = load_config("configs/demo.yaml", tiny_overrides + overrides)
-    mech = round_mechanism(8, 4, 1.5, 2.0, 4 / 20)
+    mech = round_mechanism(8, 4, 1.5, 2.0, max(4 / 20, 2 * 1.5))  # the default count noise
     target = (epsilon(mech, 2, 1e-3) + epsilon(mech, 3, 1e-3)) / 2  # allows 2 of the 3 rounds
     finals = {}
     for nproc in (2, 1):
@@ -81,3 +81,25 @@ def test_a_resumed_dp_run_keeps_its_secret_and_clip_bound(tmp_path, tiny_overrid
     resumed, clean = _records(tmp_path / "resumed"), _records(tmp_path / "clean")
     assert [r["dp_clip_norm"] for r in resumed] == [r["dp_clip_norm"] for r in clean]
     assert [r["clients_per_rank"] for r in resumed] == [r["clients_per_rank"] for r in clean]
+
+
+def test_a_diverged_client_counts_as_a_zero_update_under_dp(tmp_path, tiny_overrides):
+    """Leaving a diverged client out would change the other clients' weights by its data, so
+    under DP it stays in the round with a zero update (and bounded statistics)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, free_port
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), FEDALIGN_DIST_FAULT="diverge_client=2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{free_port()}"] + TRAIN + tiny_overrides + [
+        "run.name=r", "strategy.name=fedalign", "fed.num_clients=4", "fed.clients_per_round=4",
+        "privacy.enabled=true", "privacy.delta=1e-3", "privacy.noise_seed=1"]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    assert "client 2: non-finite" in out.stdout and "counts as a zero update" in out.stdout
+    for r in _records(tmp_path / "r"):
+        assert r["num_rejected"] == 0 and r["num_clients_trained"] == 4
+    final = load_file(tmp_path / "r/final/global.safetensors")
+    assert all(torch.isfinite(t).all() for t in final.values())

@@ -201,6 +201,30 @@ def test_clear_statistics_are_left_out_of_epsilon_and_said_so(layout):
     _, strategy, dp = _setup(layout, "fedalign", "privacy.statistics_noise_multiplier=null",
                              "privacy.accept_clear_statistics=true")
     assert dp.mechanism.multipliers == (0.5,)
-    assert dp.summary(3, False)["privacy"]["covers"].startswith("model updates only")
+    assert dp.summary(3, False)["privacy"]["covers"].startswith("no guarantee")
     _, _, counted = _setup(layout, "fedalign")
     assert counted.mechanism.multipliers == (0.5, 0.5) and counted.epsilon(3) > dp.epsilon(3)
+
+
+def test_guard_rejection_by_size_is_refused_and_fedamole_counts_no_amplification(layout):
+    with pytest.raises(ConfigError, match="on_large_update=reject"):
+        load_config(None, DP + ["guard.max_update_norm=5"])
+    load_config(None, DP + ["guard.max_update_norm=5", "guard.on_large_update=clip"])
+    cfg = load_config(None, DP + ["strategy.name=fedamole", "model.family=llama", "fed.num_clients=8",
+                                  "fed.clients_per_round=4", "strategy.fedamole.num_experts=8"])
+    from fedalign_dist.strategies import strategy_class
+    amole = ClientLevelDP(cfg, strategy_class("fedamole").__new__(strategy_class("fedamole")), 1)
+    assert amole.mechanism.clients_per_round == 8  # the model shows which experts' holders were sampled
+    _, _, fedavg = _setup(layout, "fedavg", "fed.num_clients=8", "fed.clients_per_round=4")
+    assert fedavg.mechanism.clients_per_round == 4 and fedavg.epsilon(5) < amole.epsilon(5)
+
+
+def test_resume_refuses_other_accounting(layout):
+    _, _, dp = _setup(layout, "fedavg")
+    state = dp.state_dict()
+    _, _, other = _setup(layout, "fedavg", "privacy.noise_multiplier=2")
+    with pytest.raises(ValueError, match="accounted with"):
+        other.load_state_dict(state)
+    _, _, same = _setup(layout, "fedavg", "privacy.noise_seed=99")
+    same.load_state_dict(state)
+    assert same.secret == dp.secret and same.clip_norm == dp.clip_norm
