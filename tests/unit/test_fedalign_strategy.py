@@ -8,9 +8,8 @@ import torch
 from fedalign_dist.clients.state import DiskClientStore, MemoryClientStore
 from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import ConfigError, load_config
-from fedalign_dist.data.tokenizer import ByteTokenizer
-from fedalign_dist.models.build import build_model
 from fedalign_dist.strategies import ClientUpdate, build_strategy
+from tests.unit.tiny_layout import tiny_mixtral_layout
 from fedalign_dist.strategies.expertwise import ALIGNED, PERSONAL_KEY, ClientTable
 
 E, L, D = 4, 2, 16
@@ -19,10 +18,7 @@ COMM = Communicator(0, 1, torch.device("cpu"))
 
 @pytest.fixture(scope="module")
 def layout():
-    cfg = load_config(None, [f"model.num_experts={E}", "data.max_length=32"])
-    model, anatomy = build_model(cfg, ByteTokenizer())
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return anatomy, state
+    return tiny_mixtral_layout(E)
 
 
 def _strategy(layout, name="fedalign", *overrides, store=None):

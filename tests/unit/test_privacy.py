@@ -9,15 +9,14 @@ import torch
 
 from fedalign_dist.clients.state import MemoryClientStore
 from fedalign_dist.config import ConfigError, load_config
-from fedalign_dist.data.tokenizer import ByteTokenizer
 from fedalign_dist.dist.communicator import Communicator
-from fedalign_dist.models.build import build_model
 from fedalign_dist.privacy import noise
 from fedalign_dist.privacy.accountant import epsilon, round_mechanism
 from fedalign_dist.privacy.clipping import clip_update, next_clip_norm
 from fedalign_dist.privacy.mechanism import ClientLevelDP
 from fedalign_dist.privacy.statistics import bounded, privatize
 from fedalign_dist.strategies import ClientUpdate, build_strategy
+from tests.unit.tiny_layout import tiny_mixtral_layout
 
 E, L, D = 4, 2, 16
 COMM = Communicator(0, 1, torch.device("cpu"))
@@ -26,10 +25,7 @@ DP = ["privacy.enabled=true", "privacy.delta=1e-3", "privacy.noise_seed=7"]
 
 @pytest.fixture(scope="module")
 def layout():
-    cfg = load_config(None, [f"model.num_experts={E}", "data.max_length=32"])
-    model, anatomy = build_model(cfg, ByteTokenizer())
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return anatomy, state
+    return tiny_mixtral_layout(E)
 
 
 def _setup(layout, name, *overrides):
