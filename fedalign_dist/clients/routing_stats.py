@@ -61,6 +61,29 @@ def expert_output(experts: nn.Module, hidden: torch.Tensor, expert: int) -> torc
     return experts(hidden, index, weight)
 
 
+def _add_output_signatures(experts: nn.Module, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                           num_experts: int, sig_num: torch.Tensor, sig_den: torch.Tensor) -> None:
+    """Add each expert's gate-weighted output sum over the tokens routed to it (and the gate
+    sum) into sig_num (E, d) and sig_den (E,). One call of the experts module for all of them:
+    each token routed to e appears once as a row for e, so an adapted (LoRA) experts module
+    builds its weights once per layer, not once per expert."""
+    rows, experts_of_rows, gates = [], [], []
+    for e in range(num_experts):
+        chosen = indices == e
+        routed = chosen.any(-1)
+        if routed.any():
+            rows.append(hidden[routed])
+            experts_of_rows.append(torch.full((int(routed.sum()), 1), e, dtype=torch.long, device=hidden.device))
+            gates.append((weights * chosen).sum(-1)[routed])
+    if not rows:
+        return
+    index = torch.cat(experts_of_rows)
+    out = experts(torch.cat(rows), index, torch.ones(index.shape, dtype=hidden.dtype, device=hidden.device)).float()
+    gate = torch.cat(gates)
+    sig_num.index_add_(0, index[:, 0].cpu(), (gate[:, None] * out).double().cpu())
+    sig_den.index_add_(0, index[:, 0].cpu(), gate.double().cpu())
+
+
 def _forward(module: nn.Module, batch: dict[str, torch.Tensor], device) -> None:
     module(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
            position_ids=batch["position_ids"].to(device), logits_to_keep=1)
@@ -94,17 +117,12 @@ def routing_statistics(module: nn.Module, family: Family, num_experts: int, batc
                     hidden = rec.hidden[keep]
                     if sig_num is None:
                         sig_num = torch.zeros(L, E, hidden.shape[-1], dtype=torch.float64)
+                    if mode == "output":
+                        _add_output_signatures(tap.experts(layer), hidden, indices, weights, E, sig_num[li], sig_den[li])
+                        continue
                     for e in range(E):
-                        chosen = indices == e
-                        rows = chosen.any(-1)
-                        if not rows.any():
-                            continue
-                        if mode == "output":
-                            gate = (weights * chosen).sum(-1)[rows]
-                            out = expert_output(tap.experts(layer), hidden[rows], e).float()
-                            sig_num[li, e] += (gate[:, None] * out).sum(0).double().cpu()
-                            sig_den[li, e] += float(gate.sum())
-                        else:
+                        rows = (indices == e).any(-1)
+                        if rows.any():
                             sig_num[li, e] += hidden[rows].float().sum(0).double().cpu()
                             sig_den[li, e] += float(rows.sum())
         if mode == "probe":
