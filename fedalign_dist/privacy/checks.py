@@ -22,6 +22,13 @@ def check_privacy_config(cfg) -> None:
         raise ValueError("privacy.enabled with guard.on_large_update=reject: leaving a client out because of its "
                          "update's size changes the other clients' weights by its data; privacy.clip_norm already "
                          "bounds every update (use guard.on_large_update=clip, or drop guard.max_update_norm)")
+    if p.target_epsilon is not None and cls.shares_updates:
+        from fedalign_dist.privacy.accountant import epsilon
+        from fedalign_dist.privacy.mechanism import accounted_mechanism
+        first = epsilon(accounted_mechanism(cfg, cls), 1, p.delta)
+        if first > p.target_epsilon:
+            raise ValueError(f"privacy.target_epsilon={p.target_epsilon:g} is below the epsilon of a single round "
+                             f"({first:.3g} at delta {p.delta:g}): no round could run; raise it, or the noise")
     fedalign = getattr(cfg.strategy, "fedalign", None)
     if cfg.strategy.name == "fedalign" and fedalign is not None and fedalign.mode == "pairwise":
         raise ValueError("privacy.enabled with strategy.fedalign.mode=pairwise: pairwise mixes other clients' raw "

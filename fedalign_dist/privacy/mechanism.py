@@ -9,27 +9,39 @@ import secrets
 import torch
 
 from fedalign_dist.privacy import noise
-from fedalign_dist.privacy.accountant import epsilon, round_mechanism
+from fedalign_dist.privacy.accountant import RoundMechanism, epsilon, round_mechanism
 from fedalign_dist.privacy.clipping import clip_update, next_clip_norm
 from fedalign_dist.privacy.statistics import privatize
+
+
+def count_noise(cfg) -> float:
+    """Std of the adaptive clip count's noise: privacy.count_noise_multiplier, else max(K/20, 2z)."""
+    p = cfg.privacy
+    return (p.count_noise_multiplier if p.count_noise_multiplier is not None
+            else max(cfg.fed.clients_per_round / 20, 2 * p.noise_multiplier))
+
+
+def accounted_mechanism(cfg, strategy_cls) -> RoundMechanism:
+    """The round's mechanism as the accountant counts it, from the config and the strategy's
+    class (what it shares, whether its model shows the sample)."""
+    p = cfg.privacy
+    counted_stats = strategy_cls.shares_statistics and p.statistics_noise_multiplier is not None
+    sampled = cfg.fed.num_clients if strategy_cls.model_reveals_sample else cfg.fed.clients_per_round
+    return round_mechanism(cfg.fed.num_clients, sampled, p.noise_multiplier,
+                           p.statistics_noise_multiplier if counted_stats else None,
+                           count_noise(cfg) if p.adaptive_clip else None)
 
 
 class ClientLevelDP:
     def __init__(self, cfg, strategy, secret: int):
         self.cfg, self.p, self.strategy, self.secret = cfg, cfg.privacy, strategy, secret
         self.clip_norm = float(self.p.clip_norm)
-        self.count_noise = (self.p.count_noise_multiplier if self.p.count_noise_multiplier is not None
-                            else max(cfg.fed.clients_per_round / 20, 2 * self.p.noise_multiplier))
+        self.count_noise = count_noise(cfg)
         self.statistics_in_clear = strategy.shares_statistics and self.p.statistics_noise_multiplier is None
         self.counts_every_client = not self.statistics_in_clear
         """A non-finite client counts as a zero update (its statistics bounded), so the weights of
         the others never depend on whether it diverged; with statistics in the clear it is left out."""
-        counted_stats = strategy.shares_statistics and not self.statistics_in_clear
-        sampled = cfg.fed.num_clients if strategy.model_reveals_sample else cfg.fed.clients_per_round
-        self.mechanism = round_mechanism(
-            cfg.fed.num_clients, sampled, self.p.noise_multiplier,
-            self.p.statistics_noise_multiplier if counted_stats else None,
-            self.count_noise if self.p.adaptive_clip else None)
+        self.mechanism = accounted_mechanism(cfg, type(strategy))
         request = strategy.stats_request
         self.token_budget = (float(request.batches * cfg.local.batch_size * cfg.data.max_length * cfg.model.top_k)
                              if request is not None else 1.0)

@@ -224,3 +224,9 @@ def test_resume_refuses_other_accounting(layout):
     _, _, same = _setup(layout, "fedavg", "privacy.noise_seed=99")
     same.load_state_dict(state)
     assert same.secret == dp.secret and same.clip_norm == dp.clip_norm
+
+
+def test_a_target_below_one_rounds_epsilon_is_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match="below the epsilon of a single round"):
+        load_config(None, DP + ["privacy.target_epsilon=0.5"])
+    load_config(None, DP + ["privacy.target_epsilon=0.5", "strategy.name=local"])  # nothing leaves a client
