@@ -31,4 +31,4 @@ def tiny_overrides(tmp_path):
     """A small, fast run: few examples, short sequences, 2 rounds."""
     return [f"run.output_dir={tmp_path}", "data.max_examples=400", "data.max_length=64",
             "data.min_client_examples=5", "fed.rounds=2", "local.steps=3", "local.batch_size=4",
-            "eval.batch_size=64"]
+            "eval.batch_size=64", "eval.every=1", "eval.personalized_every=1"]  # tests read every round's scores
