@@ -193,7 +193,7 @@ class EvalConfig(_Section):
     every: int = Field(5, ge=1)
     """Evaluate the global model every N rounds (and in the last round); in other rounds the
     global_* metrics are None. 1 scores every round, at a cost: evaluating every round made the
-    speed benchmark's rounds about 1.6 times as long (bench/flower_side_by_side.py)."""
+    speed benchmark's rounds 1.4-1.6 times as long (bench/flower_side_by_side.py)."""
     personalized_every: int = Field(5, ge=1)
     """Score each trained client's personalised model every N rounds (and in the last round);
     in other rounds the personalized_* metrics are None. Benchmarks set one value for every

@@ -166,7 +166,8 @@ def write_systems(out: Path, results: dict) -> None:
              "## Time split per round (demo config, 8 clients per round, seconds)", "",
              "Means over every round at the default evaluation cadence (global and personalised scores "
              "every 5 rounds and in the last).", "",
-             *table(["method", *SPLIT_KEYS, "round", "eval share", "wait share"], split_rows), "", "![time split](time_split.png)", "",
+             *table(["method", *SPLIT_KEYS, "round", "eval share", "wait share"], split_rows), "",
+             "![time split](time_split.png)", "",
              "## Bytes sent per rank per round: FedAlign-MoE comm paths", "",
              *table(["clients per rank", "reduce", "allgather", "allgather / reduce"], comm_rows), "",
              "![bytes](bytes_vs_clients.png)", "",

@@ -30,7 +30,8 @@ def _run(tmp_path, name, *overrides):
     """One bf16 job; returns its metrics records after checking the outputs every run has."""
     common = [f"run.output_dir={tmp_path}", f"run.name={name}", f"dist.backend={BACKEND}", "deepspeed.bf16=true",
               "data.max_examples=400", "data.min_client_examples=5", "fed.rounds=2", "local.steps=3",
-              "local.batch_size=4", "eval.batch_size=64", "eval.every=1", "fed.num_clients=4", "fed.clients_per_round=4"]
+              "local.batch_size=4", "eval.batch_size=64", "eval.every=1", "fed.num_clients=4",
+              "fed.clients_per_round=4"]
     t0 = time.perf_counter()
     torchrun(TRAIN + common + list(overrides), nproc=NPROC)
     wall = time.perf_counter() - t0
