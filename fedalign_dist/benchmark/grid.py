@@ -6,9 +6,10 @@ Phases, all resumable (a cell whose run folder has summary.json is not run again
 half-written one is restarted):
   1. tune   per (scenario, method): every candidate of the grid's `tune` budget (the same for
             every method), seed = first seed, evaluated on VALIDATION data; the best final
-            score picks the candidate: the task's headline metric (accuracy, or ROUGE-L) of
-            the global model, or of the personalised ones for a strategy whose `judged_by`
-            says so (`local`, whose global model never changes).
+            score picks the candidate: the task's headline metric (accuracy, or ROUGE-L), or
+            the scenario's `tune_by` metric (e.g. perplexity, lower is better), of the global
+            model, or of the personalised ones for a strategy whose `judged_by` says so
+            (`local`, whose global model never changes).
   2. final  per (scenario, method, seed) with the chosen candidate, evaluated on TEST data.
   3. report results.json (every run's per-round metrics), results.md (mean +- std over seeds
             of the final round, rounds to reach the `reference` method's final score, time split), and
@@ -50,6 +51,9 @@ class GridSpec:
     reference: Optional[str] = None
     """A method whose final global accuracy (mean over seeds) sets the target of the column
     "rounds to reach" for every method; None: no such column."""
+    tune_by: dict[str, str] = field(default_factory=dict)
+    """scenario -> the validation metric that picks its candidate where not the task's headline
+    (e.g. perplexity when ROUGE-L sits near 0 and would pick by noise); its scores join the table."""
 
     def only(self, scenarios: str | None, methods: str | None) -> "GridSpec":
         """The grid narrowed to comma-separated scenario and method names (None: all); the
@@ -85,6 +89,14 @@ def load_grid(path: str | Path) -> GridSpec:
         raise ConfigError(f"{path}: nproc and parallel must be >= 1 (got {spec.nproc}, {spec.parallel})")
     if spec.reference is not None and spec.reference not in spec.methods:
         raise ConfigError(f"{path}: reference '{spec.reference}' is not one of the methods ({', '.join(spec.methods)})")
+    for scenario, metric in spec.tune_by.items():
+        if scenario not in spec.scenarios:
+            raise ConfigError(f"{path}: tune_by names '{scenario}', not one of the scenarios "
+                              f"({', '.join(spec.scenarios)})")
+        metrics = task_metrics(spec, spec.common + spec.scenarios[scenario])
+        if metric not in metrics:
+            raise ConfigError(f"{path}: tune_by {scenario}: '{metric}' is not a metric of its task "
+                              f"({', '.join(metrics)})")
     # every cell's configuration must be valid before anything runs
     for scenario, method in itertools.product(spec.scenarios.values(), spec.methods.values()):
         for candidate in spec.candidates(False):
@@ -102,21 +114,36 @@ def _tune_dir(out: Path, scenario: str, method: str, candidate: int) -> Path:
     return out / "tune" / scenario / method / f"cand{candidate}"
 
 
-def judged_key(spec: GridSpec, overrides: list[str]) -> str:
+LOWER_IS_BETTER = frozenset({"perplexity"})
+
+
+def judged_key(spec: GridSpec, overrides: list[str], metric: str) -> str:
     """The metrics key that measures a cell: the strategy says which model ('global' or
-    'personalized'), the task which metric (its headline: accuracy, rougeL)."""
+    'personalized'), `metric` which of the task's metrics."""
     from fedalign_dist.strategies import strategy_class
     cfg = load_config(spec.base, overrides)
-    return f"{strategy_class(cfg.strategy.name).judged_by}_{headline_metric(spec, overrides)}"
+    return f"{strategy_class(cfg.strategy.name).judged_by}_{metric}"
+
+
+def task_metrics(spec: GridSpec, overrides: list[str]) -> tuple[str, ...]:
+    from fedalign_dist.data.registry import task_class
+    return task_class(load_config(spec.base, overrides).data.task).metrics
 
 
 def headline_metric(spec: GridSpec, overrides: list[str]) -> str:
-    from fedalign_dist.data.registry import task_class
-    return task_class(load_config(spec.base, overrides).data.task).metrics[0]
+    return task_metrics(spec, overrides)[0]
 
 
-def _score(key: str, record: dict) -> float:
-    return record[key] if record.get(key) is not None else float("-inf")
+def tuning_metric(spec: GridSpec, scenario: str) -> str:
+    return spec.tune_by.get(scenario) or headline_metric(spec, spec.common + spec.scenarios[scenario])
+
+
+def best_candidate(scores: list[float | None], metric: str) -> int:
+    """Index of the best score (the lowest for a LOWER_IS_BETTER metric); a missing or NaN score
+    never wins; ties go to the first candidate."""
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    ranked = [sign * s if s is not None and not math.isnan(s) else float("-inf") for s in scores]
+    return max(range(len(ranked)), key=ranked.__getitem__)
 
 
 def _run_cells(spec: GridSpec, cells: list[tuple[str, Path, list[str]]], log) -> None:
@@ -153,9 +180,10 @@ def run_grid(spec: GridSpec, out: Path, quick: bool = False, log=print) -> dict:
     for scenario, method, base in pairs:
         best = 0
         if tuning:
-            judged = judged_key(spec, with_seed(base, seeds[0]))
-            scores = [_score(judged, read_records(_tune_dir(out, scenario, method, i))[-1]) for i in range(len(candidates))]
-            best = max(range(len(candidates)), key=scores.__getitem__)
+            metric = tuning_metric(spec, scenario)
+            judged = judged_key(spec, with_seed(base, seeds[0]), metric)
+            scores = [read_records(_tune_dir(out, scenario, method, i))[-1].get(judged) for i in range(len(candidates))]
+            best = best_candidate(scores, metric)
         chosen.setdefault(scenario, {})[method] = candidates[best]
     # seed-major, so that an interrupted grid holds whole seeds, comparable across methods
     _run_cells(spec, [(f"final {scenario} / {method} / seed {seed}", out / "runs" / scenario / method / f"seed{seed}",
@@ -174,21 +202,27 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
     results = {"chosen": chosen, "runs": {}}
     lines = ["# Benchmark results", "", environment_line(), "",
              f"Base config `{spec.base}`; common overrides `{' '.join(spec.common) or '-'}`; seeds {seeds}; "
-             f"{spec.nproc} rank(s) per run. Scores (the task's headline metric: accuracy, or ROUGE-L for instruction tuning) are the final round's on test data, mean ± std over "
-             f"seeds; the tuning budget {spec.tune or '-'} was spent per (scenario, method) on validation data "
-             f"with seed {seeds[0]}. Best mean per column in bold.", ""]
+             f"{spec.nproc} rank(s) per run. Scores (the task's headline metric: accuracy, or ROUGE-L for "
+             f"instruction tuning) are the final round's on test data, mean ± std over seeds; the tuning budget "
+             f"{spec.tune or '-'} was spent per (scenario, method) on validation data with seed {seeds[0]}, picking "
+             f"by the headline metric" + "".join(f"; {name}: by {m}" for name, m in spec.tune_by.items()
+                                                 if name in spec.scenarios)
+             + ". Best mean per column in bold.", ""]
     for scenario in spec.scenarios:
         per_method = {m: [read_records(out / "runs" / scenario / m / f"seed{s}") for s in seeds] for m in spec.methods}
         results["runs"][scenario] = per_method
         metric = headline_metric(spec, spec.common + spec.scenarios[scenario])
         glob, pers = f"global_{metric}", f"personalized_{metric}"
+        tuned_by = spec.tune_by.get(scenario, metric)
+        extra = [f"global_{tuned_by}", f"personalized_{tuned_by}"] if tuned_by != metric else []
         target = None
         if spec.reference is not None:
             target, _ = mean_std([recs[-1][glob] for recs in per_method[spec.reference]])
         curves, rows = {}, []
         finals = {key: {m: mean_std([r[-1][key] for r in runs]) for m, runs in per_method.items()}
-                  for key in (glob, pers)}
-        best = {key: max((v[0] for v in column.values() if not math.isnan(v[0])), default=None)
+                  for key in (glob, pers, *extra)}
+        best = {key: (min if key.split("_", 1)[1] in LOWER_IS_BETTER else max)(
+                    (v[0] for v in column.values() if not math.isnan(v[0])), default=None)
                 for key, column in finals.items()}
         for method, runs in per_method.items():
             curve, band = mean_curve([[x.get(glob) for x in r] for r in runs])
@@ -203,14 +237,14 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
             aligned_text = "-" if None in aligned else fmt(*mean_std(aligned))
             eps = [r[-1].get("dp_epsilon", "off") for r in runs]
             eps_text = "-" if "off" in eps else "inf" if None in eps else f"{max(eps):.3g}"
-            rows.append([method, _bold_best(finals[glob][method], best[glob]),
-                         _bold_best(finals[pers][method], best[pers]),
+            rows.append([method, *(_bold_best(finals[key][method], best[key]) for key in (glob, pers, *extra)),
                          reach if reach else "not reached", aligned_text, eps_text, f"{secs:.2f}", split, sent_text,
                          f"`{' '.join(chosen[scenario][method]) or '-'}`"])
         png = out / f"convergence_{scenario}.png"
         plot_band_curves(curves, png, f"global {metric} (test)", f"{scenario}: mean ± std over {len(seeds)} seed(s)")
         lines += [f"## {scenario}", "", f"Overrides: `{' '.join(spec.scenarios[scenario])}`", "",
-                  *table(["method", f"global {metric}", f"personalized {metric}", f"rounds to {spec.reference or '-'}'s final",
+                  *table(["method", f"global {metric}", f"personalized {metric}",
+                          *(key.replace("_", " ") for key in extra), f"rounds to {spec.reference or '-'}'s final",
                           "aligned fraction", "epsilon", "s/round",
                           "local / stats / agg / eval s", "MB sent/rank/round", "chosen"], rows),
                   "", f"![{scenario}]({png.name})", ""]

@@ -27,8 +27,15 @@ def test_bench_grid_tunes_runs_reports_and_resumes(tmp_path):
     assert "split: test" in (out / "runs/bbc/fedavg/seed0/config.yaml").read_text()
     results = json.loads((out / "results.json").read_text())
     assert set(results["chosen"]["bbc"]) == {"fedavg", "fedalign"}
+    # the grid's tune_by picks by validation perplexity, the lower the better
+    lrs = load_grid(REPO / "tests/data/bench_tiny.yaml").tune["local.lr"]
+    for method in ("fedavg", "fedalign"):
+        ppl = [json.loads((out / f"tune/bbc/{method}/cand{i}/summary.json").read_text())["final_global_perplexity"]
+               for i in range(2)]
+        assert results["chosen"]["bbc"][method] == [f"local.lr={lrs[ppl.index(min(ppl))]}"], (method, ppl)
     table = (out / "results.md").read_text()
     assert "| fedavg |" in table and "| fedalign |" in table and "±" in table
+    assert "global perplexity" in table and "bbc: by perplexity" in table
     assert (out / "convergence_bbc.png").stat().st_size > 0
 
     # a half-finished grid: one final run lost its summary; only that cell runs again

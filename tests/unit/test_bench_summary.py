@@ -37,3 +37,18 @@ def test_grid_spec_is_validated_before_anything_runs(tmp_path):
     bad.write_text("base: configs/demo.yaml\nseeds: [0]\nscenarios: {a: []}\nmethods: {m: []}\nparallel: 0\n")
     with pytest.raises(ConfigError, match="parallel must be >= 1"):
         load_grid(bad)
+    bad.write_text("base: configs/demo.yaml\nseeds: [0]\nscenarios: {a: []}\nmethods: {m: []}\ntune_by: {b: perplexity}\n")
+    with pytest.raises(ConfigError, match="tune_by names 'b', not one of the scenarios"):
+        load_grid(bad)
+    bad.write_text("base: configs/demo.yaml\nseeds: [0]\nscenarios: {a: []}\nmethods: {m: []}\ntune_by: {a: rougeL}\n")
+    with pytest.raises(ConfigError, match="'rougeL' is not a metric of its task \\(accuracy, perplexity\\)"):
+        load_grid(bad)
+
+
+def test_best_candidate_follows_the_metrics_direction():
+    from fedalign_dist.benchmark.grid import best_candidate
+    assert best_candidate([0.4, 0.6], "accuracy") == 1
+    assert best_candidate([120.0, 95.0, 130.0], "perplexity") == 1   # lower is better
+    assert best_candidate([None, float("nan"), 0.1], "rougeL") == 2   # a missing or NaN score never wins
+    assert best_candidate([None, float("nan"), 200.0], "perplexity") == 2
+    assert best_candidate([0.5, 0.5], "accuracy") == 0               # ties: the first candidate
