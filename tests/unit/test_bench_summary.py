@@ -23,25 +23,24 @@ def test_mean_curve_and_rounds_to_reach():
     assert rounds_to_reach([None, 0.6], 0.5) == 2
 
 
-def test_grid_spec_is_validated_before_anything_runs(tmp_path):
+def test_the_real_grid_specs_load():
     spec = load_grid("configs/bench/quality.yaml")
     assert len(spec.candidates(False)) == 2 and spec.candidates(True) == [["local.lr=0.005"]]
     assert {"fedalign_mu0", "fedalign_uniform_c", "fedalign_beta_inf", "fedamole", "local"} <= set(spec.methods)
+
+
+@pytest.mark.parametrize("tail,error", [
+    ("scenarios: {a: [fed.rouds=2]}\nmethods: {m: []}\n", "did you mean 'fed.rounds'"),
+    ("scenarios: {}\nmethods: {}\nsedes: [1]\n", "unknown grid keys"),
+    ("scenarios: {a: []}\nmethods: {m: []}\nparallel: 0\n", "parallel must be >= 1"),
+    ("scenarios: {a: []}\nmethods: {m: []}\ntune_by: {b: perplexity}\n", "tune_by names 'b', not one of the scenarios"),
+    ("scenarios: {a: []}\nmethods: {m: []}\ntune_by: {a: rougeL}\n",
+     "'rougeL' is not a metric of its task \\(accuracy, perplexity\\)"),
+])
+def test_grid_spec_is_validated_before_anything_runs(tmp_path, tail, error):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("base: configs/demo.yaml\nseeds: [0]\nscenarios: {a: [fed.rouds=2]}\nmethods: {m: []}\n")
-    with pytest.raises(ConfigError, match="did you mean 'fed.rounds'"):
-        load_grid(bad)
-    bad.write_text("base: configs/demo.yaml\nseeds: [0]\nscenarios: {}\nmethods: {}\nsedes: [1]\n")
-    with pytest.raises(ConfigError, match="unknown grid keys"):
-        load_grid(bad)
-    bad.write_text("base: configs/demo.yaml\nseeds: [0]\nscenarios: {a: []}\nmethods: {m: []}\nparallel: 0\n")
-    with pytest.raises(ConfigError, match="parallel must be >= 1"):
-        load_grid(bad)
-    bad.write_text("base: configs/demo.yaml\nseeds: [0]\nscenarios: {a: []}\nmethods: {m: []}\ntune_by: {b: perplexity}\n")
-    with pytest.raises(ConfigError, match="tune_by names 'b', not one of the scenarios"):
-        load_grid(bad)
-    bad.write_text("base: configs/demo.yaml\nseeds: [0]\nscenarios: {a: []}\nmethods: {m: []}\ntune_by: {a: rougeL}\n")
-    with pytest.raises(ConfigError, match="'rougeL' is not a metric of its task \\(accuracy, perplexity\\)"):
+    bad.write_text("base: configs/demo.yaml\nseeds: [0]\n" + tail)
+    with pytest.raises(ConfigError, match=error):
         load_grid(bad)
 
 
