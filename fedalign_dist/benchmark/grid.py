@@ -242,12 +242,20 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
                          f"`{' '.join(chosen[scenario][method]) or '-'}`"])
         png = out / f"convergence_{scenario}.png"
         plot_band_curves(curves, png, f"global {metric} (test)", f"{scenario}: mean ± std over {len(seeds)} seed(s)")
+        pictures = [f"![{scenario}]({png.name})"]
+        if extra:  # the tuning metric's curves too
+            tuned_png = out / f"convergence_{scenario}_{tuned_by}.png"
+            tuned_curves = {m: mean_curve([[x.get(extra[0]) for x in r] for r in runs])
+                            for m, runs in per_method.items()}
+            plot_band_curves(tuned_curves, tuned_png, f"global {tuned_by} (test)",
+                             f"{scenario}: mean ± std over {len(seeds)} seed(s)")
+            pictures.append(f"![{scenario}, {tuned_by}]({tuned_png.name})")
         lines += [f"## {scenario}", "", f"Overrides: `{' '.join(spec.scenarios[scenario])}`", "",
                   *table(["method", f"global {metric}", f"personalized {metric}",
                           *(key.replace("_", " ") for key in extra), f"rounds to {spec.reference or '-'}'s final",
                           "aligned fraction", "epsilon", "s/round",
                           "local / stats / agg / eval s", "MB sent/rank/round", "chosen"], rows),
-                  "", f"![{scenario}]({png.name})", ""]
+                  "", *pictures, ""]
     (out / "results.json").write_text(json.dumps(results))
     (out / "results.md").write_text("\n".join(lines))
     return results

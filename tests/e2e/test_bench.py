@@ -36,6 +36,7 @@ def test_bench_grid_tunes_runs_reports_and_resumes(tmp_path):
     table = (out / "results.md").read_text()
     assert "| fedavg |" in table and "| fedalign |" in table and "±" in table
     assert "global perplexity" in table and "bbc: by perplexity" in table
+    assert (out / "convergence_bbc_perplexity.png").stat().st_size > 0
     assert (out / "convergence_bbc.png").stat().st_size > 0
 
     # a half-finished grid: one final run lost its summary; only that cell runs again
