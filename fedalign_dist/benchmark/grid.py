@@ -213,7 +213,7 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
         results["runs"][scenario] = per_method
         metric = headline_metric(spec, spec.common + spec.scenarios[scenario])
         glob, pers = f"global_{metric}", f"personalized_{metric}"
-        tuned_by = spec.tune_by.get(scenario, metric)
+        tuned_by = tuning_metric(spec, scenario)
         extra = [f"global_{tuned_by}", f"personalized_{tuned_by}"] if tuned_by != metric else []
         target = None
         if spec.reference is not None:
