@@ -12,7 +12,7 @@ _entry_points_loaded = False
 
 
 def load_plugins(modules: list[str]) -> None:
-    from fedalign_dist.config import ConfigError
+    from fedalign_dist.config_sections import ConfigError
     global _entry_points_loaded
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise ConfigError(f"imports must be a list of module names, got {modules!r}")

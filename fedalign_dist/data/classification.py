@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from fedalign_dist.config import ConfigSection
+from fedalign_dist.config_sections import ConfigSection
 from fedalign_dist.data.registry import register_task
 from fedalign_dist.data.task import IGNORE, TaskType, left_pad
 

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal, Optional
 
-from fedalign_dist.config import ConfigSection
+from fedalign_dist.config_sections import ConfigSection
 from fedalign_dist.data.registry import DataSource, register_source
 from fedalign_dist.data.sources import Corpus
 

@@ -1,5 +1,7 @@
 """Data sources and task types, chosen by name (`data.name`, `data.task`) from registries that
 code outside the package fills too (`imports` / --import / entry points, before validation).
+The built-in ones register when the package `fedalign_dist.data` is imported (its __init__),
+so this module never imports them.
 
 A source that declares knobs (`config_section`) gets the config section `data.<its name>`,
 and so does a task type: both are validated, suggested and documented like built-in keys."""
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, TypeVar
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from fedalign_dist.data.sources import Corpus
+    from fedalign_dist.data.corpus import Corpus
 
 _SOURCES: dict[str, type["DataSource"]] = {}
 _TASKS: dict[str, type] = {}
@@ -72,32 +74,23 @@ register_task = _register(_TASKS, "task type")
 
 
 def registered_sources() -> list[str]:
-    _load_builtins()
     return sorted(_SOURCES)
 
 
 def registered_tasks() -> list[str]:
-    _load_builtins()
     return sorted(_TASKS)
 
 
 def source_class(name: str) -> type[DataSource]:
-    _load_builtins()
     return _SOURCES[name]
 
 
 def task_class(name: str) -> type:
-    _load_builtins()
     return _TASKS[name]
 
 
 def data_sections() -> dict[str, "type[BaseModel]"]:
     """{name: config section} of the sources and task types that declare knobs."""
-    _load_builtins()
     return {name: cls.config_section for name, cls in sorted({**_SOURCES, **_TASKS}.items())
             if cls.config_section is not None}
 
-
-def _load_builtins() -> None:
-    # Importing the modules registers the built-in sources and task types.
-    from fedalign_dist.data import classification, files, instruction, sources  # noqa: F401

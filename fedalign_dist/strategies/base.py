@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from fedalign_dist.clients.routing_stats import StatsRequest
     from fedalign_dist.clients.state import ClientStore
     from fedalign_dist.dist.communicator import Communicator
-    from fedalign_dist.config import Config
+    from fedalign_dist.config_sections import Config
     from fedalign_dist.models.anatomy import MoEAnatomy
 
 NamedTensors = dict[str, torch.Tensor]

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from fedalign_dist.aggregation import alignment as A
 from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights
 from fedalign_dist.clients.routing_stats import StatsRequest
-from fedalign_dist.config import ConfigSection
+from fedalign_dist.config_sections import ConfigSection
 from fedalign_dist.strategies.base import register
 from fedalign_dist.strategies.expertwise import (ALIGNED, INACTIVE, OWN, PAIRWISE, AggregationPlan, ClientTable,
                                                  ExpertwiseStrategy)

@@ -16,7 +16,7 @@ from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights
 from fedalign_dist.aggregation.rsea import check_feasible, random_assignment, selection_scores, solve_assignment
 from fedalign_dist.clients.amole_stats import amole_embeddings, aux_indices
 from fedalign_dist.models.amole import set_held
-from fedalign_dist.config import ConfigSection
+from fedalign_dist.config_sections import ConfigSection
 from fedalign_dist.strategies.base import register
 from fedalign_dist.strategies.expertwise import AggregationPlan, ExpertwiseStrategy, stack_rows
 

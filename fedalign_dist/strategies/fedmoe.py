@@ -7,7 +7,7 @@ from pydantic import Field
 from fedalign_dist.aggregation.alignment import token_weights
 from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights
 from fedalign_dist.clients.routing_stats import StatsRequest
-from fedalign_dist.config import ConfigSection
+from fedalign_dist.config_sections import ConfigSection
 from fedalign_dist.strategies.base import register
 from fedalign_dist.strategies.expertwise import AggregationPlan, ClientTable, ExpertwiseStrategy
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from fedalign_dist.config import ConfigSection
+from fedalign_dist.config_sections import ConfigSection
 from fedalign_dist.strategies.base import NamedTensors, register
 from fedalign_dist.strategies.fedavg import FedAvg
 
