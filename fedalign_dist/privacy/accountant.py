@@ -11,8 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import dp_accounting
+if TYPE_CHECKING:
+    import dp_accounting
+
+
+def _library():
+    # imported on first use: it pulls in scipy.signal and scipy.stats, ~2 s of every rank's
+    # start-up, which a run without privacy.enabled never needs
+    import dp_accounting
+    return dp_accounting
 
 
 @dataclass(frozen=True)
@@ -22,7 +31,8 @@ class RoundMechanism:
     multipliers: tuple[float, ...]
     """Gaussian noise multipliers relative to the REPLACE_ONE sensitivity."""
 
-    def event(self) -> dp_accounting.DpEvent:
+    def event(self) -> "dp_accounting.DpEvent":
+        dp_accounting = _library()
         gaussians = [dp_accounting.GaussianDpEvent(m) for m in self.multipliers]
         inner = gaussians[0] if len(gaussians) == 1 else dp_accounting.ComposedDpEvent(gaussians)
         return dp_accounting.SampledWithoutReplacementDpEvent(self.num_clients, self.clients_per_round, inner)
@@ -44,6 +54,7 @@ def round_mechanism(num_clients: int, clients_per_round: int, noise_multiplier: 
 def _one_round(mechanism: RoundMechanism):
     """(orders, RDP at each order) of one round, from the library's accountant (its compose is
     the expensive part: about 0.2 s)."""
+    dp_accounting = _library()
     accountant = dp_accounting.rdp.RdpAccountant(
         neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     accountant.compose(mechanism.event(), 1)
@@ -60,4 +71,4 @@ def epsilon(mechanism: RoundMechanism, rounds: int, delta: float) -> float:
     if min(mechanism.multipliers) <= 0:
         return float("inf")
     orders, rdp = _one_round(mechanism)
-    return float(dp_accounting.rdp.rdp_privacy_accountant.compute_epsilon(orders, rounds * rdp, delta)[0])
+    return float(_library().rdp.rdp_privacy_accountant.compute_epsilon(orders, rounds * rdp, delta)[0])
