@@ -1,16 +1,11 @@
-"""deepspeed.bf16 end to end on CPU (2 gloo ranks): at a learning rate whose per-round update
-is below one bf16 step, the global state still moves, in fp32."""
+"""deepspeed.bf16 end to end on CPU (2 gloo ranks, the shared job): at a learning rate of 1e-6,
+whose per-round update is below one bf16 step, the global state still moves, in fp32."""
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import torchrun
 
-
-def test_bf16_run_keeps_small_updates(tmp_path, tiny_overrides):
-    torchrun(["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml", *tiny_overrides, "run.name=bf16",
-              "deepspeed.bf16=true", "local.lr=1e-6", "checkpoint.every=1", "checkpoint.keep=2",
-              "fed.num_clients=4", "fed.clients_per_round=4"], nproc=2)
-    run = tmp_path / "bf16"
+def test_bf16_run_keeps_small_updates(batch):
+    run = batch.run_dir("bf16")
     first = load_file(run / "checkpoints/round_00000/global.safetensors")
     final = load_file(run / "final/global.safetensors")
     assert all(t.dtype == torch.float32 for t in final.values())

@@ -1,7 +1,13 @@
-"""Bad input fails fast with a message that says what to change, and nothing is clobbered."""
+"""Bad input fails fast with a message that says what to change, and nothing is clobbered.
+The launcher's refusals and one rank's run as real processes; the other refusals of a rank
+(`train`) through the same command-line entry in this process, where only the rank's final
+os._exit is replaced by a plain exit."""
 import subprocess
 import sys
 
+import pytest
+
+from fedalign_dist import cli
 from tests.conftest import REPO
 
 BASE = [sys.executable, "-m", "fedalign_dist"]
@@ -13,36 +19,52 @@ def _fail(args, env=None):
     return out.stderr
 
 
-def test_bad_configs_fail_before_anything_starts(tmp_path):
+@pytest.fixture
+def fail_here(monkeypatch, capfd):
+    """`fedalign-dist ARGS` in this process must exit 2; returns what it wrote to stderr (file
+    descriptors captured: a rank hands stderr's to faulthandler)."""
+    monkeypatch.setattr(cli, "end_rank", lambda code: None)  # a rank's os._exit would end pytest
+
+    def fail(args):
+        capfd.readouterr()
+        with pytest.raises(SystemExit) as done:
+            cli.main(args)
+        err = capfd.readouterr().err
+        assert done.value.code == 2, (done.value.code, err[-3000:])
+        return err
+    return fail
+
+
+def test_bad_configs_fail_before_anything_starts(tmp_path, fail_here):
     assert "did you mean 'fed.rounds'" in _fail(["run", "--config", "configs/demo.yaml", "fed.round=2"])
     assert "exceeds fed.num_clients" in _fail(["train", "--config", "configs/demo.yaml", "fed.clients_per_round=9"])
-    assert "not a directory" in _fail(["train", "--config", "configs/demo.yaml", f"model.path={tmp_path}/none"])
-    assert "data.alpha" in _fail(["train", "--config", "configs/demo.yaml", "fed.num_clients=200",
-                                  "fed.clients_per_round=2", "data.alpha=0.01"])
+    assert "not a directory" in fail_here(["train", "--config", "configs/demo.yaml", f"model.path={tmp_path}/none"])
+    assert "data.alpha" in fail_here(["train", "--config", "configs/demo.yaml", "fed.num_clients=200",
+                                      "fed.clients_per_round=2", "data.alpha=0.01"])
 
 
-def test_world_size_larger_than_clients():
-    import os
-    env = dict(os.environ, WORLD_SIZE="4", RANK="0")
-    assert "world size 4 exceeds fed.num_clients (2)" in _fail(
-        ["train", "--config", "configs/demo.yaml", "fed.num_clients=2", "fed.clients_per_round=1"], env=env)
+def test_world_size_larger_than_clients(fail_here, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    assert "world size 4 exceeds fed.num_clients (2)" in fail_here(
+        ["train", "--config", "configs/demo.yaml", "fed.num_clients=2", "fed.clients_per_round=1"])
 
 
-def test_existing_run_folder_is_not_overwritten(tmp_path):
+def test_existing_run_folder_is_not_overwritten(tmp_path, fail_here):
     from fedalign_dist.run_folder import mark_run_folder
     run = tmp_path / "demo"
     run.mkdir()
     (run / "metrics.jsonl").write_text("precious\n")
     # a folder fedalign_dist did not create is never touched, overwrite or not
     for extra in ([], ["run.overwrite=true"], ["run.resume=auto"]):
-        err = _fail(["train", "--config", "configs/demo.yaml", f"run.output_dir={tmp_path}", *extra])
+        err = fail_here(["train", "--config", "configs/demo.yaml", f"run.output_dir={tmp_path}", *extra])
         assert "is not a fedalign_dist run folder" in err, err
     mark_run_folder(run)
-    assert "run.overwrite=true" in _fail(["train", "--config", "configs/demo.yaml", f"run.output_dir={tmp_path}"])
+    assert "run.overwrite=true" in fail_here(["train", "--config", "configs/demo.yaml", f"run.output_dir={tmp_path}"])
     assert (run / "metrics.jsonl").read_text() == "precious\n"
 
 
-def test_the_reported_data_loss_cases_are_refused(tmp_path):
+def test_the_reported_data_loss_cases_are_refused(tmp_path, fail_here):
     """run.resume=auto on a user's folder, and run.name=.. (the parent of output_dir)."""
     out = tmp_path / "x"
     (out / "mydata").mkdir(parents=True)
@@ -50,8 +72,8 @@ def test_the_reported_data_loss_cases_are_refused(tmp_path):
     (tmp_path / "sibling").mkdir()
     (tmp_path / "sibling/notes.txt").write_text("mine")
     base = ["train", "--config", "configs/demo.yaml", f"run.output_dir={out}"]
-    assert "is not a fedalign_dist run folder" in _fail(base + ["run.name=mydata", "run.resume=auto"])
-    assert "run.name must be one plain folder name" in _fail(base + ["run.name=..", "run.overwrite=true"])
+    assert "is not a fedalign_dist run folder" in fail_here(base + ["run.name=mydata", "run.resume=auto"])
+    assert "run.name must be one plain folder name" in fail_here(base + ["run.name=..", "run.overwrite=true"])
     assert (out / "mydata/thesis.tex").read_text() == "years of work"
     assert (tmp_path / "sibling/notes.txt").read_text() == "mine"
 
@@ -66,27 +88,26 @@ def test_partition_command_prints_table_and_writes_png(tmp_path):
     assert png.stat().st_size > 1000
 
 
-def test_resume_refuses_what_cannot_be_resumed(tmp_path):
+def test_resume_refuses_what_cannot_be_resumed(tmp_path, fail_here):
     from fedalign_dist.run_folder import mark_run_folder
     finished = tmp_path / "demo"
     (finished / "final").mkdir(parents=True)
     mark_run_folder(finished)
     (finished / "metrics.jsonl").write_text("precious\n")
     base = ["train", "--config", "configs/demo.yaml", f"run.output_dir={tmp_path}"]
-    assert "no intact checkpoint" in _fail(base + ["run.resume=true"])
+    assert "no intact checkpoint" in fail_here(base + ["run.resume=true"])
     # auto with a finished run and no checkpoint: nothing to resume, and it is not deleted
-    assert "run.overwrite=true" in _fail(base + ["run.resume=auto"])
+    assert "run.overwrite=true" in fail_here(base + ["run.resume=auto"])
     assert (finished / "metrics.jsonl").read_text() == "precious\n"
-    assert "set only one of them" in _fail(base + ["run.resume=true", "run.overwrite=true"])
+    assert "set only one of them" in fail_here(base + ["run.resume=true", "run.overwrite=true"])
 
 
-def test_resume_with_a_different_experiment_is_refused(tmp_path, tiny_overrides):
+def test_resume_with_a_different_experiment_is_refused(tmp_path, tiny_overrides, fail_here):
+    import fedalign_dist as fd
     from fedalign_dist import checkpoint
-    from tests.conftest import torchrun
-    torchrun(["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml", *tiny_overrides, "run.name=r",
-              "fed.rounds=1", "checkpoint.every=1"], nproc=1)
+    fd.run(fd.load_config("configs/demo.yaml", [*tiny_overrides, "run.name=r", "fed.rounds=1", "checkpoint.every=1"]))
     assert checkpoint.latest_checkpoint(tmp_path / "r") is not None
-    err = _fail(["train", "--config", "configs/demo.yaml", *tiny_overrides, "run.name=r", "run.resume=true",
+    err = fail_here(["train", "--config", "configs/demo.yaml", *tiny_overrides, "run.name=r", "run.resume=true",
                  "strategy.name=fedavg", "fed.rounds=2"])
     assert "different values of strategy.name;" in err  # and only that: fed.rounds may change
 

@@ -1,15 +1,13 @@
-"""FedAlign-MoE and FedMoE end to end under torchrun (gloo): both communication paths agree,
-personal experts survive a checkpoint and resume, LoRA and every signature mode run."""
+"""FedAlign-MoE and FedMoE end to end (the shared 2-rank job, gloo): both communication paths
+agree, personal experts survive a checkpoint and resume; LoRA with a router bias and FedMoE
+run (one rank, in this process)."""
 import json
-import shutil
 
 import torch
 from safetensors.torch import load_file
 
+import fedalign_dist as fd
 from fedalign_dist import checkpoint
-from tests.conftest import torchrun
-
-TRAIN = ["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml"]
 DIAGNOSTICS = {"routing_js_mean", "consistency_mean", "consistency_min", "aligned_fraction", "tau_mean",
                "similarity_mean", "time_stats_s"}
 
@@ -18,21 +16,19 @@ def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_allgather_and_reduce_paths_agree(tmp_path, tiny_overrides):
-    common = tiny_overrides + ["strategy.name=fedalign", "fed.num_clients=4", "fed.clients_per_round=4",
-                               "checkpoint.every=1"]
-    torchrun(TRAIN + common + ["run.name=reduce", "strategy.fedalign.comm=reduce"], nproc=2)
-    torchrun(TRAIN + common + ["run.name=gather", "strategy.fedalign.comm=allgather"], nproc=2)
+def test_allgather_and_reduce_paths_agree(batch):
+    # 4 clients on 2 ranks, checkpoint every round
+    runs = {comm: batch.run_dir(f"fedalign_{comm}") for comm in ("reduce", "allgather")}
     # the first aggregation differs only by the order of the sums (measured: 2e-8 relative);
     # the next round's AdamW steps amplify that round-off (2e-5 after round 2: a first Adam
     # step is lr-sized whatever the gradient)
     for saved, bound in (("checkpoints/round_00000/global.safetensors", 1e-6), ("final/global.safetensors", 1e-4)):
-        reduce, gather = (load_file(tmp_path / n / saved) for n in ("reduce", "gather"))
+        reduce, gather = (load_file(runs[comm] / saved) for comm in ("reduce", "allgather"))
         assert reduce.keys() == gather.keys()
         for name in reduce:
             torch.testing.assert_close(reduce[name], gather[name], rtol=1e-3, atol=1e-4)
             assert (reduce[name] - gather[name]).norm() <= bound * reduce[name].norm() + 1e-7, (saved, name)
-    r_rec, g_rec = _records(tmp_path / "reduce"), _records(tmp_path / "gather")
+    r_rec, g_rec = _records(runs["reduce"]), _records(runs["allgather"])
     assert all(DIAGNOSTICS <= r.keys() for r in r_rec + g_rec)
     assert [r["aligned_fraction"] for r in r_rec] == [r["aligned_fraction"] for r in g_rec]
     # 2 clients per rank: gathering every delta costs more than one all_reduce of the sum
@@ -40,26 +36,17 @@ def test_allgather_and_reduce_paths_agree(tmp_path, tiny_overrides):
     assert len(r_rec[-1]["routing"]["consensus"]) == 2  # per layer, for the histograms and reports
 
 
-def test_personal_experts_survive_checkpoint_and_resume(tmp_path, tiny_overrides):
+def test_personal_experts_survive_checkpoint_and_resume(batch):
     # beta=0 without a floor: the threshold is the mean similarity, so some clients are always
     # outside the aligned set and keep personal experts; pairwise mode over allgather; disk.
-    common = tiny_overrides + ["strategy.name=fedalign", "strategy.fedalign.beta=0",
-                               "strategy.fedalign.similarity_floor=1", "strategy.fedalign.mode=pairwise", "strategy.fedalign.comm=allgather",
-                               "fed.client_state=disk", "fed.rounds=3", "checkpoint.every=1", "checkpoint.keep=3",
-                               "fed.num_clients=6", "fed.clients_per_round=4"]
-    torchrun(TRAIN + common + ["run.name=full"], nproc=2)
-    full = tmp_path / "full"
+    full = batch.run_dir("personal_full")
     kept = [key for _, key in checkpoint.client_entries(full / "checkpoints/round_00001")]
     assert "personal_experts" in kept, "no personal experts in the round-1 checkpoint"
-
-    # A crash during round 2: its checkpoint and the final state never got written.
-    crashed = tmp_path / "crashed"
-    shutil.copytree(full, crashed)
-    shutil.rmtree(crashed / "checkpoints/round_00002")
-    shutil.rmtree(crashed / "final")
-    (crashed / "summary.json").unlink()
-    torchrun(TRAIN + common + ["run.name=crashed", "run.resume=true"], nproc=2)
-
+    # "personal_crashed" started from a copy of the full run as a crash during round 2 leaves it
+    # (its checkpoint and the final state never written; live client states of round 2 on disk)
+    # and resumed it (tests/e2e/shared_runs.py)
+    crashed = batch.run_dir("personal_crashed")
+    assert "resumed from round_00001: continuing at round 2" in batch.log("personal_crashed")
     assert [r["round"] for r in _records(crashed)] == [0, 1, 2]
     a, b = load_file(full / "final/global.safetensors"), load_file(crashed / "final/global.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a), "resumed run differs from the uninterrupted one"
@@ -71,11 +58,11 @@ def test_personal_experts_survive_checkpoint_and_resume(tmp_path, tiny_overrides
 
 
 def test_fedalign_lora_with_router_bias_and_fedmoe(tmp_path, tiny_overrides):
-    torchrun(TRAIN + tiny_overrides + ["run.name=oss", "strategy.name=fedalign", "model.family=gpt_oss",
-                                       "model.finetune=lora", "strategy.fedalign.signature=input",
-                                       "strategy.fedalign.signature_dim=8"], nproc=1)
+    fd.run(fd.load_config("configs/demo.yaml", tiny_overrides + [
+        "run.name=oss", "strategy.name=fedalign", "model.family=gpt_oss", "model.finetune=lora",
+        "strategy.fedalign.signature=input", "strategy.fedalign.signature_dim=8"]))
     saved = load_file(tmp_path / "oss/final/global.safetensors")
     assert any(k.endswith("mlp.router.modules_to_save.default.bias") for k in saved)
     assert all(DIAGNOSTICS <= r.keys() for r in _records(tmp_path / "oss"))
-    torchrun(TRAIN + tiny_overrides + ["run.name=moe", "strategy.name=fedmoe", "fed.rounds=1"], nproc=1)
+    fd.run(fd.load_config("configs/demo.yaml", tiny_overrides + ["run.name=moe", "strategy.name=fedmoe", "fed.rounds=1"]))
     assert _records(tmp_path / "moe")[0]["strategy"] == "fedmoe"

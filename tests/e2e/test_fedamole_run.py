@@ -1,19 +1,16 @@
-"""FedAMoLE end to end: 2 gloo ranks, a tiny dense Llama with AMoLE adapters, clients on
-both ranks holding different expert sets chosen by reverse selection."""
+"""FedAMoLE end to end: 2 gloo ranks (the shared job), a tiny dense Llama with AMoLE adapters,
+clients on both ranks holding different expert sets chosen by reverse selection; its LoRA
+FedAvg baseline on one rank (this process)."""
 import json
 
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import torchrun
+import fedalign_dist as fd
 
 
-def test_fedamole_two_ranks(tmp_path, tiny_overrides):
-    torchrun(["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml", *tiny_overrides, "run.name=amole",
-              "strategy.name=fedamole", "model.family=llama", "fed.num_clients=4", "fed.clients_per_round=4",
-              "strategy.fedamole.num_experts=6", "strategy.fedamole.rank=4", "strategy.fedamole.max_experts=4",
-              "checkpoint.every=1"], nproc=2)
-    run = tmp_path / "amole"
+def test_fedamole_two_ranks(batch):
+    run = batch.run_dir("amole")  # 4 clients on 2 ranks, 6 experts of rank 4, at most 4 held
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1]
     assert all(r["held_experts_mean"] == 3.0 and r["upload_bytes_per_client"] > r["download_bytes_per_client"] > 0
@@ -50,8 +47,8 @@ def test_fedamole_two_ranks(tmp_path, tiny_overrides):
 
 def test_fedavg_with_one_lora_on_the_same_dense_base(tmp_path, tiny_overrides):
     """The baseline FedAMoLE is compared with: one PEFT LoRA per q_proj / v_proj, FedAvg."""
-    torchrun(["-m", "fedalign_dist", "train", "--config", "configs/fedamole.yaml", *tiny_overrides, "run.name=lora",
-              "strategy.name=fedavg", "model.finetune=lora", "model.lora.rank=8", "fed.rounds=1"], nproc=1)
+    fd.run(fd.load_config("configs/fedamole.yaml", [*tiny_overrides, "run.name=lora", "strategy.name=fedavg",
+                                                    "model.finetune=lora", "model.lora.rank=8", "fed.rounds=1"]))
     final = load_file(tmp_path / "lora/final/global.safetensors")
     assert final and all("lora_" in k for k in final)
     assert (tmp_path / "lora/final/adapter/adapter_config.json").is_file()

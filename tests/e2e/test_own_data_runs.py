@@ -1,6 +1,6 @@
 """Users' data end to end: the README's "Your own data" example run verbatim (its CSV, its
 command, the data.json it shows), and the shipped instruction scenario (configs/headlines.yaml)
-on 2 ranks, whose loss and perplexity fall and whose ROUGE-L is reported (metrics, summary, report)."""
+on 2 ranks (the shared job), whose loss and perplexity fall and whose ROUGE-L is reported (metrics, summary, report)."""
 import json
 import os
 import re
@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.conftest import REPO, torchrun
+from tests.conftest import REPO
 
 
 def readme_section_blocks(title: str) -> dict[str, str]:
@@ -37,11 +37,8 @@ def test_readme_own_data_example_runs_verbatim(tmp_path):
     assert len(records) == 5 and records[-1]["train_loss"] < records[0]["train_loss"]
 
 
-def test_headline_instruction_scenario_on_two_ranks_learns(tmp_path, tiny_overrides):
-    torchrun(["-m", "fedalign_dist", "train", "--config", "configs/headlines.yaml", *tiny_overrides,
-              "data.max_length=80", "fed.rounds=3", "local.steps=8", "eval.global_examples=32",
-              "data.instruction.generate_fraction=0.2"], nproc=2)
-    run = tmp_path / "headlines"
+def test_headline_instruction_scenario_on_two_ranks_learns(batch):
+    run = batch.run_dir("headlines")  # configs/headlines.yaml, 3 rounds of 8 steps
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert records[-1]["global_perplexity"] < records[0]["global_perplexity"]

@@ -12,7 +12,6 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fedalign_dist.data.sources import load_bbc_news
 from tests.conftest import REPO
 
 PLUGINS = REPO / "tests" / "data" / "plugins"
@@ -25,18 +24,15 @@ def fedalign_run(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
-def test_external_strategy_and_source_on_two_ranks_equal_builtin_fedavg(tmp_path, tiny_overrides):
-    bbc = load_bbc_news()
-    picked = range(0, len(bbc.texts), 9)  # 248 real articles, every topic
-    tsv = tmp_path / "articles.tsv"
-    tsv.write_text("".join(f"{bbc.label_names[bbc.labels[i]]}\t{bbc.texts[i]}\n" for i in picked))
-    common = tiny_overrides + ["fed.num_clients=4", "fed.clients_per_round=4", "--import", "tsv_source",
-                               "data.name=tsv_lines", f"data.tsv_lines.path={tsv}"]
-    fedalign_run(common + ["--import", "scaled_fedavg", "run.name=plugin", "strategy.name=scaled_fedavg",
-                           "strategy.scaled_fedavg.server_lr=1.0"])
-    fedalign_run(common + ["run.name=builtin", "strategy.name=fedavg"])
-
-    plugin, builtin = (load_file(tmp_path / n / "final/global.safetensors") for n in ("plugin", "builtin"))
+def test_external_strategy_and_source_on_two_ranks_equal_builtin_fedavg(tmp_path, tiny_overrides, batch):
+    tsv = batch.inputs / "articles.tsv"  # 248 real BBC articles (tests/e2e/shared_runs.py)
+    fedalign_run(tiny_overrides + ["fed.num_clients=4", "fed.clients_per_round=4", "--import", "tsv_source",
+                                   "data.name=tsv_lines", f"data.tsv_lines.path={tsv}", "--import", "scaled_fedavg",
+                                   "run.name=plugin", "strategy.name=scaled_fedavg",
+                                   "strategy.scaled_fedavg.server_lr=1.0"])
+    # the built-in FedAvg on the same external data: the shared job's run "plugin_builtin"
+    plugin, builtin = (load_file(d / "final/global.safetensors")
+                       for d in (tmp_path / "plugin", batch.run_dir("plugin_builtin")))
     assert plugin.keys() == builtin.keys() and all(torch.equal(plugin[n], builtin[n]) for n in plugin)
     records = [json.loads(line) for line in (tmp_path / "plugin/metrics.jsonl").read_text().splitlines()]
     assert [r["server_lr"] for r in records] == [1.0, 1.0] and records[-1]["strategy"] == "scaled_fedavg"
@@ -44,6 +40,8 @@ def test_external_strategy_and_source_on_two_ranks_equal_builtin_fedavg(tmp_path
     assert saved["imports"] == ["tsv_source", "scaled_fedavg"]
     assert saved["strategy"]["scaled_fedavg"] == {"server_lr": 1.0} and saved["data"]["tsv_lines"] == {"path": str(tsv)}
     data = json.loads((tmp_path / "plugin/data.json").read_text())
-    assert data["source"] == "tsv_lines" and data["examples"] == len(picked)
-    assert data["label_names"] == sorted(bbc.label_names) and len(data["clients"]) == 4
-    assert sum(sum(c.values()) for c in data["clients"]) == len(picked)
+    lines = tsv.read_text().splitlines()
+    assert data["source"] == "tsv_lines" and data["examples"] == len(lines)
+    assert data["label_names"] == sorted({line.split("\t")[0] for line in lines}) and len(data["label_names"]) == 5
+    assert len(data["clients"]) == 4
+    assert sum(sum(c.values()) for c in data["clients"]) == len(lines)

@@ -1,18 +1,19 @@
 """Client-level DP in real runs: with the noise off and clipping that never bites, a DP run is
 the plain run bit for bit; with noise, the aggregate gets one draw whatever the number of
-ranks; epsilon in the metrics is the accountant's, and a run stops at its target epsilon."""
+ranks; epsilon in the metrics is the accountant's, and a run stops at its target epsilon.
+Runs of one rank train in this process; the 2-rank run is the shared job's."""
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import fedalign_dist as fd
 from fedalign_dist.config import load_config
 from fedalign_dist.privacy.accountant import epsilon, round_mechanism
 from fedalign_dist.report import write_report
-from tests.conftest import torchrun
+from tests.e2e.shared_runs import DP_FEDALIGN, dp_target_epsilon
 
-TRAIN = ["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml"]
 EQUAL = ["fed.num_clients=6", "fed.clients_per_round=4"]
 
 
@@ -20,13 +21,16 @@ def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _run(overrides):
+    return fd.run(fd.load_config("configs/demo.yaml", overrides))
+
+
 def test_noise_off_and_unbitten_clipping_is_the_plain_run_bitwise(tmp_path, tiny_overrides):
     # DP weighs every client as one (example counts are private): the plain run does the same
-    plain = TRAIN + tiny_overrides + EQUAL + ["strategy.name=fedavg", "run.name=plain", "fed.weighting=uniform"]
-    torchrun(plain, nproc=1)
-    torchrun(TRAIN + tiny_overrides + EQUAL + [
-        "strategy.name=fedavg", "run.name=dp", "privacy.enabled=true", "privacy.noise_multiplier=0",
-        "privacy.clip_norm=1e9", "privacy.noise_seed=0", "privacy.delta=1e-3"], nproc=1)
+    _run(tiny_overrides + EQUAL + ["strategy.name=fedavg", "run.name=plain", "fed.weighting=uniform"])
+    _run(tiny_overrides + EQUAL + ["strategy.name=fedavg", "run.name=dp", "privacy.enabled=true",
+                                   "privacy.noise_multiplier=0", "privacy.clip_norm=1e9", "privacy.noise_seed=0",
+                                   "privacy.delta=1e-3"])
     a, b = load_file(tmp_path / "plain/final/global.safetensors"), load_file(tmp_path / "dp/final/global.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     plain_r, dp_r = _records(tmp_path / "plain"), _records(tmp_path / "dp")
@@ -35,18 +39,18 @@ def test_noise_off_and_unbitten_clipping_is_the_plain_run_bitwise(tmp_path, tiny
     assert "dp_epsilon" not in plain_r[0]
 
 
-def test_dp_fedalign_run_reports_epsilon_and_stops_at_its_target(tmp_path, tiny_overrides):
-    overrides = ["strategy.name=fedalign", "fed.num_clients=8", "fed.clients_per_round=4",
-                 "fed.rounds=3", "privacy.enabled=true", "privacy.noise_seed=5", "privacy.delta=1e-3",
-                 "privacy.noise_multiplier=1.5", "privacy.statistics_noise_multiplier=2", "privacy.adaptive_clip=true"]
-    cfg = load_config("configs/demo.yaml", tiny_overrides + overrides)
+def test_dp_fedalign_run_reports_epsilon_and_stops_at_its_target(tmp_path, tiny_overrides, batch, capfd, one_thread):
+    """DP_FEDALIGN with a target epsilon that allows 2 of its 3 rounds: on 2 ranks (the shared
+    job) and on 1 (this process)."""
+    target = dp_target_epsilon()
+    cfg = load_config("configs/demo.yaml", tiny_overrides + DP_FEDALIGN)
     mech = round_mechanism(8, 4, 1.5, 2.0, max(4 / 20, 2 * 1.5))  # the default count noise
-    target = (epsilon(mech, 2, 1e-3) + epsilon(mech, 3, 1e-3)) / 2  # allows 2 of the 3 rounds
+    capfd.readouterr()
+    _run(tiny_overrides + DP_FEDALIGN + ["run.name=dp1", f"privacy.target_epsilon={target}"])
+    outputs = {1: "".join(capfd.readouterr()), 2: batch.log("dp_fedalign")}
+    runs = {1: tmp_path / "dp1", 2: batch.run_dir("dp_fedalign")}
     finals = {}
-    for nproc in (2, 1):
-        out = torchrun(TRAIN + tiny_overrides + overrides + [f"run.name=dp{nproc}", f"privacy.target_epsilon={target}"],
-                       nproc=nproc)
-        run = tmp_path / f"dp{nproc}"
+    for nproc, run in runs.items():
         records = _records(run)
         assert [r["round"] for r in records] == [0, 1]
         for r in records:
@@ -57,7 +61,7 @@ def test_dp_fedalign_run_reports_epsilon_and_stops_at_its_target(tmp_path, tiny_
         assert summary["rounds"] == 2 and summary["privacy"]["stopped_at_target_epsilon"]
         assert summary["privacy"]["epsilon"] == pytest.approx(records[-1]["dp_epsilon"])
         assert summary["privacy"]["covers"] == "model updates and shared statistics"
-        assert "eps " in out.stdout and "target_epsilon" in out.stdout
+        assert "eps " in outputs[nproc] and "target_epsilon" in outputs[nproc]
         assert f"| epsilon (delta) after the last round | {records[-1]['dp_epsilon']:.4g} (0.001) |" in \
             write_report(run).read_text()
         finals[nproc] = load_file(run / "final/global.safetensors")
@@ -71,11 +75,11 @@ def test_a_resumed_dp_run_keeps_its_secret_and_clip_bound(tmp_path, tiny_overrid
     checkpoint: resuming continues with them, exactly as a run that knew the secret from the start."""
     dp = tiny_overrides + ["strategy.name=fedavg", "fed.num_clients=6", "fed.clients_per_round=3", "privacy.enabled=true",
                            "privacy.delta=1e-3", "privacy.adaptive_clip=true", "checkpoint.every=1"]
-    torchrun(TRAIN + dp + ["run.name=resumed", "fed.rounds=2"], nproc=1)
+    _run(dp + ["run.name=resumed", "fed.rounds=2"])
     saved = json.loads((tmp_path / "resumed/checkpoints/round_00001/strategy.json").read_text())
     secret = int(saved["privacy.secret"])
-    torchrun(TRAIN + dp + ["run.name=resumed", "fed.rounds=3", "run.resume=true"], nproc=1)
-    torchrun(TRAIN + dp + ["run.name=clean", "fed.rounds=3", f"privacy.noise_seed={secret}"], nproc=1)
+    _run(dp + ["run.name=resumed", "fed.rounds=3", "run.resume=true"])
+    _run(dp + ["run.name=clean", "fed.rounds=3", f"privacy.noise_seed={secret}"])
     a, b = load_file(tmp_path / "resumed/final/global.safetensors"), load_file(tmp_path / "clean/final/global.safetensors")
     assert all(torch.equal(a[n], b[n]) for n in a)
     resumed, clean = _records(tmp_path / "resumed"), _records(tmp_path / "clean")
@@ -83,22 +87,14 @@ def test_a_resumed_dp_run_keeps_its_secret_and_clip_bound(tmp_path, tiny_overrid
     assert [r["clients_per_rank"] for r in resumed] == [r["clients_per_rank"] for r in clean]
 
 
-def test_a_diverged_client_counts_as_a_zero_update_under_dp(tmp_path, tiny_overrides):
+def test_a_diverged_client_counts_as_a_zero_update_under_dp(tmp_path, tiny_overrides, capfd, monkeypatch):
     """Leaving a diverged client out would change the other clients' weights by its data, so
     under DP it stays in the round with a zero update (and bounded statistics)."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO, free_port
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), FEDALIGN_DIST_FAULT="diverge_client=2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{free_port()}"] + TRAIN + tiny_overrides + [
-        "run.name=r", "strategy.name=fedalign", "fed.num_clients=4", "fed.clients_per_round=4",
-        "privacy.enabled=true", "privacy.delta=1e-3", "privacy.noise_seed=1"]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-5000:]
-    assert "client 2: non-finite" in out.stdout and "counts as a zero update" in out.stdout
+    monkeypatch.setenv("FEDALIGN_DIST_FAULT", "diverge_client=2")
+    _run(tiny_overrides + ["run.name=r", "strategy.name=fedalign", "fed.num_clients=4", "fed.clients_per_round=4",
+                           "privacy.enabled=true", "privacy.delta=1e-3", "privacy.noise_seed=1"])
+    out = capfd.readouterr().out
+    assert "client 2: non-finite" in out and "counts as a zero update" in out
     for r in _records(tmp_path / "r"):
         assert r["num_rejected"] == 0 and r["num_clients_trained"] == 4
     final = load_file(tmp_path / "r/final/global.safetensors")

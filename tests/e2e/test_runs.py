@@ -1,4 +1,5 @@
-"""End-to-end runs of the real entry point under torchrun (2 gloo ranks, tiny settings)."""
+"""End-to-end runs of the real entry point: `fedalign-dist run` on 2 gloo ranks, and runs of
+the shared 2-rank job (tests/e2e/shared_runs.py), tiny settings."""
 import json
 import subprocess
 import sys
@@ -7,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, torchrun
+import fedalign_dist as fd
+from tests.conftest import REPO, TINY
 
-TRAIN = ["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml"]
 REQUIRED = {"round", "strategy", "train_loss", "global_accuracy", "personalized_accuracy", "bytes_sent",
             "bytes_received", "time_local_s", "time_aggregate_s", "time_eval_s", "time_round_s", "peak_rss_mb"}
 
@@ -18,35 +19,32 @@ def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_results_do_not_depend_on_client_placement(tmp_path, tiny_overrides):
-    """1 rank x 4 clients and 2 ranks x 2 clients give the same global model."""
-    common = tiny_overrides + ["fed.num_clients=4", "fed.clients_per_round=4", "checkpoint.every=1"]
-    torchrun(TRAIN + common + ["run.name=one"], nproc=1)
-    torchrun(TRAIN + common + ["run.name=two"], nproc=2)
+def test_results_do_not_depend_on_client_placement(tmp_path, batch, one_thread):
+    """1 rank x 4 clients (this process) and 2 ranks x 2 clients give the same global model."""
+    fd.run(fd.load_config("configs/demo.yaml", TINY + ["fed.num_clients=4", "fed.clients_per_round=4",
+                                                       "checkpoint.every=1", f"run.output_dir={tmp_path}",
+                                                       "run.name=one"]))
+    one_dir, two_dir = tmp_path / "one", batch.run_dir("placement_two")
     # Summation order differs (one all_reduce vs local sums): the first aggregation agrees to
     # float round-off; the next round's AdamW magnifies it where a gradient is ~0 or an
     # expert takes its first step (a first Adam step is lr-sized whatever the gradient).
     for saved, bound in (("checkpoints/round_00000/global.safetensors", 1e-6), ("final/global.safetensors", 1e-4)):
-        one, two = load_file(tmp_path / "one" / saved), load_file(tmp_path / "two" / saved)
+        one, two = load_file(one_dir / saved), load_file(two_dir / saved)
         assert one.keys() == two.keys()
         for name in one:
             torch.testing.assert_close(one[name], two[name], rtol=1e-3, atol=1e-4)
             assert (one[name] - two[name]).norm() <= bound * one[name].norm() + 1e-7, (saved, name)
-    r1, r2 = _records(tmp_path / "one"), _records(tmp_path / "two")
+    r1, r2 = _records(one_dir), _records(two_dir)
     assert r1[-1]["train_loss"] == pytest.approx(r2[-1]["train_loss"], rel=1e-5)
     assert r1[-1]["global_accuracy"] == pytest.approx(r2[-1]["global_accuracy"], abs=1e-9)
 
 
 @pytest.mark.parametrize("strategy", ["local", "fedalign"])
-def test_balanced_placement_moves_personal_state_with_its_client(tmp_path, tiny_overrides, strategy):
+def test_balanced_placement_moves_personal_state_with_its_client(batch, strategy):
     """Balanced placement trains clients away from their home rank; their personal state
     (local-only: the whole model) moves with them, so every number equals the run with fixed
-    home blocks."""
-    common = tiny_overrides + [f"strategy.name={strategy}", "fed.num_clients=6", "fed.clients_per_round=3",
-                               "fed.rounds=4"]
-    torchrun(TRAIN + common + ["run.name=blocks", "fed.placement=blocks"], nproc=2)
-    torchrun(TRAIN + common + ["run.name=balanced"], nproc=2)
-    blocks, balanced = _records(tmp_path / "blocks"), _records(tmp_path / "balanced")
+    home blocks (6 clients, 3 per round, 4 rounds)."""
+    blocks, balanced = (_records(batch.run_dir(f"placement_{strategy}_{how}")) for how in ("blocks", "balanced"))
     homes = lambda r: [sorted(c // 3 for c in on_rank) for on_rank in r["clients_per_rank"]]  # noqa: E731
     assert any(homes(r) != [[0] * len(r["clients_per_rank"][0]), [1] * len(r["clients_per_rank"][1])]
                for r in balanced), "no client trained away from its home rank"
@@ -94,10 +92,8 @@ def test_demo_two_ranks_writes_the_run_folder(tmp_path, tiny_overrides):
     assert {p.name for p in (run / "report").iterdir()} == {"accuracy.png", "alignment.png", "routing.png"}
 
 
-def test_lora_fedprox_zero2_run_saves_a_loadable_peft_adapter(tmp_path, tiny_overrides):
-    torchrun(TRAIN + tiny_overrides + ["run.name=lora", "model.finetune=lora", "strategy.name=fedprox",
-                                       "deepspeed.zero_stage=2", "model.family=qwen3_moe"], nproc=2)
-    final = tmp_path / "lora/final"
+def test_lora_fedprox_zero2_run_saves_a_loadable_peft_adapter(batch):
+    final = batch.run_dir("lora_fedprox_zero2") / "final"  # qwen3_moe, 2 ranks
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     base = AutoModelForCausalLM.from_pretrained(final / "base_model")
@@ -111,24 +107,17 @@ def test_lora_fedprox_zero2_run_saves_a_loadable_peft_adapter(tmp_path, tiny_ove
     assert torch.equal(live[router], saved[router])
 
 
-def test_local_only_and_model_path(tmp_path, tiny_overrides):
-    """model.path loads a local checkpoint; local-only keeps per-client weights on disk."""
-    from fedalign_dist.config import load_config
-    from fedalign_dist.data.tokenizer import ByteTokenizer
-    from fedalign_dist.models.build import build_base_model
-    cfg = load_config("configs/demo.yaml", ["model.family=olmoe", "data.tokenizer=byte"])
-    model, _, _ = build_base_model(cfg.model, ByteTokenizer(), cfg.data.max_length, 0)
-    model.save_pretrained(tmp_path / "ckpt")
-    torchrun(TRAIN + tiny_overrides + ["run.name=local", f"model.path={tmp_path / 'ckpt'}", "strategy.name=local",
-                                       "data.tokenizer=byte", "model.family=olmoe",
-                                       "fed.client_state=disk"], nproc=2)
+def test_local_only_and_model_path(batch):
+    """model.path loads a local checkpoint (an OLMoE saved by tests/e2e/shared_runs.py);
+    local-only keeps per-client weights on disk and sends nothing."""
     import yaml
-    saved = yaml.safe_load((tmp_path / "local/config.yaml").read_text())["model"]
+    run = batch.run_dir("local_model_path")
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
     assert (saved["family"], saved["num_experts"], saved["top_k"], saved["preset"]) == ("olmoe", 4, 2, None)
-    loaded = json.loads((tmp_path / "local/model.json").read_text())
+    loaded = json.loads((run / "model.json").read_text())
     assert (loaded["model_type"], loaded["num_experts"], loaded["top_k"], loaded["compute_dtype"]) == \
         ("olmoe", 4, 2, "float32")
-    stored = list((tmp_path / "local/clients").rglob("*.safetensors"))
+    stored = list((run / "clients").rglob("*.safetensors"))
     assert stored, "local-only clients kept no state"
-    records = _records(tmp_path / "local")
-    assert all(r["bytes_sent"] == 0 for r in records)
+    records = _records(run)
+    assert all(r["bytes_sent"] == 0 and len(r["bytes_sent_per_rank"]) == 2 for r in records)
