@@ -1,7 +1,8 @@
 # The two commands of the README. Each creates and fills .venv on first use (pinned CPU torch
 # first, then the project, then the data packages) and reuses it afterwards.
 #   make demo    the default demo: 2 ranks, a few minutes on 2 CPU cores (runs/demo)
-#   make test    the test suite
+#   make test    the test suite (~10 minutes on 2 cores)
+#   make test-slow   the tests marked slow (the real benchmark grids' --quick forms, a live SLURM cluster)
 # From the public package index alone, `pip install torch` resolves to the CUDA build: get the
 # CPU build with   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 VENV ?= .venv
@@ -9,7 +10,7 @@ PYTHON ?= python3
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
-.PHONY: demo test install
+.PHONY: demo test test-slow install
 
 install: $(VENV)/.installed
 
@@ -24,4 +25,7 @@ demo: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/fedalign-dist run --nproc 2 --config configs/demo.yaml run.overwrite=true
 
 test: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m slow tests

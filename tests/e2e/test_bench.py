@@ -1,6 +1,7 @@
 """The benchmark commands end to end: a tiny grid (tuning on validation data, final runs on test
-data, results folder, resuming), failures, and the --quick forms of the real quality grid and
-of the systems suite."""
+data, results folder, resuming) and failures; marked slow (`make test-slow`), the --quick forms
+of the real grids and of the systems suite. Every real grid's cells are validated by the fast
+suite too (tests/unit/test_bench_summary.py)."""
 import json
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def test_a_failed_cell_does_not_stop_the_others(tmp_path):
     assert (tmp_path / "good/summary.json").is_file()
 
 
+@pytest.mark.slow  # the real grids' --quick forms: 1-4.5 minutes each (make test-slow)
 def test_quick_quality_grid_covers_every_scenario_and_method(tmp_path):
     """The real benchmark grid (configs/bench/quality.yaml) in its --quick form, so it never
     rots: every cell's config is validated (load_grid), every method runs on the first
@@ -87,6 +89,7 @@ def test_quick_quality_grid_covers_every_scenario_and_method(tmp_path):
     assert amole["strategy"]["name"] == "fedamole" and amole["data"]["partition"] == "dirichlet"
 
 
+@pytest.mark.slow  # the real grids' --quick forms: 1-4.5 minutes each (make test-slow)
 def test_quick_pretrained_grid_runs_every_kind_of_cell(tmp_path):
     """configs/bench/pretrained.yaml (issue 16's benchmark on the pretrained bases) in its
     --quick form: every cell's config is validated; one cell of each kind runs (full
@@ -110,6 +113,7 @@ def test_quick_pretrained_grid_runs_every_kind_of_cell(tmp_path):
     assert robust["center_signatures"] is True and robust["centroid_weights"] == "uniform"
 
 
+@pytest.mark.slow  # the real grids' --quick forms: 1-4.5 minutes each (make test-slow)
 def test_quick_systems_suite_writes_tables_and_plots(tmp_path):
     out = tmp_path / "systems"
     done = subprocess.run([sys.executable, "-m", "fedalign_dist", "bench", "--systems", "--quick", "--out", str(out)],
@@ -133,6 +137,7 @@ def test_quick_systems_suite_writes_tables_and_plots(tmp_path):
         assert (out / png).stat().st_size > 1000
 
 
+@pytest.mark.slow  # the real grids' --quick forms: 1-4.5 minutes each (make test-slow)
 def test_quick_privacy_sweep_writes_the_epsilon_accuracy_table_and_plot(tmp_path):
     """configs/bench/privacy.yaml (issue 17's sweep) in --quick form, then bench/privacy_sweep.py:
     every cell's config is validated, the noise seed follows the cell's seed, and the table

