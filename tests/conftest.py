@@ -100,3 +100,4 @@ def batch(tmp_path_factory) -> Batch:
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "tests/run_batch.py", str(spec)]
     launch = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     return Batch(root, launch)
+

@@ -18,6 +18,7 @@ def _bench(out):
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1200)
 
 
+@pytest.mark.slow  # seven one-rank cells through `fedalign-dist run`, twice (~80 s)
 def test_bench_grid_tunes_runs_reports_and_resumes(tmp_path):
     out = tmp_path / "results"
     first = _bench(out)

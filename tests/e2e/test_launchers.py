@@ -10,6 +10,7 @@ from tests.conftest import REPO, free_port
 from tests.slurm_cluster import SlurmCluster, unavailable_reason
 
 
+@pytest.mark.slow  # accelerate's launcher around torchrun's
 def test_accelerate_launch_two_processes(tmp_path, tiny_overrides):
     """The accelerate config in launch/ starts the same entry point on 2 ranks."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

