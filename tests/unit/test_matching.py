@@ -1,0 +1,122 @@
+"""Alignment by matching: renumbering a client's experts together with everything that belongs
+to them (router rows and bias, fused expert tensors, per-expert LoRA) leaves its model's
+function unchanged, in every family with a router; the matching finds a permutation hidden
+under noise, keeps the numbering on ties, and respects routing groups."""
+import pytest
+import torch
+import transformers as tf
+
+from fedalign_dist.aggregation.matching import (check_permutable, inverse, matching_permutation, permute_experts,
+                                                routing_groups)
+from fedalign_dist.config import load_config
+from fedalign_dist.data.tokenizer import ByteTokenizer
+from fedalign_dist.models.anatomy import MoEAnatomy
+from fedalign_dist.models.build import build_model
+from fedalign_dist.models.families import FAMILIES
+
+IDS = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+LARGEST: dict[str, float] = {}  # family/finetune -> largest logit difference, printed with -s
+
+
+def _model(family: str, finetune: str):
+    cfg = load_config(None, [f"model.family={family}", f"model.finetune={finetune}", "model.num_experts=4",
+                             "data.max_length=32"])
+    model, anatomy = build_model(cfg, ByteTokenizer())
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LoRA B starts at zero, router biases too: give every factor a value
+        for name, p in model.named_parameters():
+            if anatomy.role(name).kind in ("expert_lora_B", "router") or name.endswith("_bias"):
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval(), anatomy
+
+
+def _logits(model, state=None):
+    if state is not None:
+        model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_renumbering_experts_with_their_tensors_keeps_the_function(family, finetune):
+    model, anatomy = _model(family, finetune)
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if anatomy.is_per_expert(n)}
+    before = _logits(model)
+    perms = {layer: torch.randperm(4, generator=torch.Generator().manual_seed(layer + 7)) for layer in anatomy.layers()}
+    assert all(not torch.equal(p, torch.arange(4)) for p in perms.values())
+    moved = permute_experts(state, anatomy, perms)
+    assert any(not torch.equal(moved[n], state[n]) for n in state)
+    after = _logits(model, moved)
+    LARGEST[f"{family}/{finetune}"] = float((after - before).abs().max())
+    assert LARGEST[f"{family}/{finetune}"] <= 1e-6, LARGEST
+    # back to the client's own numbering: bit for bit
+    back = permute_experts(moved, anatomy, {layer: inverse(p) for layer, p in perms.items()})
+    assert all(torch.equal(back[n], state[n]) for n in state)
+    # the experts moved without their router rows: another function (the test can fail)
+    rows_kept = {n: (state[n] if anatomy.role(n).kind == "router" else t) for n, t in moved.items()}
+    assert (_logits(model, rows_kept) - before).abs().max() > 1e-4
+
+
+def test_matching_recovers_a_hidden_permutation_and_keeps_ties():
+    gen = torch.Generator().manual_seed(0)
+    signatures = torch.randn(8, 16, generator=gen)
+    hidden = torch.randperm(8, generator=gen)
+    client = signatures[hidden] + 0.05 * torch.randn(8, 16, generator=gen)  # client expert j = global hidden[j]
+    sim = torch.nn.functional.cosine_similarity(signatures[:, None], client[None], dim=-1)
+    perm = matching_permutation(sim)
+    assert torch.equal(hidden[perm], torch.arange(8))  # client expert perm[i] is global expert i
+    assert torch.equal(matching_permutation(torch.ones(8, 8)), torch.arange(8))  # a tie keeps the numbering
+    assert torch.equal(matching_permutation(torch.eye(8)), torch.arange(8))
+
+
+def test_matching_moves_experts_only_within_routing_groups():
+    sim = torch.zeros(4, 4)
+    sim[0, 2] = sim[2, 0] = sim[1, 3] = sim[3, 1] = 1.0  # the best matching crosses groups {0,1} and {2,3}
+    assert torch.equal(matching_permutation(sim), torch.tensor([2, 3, 0, 1]))
+    assert torch.equal(matching_permutation(sim, groups=2), torch.arange(4))
+    with pytest.raises(ValueError, match="do not split into 3"):
+        matching_permutation(sim, groups=3)
+    with pytest.raises(ValueError, match="non-finite"):
+        matching_permutation(torch.full((4, 4), float("nan")))
+
+
+def _grouped_deepseek():
+    config = tf.DeepseekV3Config(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                                 n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
+                                 n_group=4, topk_group=1, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8,
+                                 qk_nope_head_dim=8, v_head_dim=16)
+    torch.manual_seed(0)
+    model = tf.DeepseekV3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model, MoEAnatomy(model, FAMILIES["deepseek_v3"], 8)
+
+
+def test_grouped_routing_keeps_its_function_only_for_moves_within_groups():
+    model, anatomy = _grouped_deepseek()
+    assert routing_groups(model.config) == 4
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if anatomy.is_per_expert(n)}
+    before = _logits(model)
+    within = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6])
+    assert (_logits(model, permute_experts(state, anatomy, {0: within})) - before).abs().max() <= 1e-6
+    across = torch.tensor([2, 3, 0, 1, 6, 7, 4, 5])
+    assert (_logits(model, permute_experts(state, anatomy, {0: across})) - before).abs().max() > 1e-4
+
+
+def test_a_routing_correction_outside_the_federated_state_is_refused_unless_uniform():
+    model, _ = _grouped_deepseek()
+    check_permutable(model)  # zeros, as at initialisation
+    bias = next(b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+    bias[3] = 0.5
+    with pytest.raises(ValueError, match="e_score_correction_bias: the routing correction differs"):
+        check_permutable(model)
+
+
+def test_not_a_permutation_is_refused():
+    model, anatomy = _model("mixtral", "full")
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if anatomy.is_per_expert(n)}
+    with pytest.raises(ValueError, match="is not a permutation"):
+        permute_experts(state, anatomy, {0: torch.tensor([0, 0, 1, 2])})
