@@ -25,7 +25,7 @@ demo: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/fedalign-dist run --nproc 2 --config configs/demo.yaml run.overwrite=true
 
 test: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow" tests
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow" --durations=20 tests
 
 test-slow: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m slow tests

@@ -6,8 +6,9 @@ named tensors: no communication, no model.
 
 What a renumbering must respect, per family, and how it is handled here:
   - grouped routing (DeepSeek-V3 with n_group > 1): the router first picks groups of
-    consecutive experts, so an expert may only move within its group; the matching is
-    solved per group (`groups`).
+    consecutive experts, so an expert that changes group changes the choices; the matching
+    is solved within each group (`groups`), which is sufficient (whole groups could also be
+    renumbered together; tests/unit/test_matching.py shows both).
   - a routing correction kept outside the federated state (DeepSeek-V3's
     e_score_correction_bias buffer): it must be the same for every expert, else a
     renumbering changes which experts are chosen; `check_permutable` refuses it otherwise.

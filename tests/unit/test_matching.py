@@ -86,12 +86,12 @@ def _grouped_deepseek():
                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
                                  n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
                                  n_group=4, topk_group=1, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8,
-                                 qk_nope_head_dim=8, v_head_dim=16)
+                                 qk_nope_head_dim=8, v_head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     torch.manual_seed(0)
-    model = tf.DeepseekV3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # routing that differs between experts (the default init is near uniform)
+        model.model.layers[0].mlp.gate.weight.normal_(0, 0.3)
     return model, MoEAnatomy(model, FAMILIES["deepseek_v3"], 8)
 
 
@@ -102,7 +102,9 @@ def test_grouped_routing_keeps_its_function_only_for_moves_within_groups():
     before = _logits(model)
     within = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6])
     assert (_logits(model, permute_experts(state, anatomy, {0: within})) - before).abs().max() <= 1e-6
-    across = torch.tensor([2, 3, 0, 1, 6, 7, 4, 5])
+    whole_groups = torch.tensor([2, 3, 0, 1, 6, 7, 4, 5])  # groups renumbered as wholes: the same choices
+    assert (_logits(model, permute_experts(state, anatomy, {0: whole_groups})) - before).abs().max() <= 1e-6
+    across = torch.tensor([0, 2, 1, 3, 4, 5, 6, 7])  # experts 1 and 2 change groups: other choices
     assert (_logits(model, permute_experts(state, anatomy, {0: across})) - before).abs().max() > 1e-4
 
 
