@@ -24,7 +24,6 @@ class ConfigSection(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
-
 class RunConfig(ConfigSection):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
     name: str = "run"

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -18,6 +20,7 @@ def readme_section_blocks(title: str) -> dict[str, str]:
     return {lang: re.search(rf"```{lang}\n(.*?)```", section, re.S).group(1) for lang in ("python", "bash", "json")}
 
 
+@pytest.mark.slow  # the README's command verbatim: 5 rounds of 20 steps on 2 ranks (~40 s)
 def test_readme_own_data_example_runs_verbatim(tmp_path):
     blocks = readme_section_blocks("### Your own data")
     (tmp_path / "make_notes.py").write_text(blocks["python"])
