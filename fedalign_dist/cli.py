@@ -7,6 +7,7 @@
   fedalign-dist bench --grid configs/bench/quality.yaml --out DIR  a (scenario x method x seed) grid, resumable
   fedalign-dist bench --systems --out DIR                          time split, bytes per path, scale (2 ranks)
   fedalign-dist config show --config configs/demo.yaml             every key: value, type and documentation
+  fedalign-dist diagnose --config configs/demo.yaml                do the clients' experts diverge? (table + verdict)
 
 Code of your own (a strategy, data source or task type, with its config section): --import
 MODULE on any command, or `imports: [MODULE]` in the config file; installed packages can
@@ -73,7 +74,25 @@ def _parser() -> argparse.ArgumentParser:
                                                    "package:smollm2-135m-instruct")
     up.add_argument("--experts", type=int, default=4, help="experts per layer (default 4)")
     up.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    up.add_argument("--perturb", type=float, default=0.0,
+                    help="relative std of seeded noise that nudges the expert copies and routers apart (default 0: "
+                         "exact copies, the dense model's function)")
+    up.add_argument("--seed", type=int, default=0, help="seeds the --perturb noise (default 0)")
     up.add_argument("--out", required=True, help="checkpoint folder to write (refused if it exists)")
+    diagnose_help = ("measure whether a federation's clients route differently and whether their same-numbered "
+                     "experts play different roles (what FedAlign-MoE corrects): a table per layer, a verdict, JSON")
+    diag = with_config(sub.add_parser(
+        "diagnose", epilog=EPILOG, help=diagnose_help,
+        description=diagnose_help + ". A sample of clients each trains one round from the config's model in this "
+        "process; per layer over every pair of clients: routing Jensen-Shannon divergence, role agreement (is an "
+        "expert's most similar expert on the other client the same number?), and the cosine of same-numbered "
+        "experts against a maximum-weight matching's. Thresholds of the verdict: README, FedAlign-MoE section."))
+    diag.add_argument("--clients", type=int, default=None,
+                      help="clients sampled, each trained one round from the model (default: 8, at most fed.num_clients)")
+    diag.add_argument("--run", default=None, metavar="RUN_DIR",
+                      help="instead of training: the routing statistics a finished FedAlign-MoE run recorded")
+    diag.add_argument("--out", default=None, help="JSON to write (default: <run.output_dir>/<run.name>_diagnosis.json, "
+                                                  "or RUN_DIR/diagnosis.json)")
     config = sub.add_parser("config", help="inspect configurations")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     with_config(config_sub.add_parser("show", help="print every key of the resolved config with its value, type "
@@ -169,6 +188,27 @@ def cmd_partition(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    import json
+    from pathlib import Path
+    from fedalign_dist.diagnose.command import default_out, diagnose_config, diagnose_run, render
+    from fedalign_dist.train import quiet_libraries
+    if args.run is not None and (args.config or args.overrides):
+        raise ConfigError("diagnose --run RUN_DIR reads a finished run; it takes no --config or overrides")
+    if args.clients is not None and args.clients < 2:
+        raise ConfigError(f"--clients must be at least 2: clients are compared with each other (got {args.clients})")
+    quiet_libraries()
+    overrides = config_args(args)
+    result = (diagnose_run(Path(args.run)) if args.run is not None
+              else diagnose_config(args.config, overrides, args.clients))
+    out = Path(args.out) if args.out else default_out(args.config, overrides, args.run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(render(result))
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from functools import partial
     from pathlib import Path
@@ -220,7 +260,9 @@ def cmd_upcycle(args) -> int:
     if dense.config.model_type != "llama":
         raise ValueError(f"--dense {args.dense} is a {dense.config.model_type} model: upcycling takes a Llama-"
                          f"architecture decoder")
-    upcycle(dense, args.experts, args.top_k).save_pretrained(str(out))
+    if args.perturb < 0:
+        raise ConfigError(f"--perturb must be >= 0 (got {args.perturb})")
+    upcycle(dense, args.experts, args.top_k, args.perturb, args.seed).save_pretrained(str(out))
     load_tokenizer(args.dense).save_pretrained(str(out))
     print(f"wrote {out}: {args.experts} experts, top-{args.top_k} (model.path={out} data.tokenizer=model)")
     return 0
@@ -253,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
             from fedalign_dist.config_docs import describe_config
             print(describe_config(load_config(args.config, config_args(args))))
             code = 0
+        elif args.command == "diagnose":
+            code = cmd_diagnose(args)
         elif args.command == "pretrain":
             code = cmd_pretrain(args)
         elif args.command == "upcycle":

@@ -7,7 +7,7 @@ named tensors: no communication, no model.
 What a renumbering must respect, per family, and how it is handled here:
   - grouped routing (DeepSeek-V3 with n_group > 1): the router first picks groups of
     consecutive experts, so an expert that changes group changes the choices; the matching
-    is solved within each group (`groups`), which is sufficient (whole groups could also be
+    is solved within each group (`groups`: MoEAnatomy.routing_groups), which is sufficient (whole groups could also be
     renumbered together; tests/unit/test_matching.py shows both).
   - a routing correction kept outside the federated state (DeepSeek-V3's
     e_score_correction_bias buffer): it must be the same for every expert, else a
@@ -73,12 +73,6 @@ def inverse(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def routing_groups(model_config) -> int:
-    """How many groups of consecutive experts the router picks among first (1: none)."""
-    groups, top = getattr(model_config, "n_group", None) or 1, getattr(model_config, "topk_group", None)
-    return 1 if top is not None and top >= groups else groups
-
-
 def check_permutable(model) -> None:
     """Refuse a model whose routing a renumbering of its federated tensors would change: a
     per-expert routing correction outside them (a buffer) that differs between experts."""
@@ -88,3 +82,62 @@ def check_permutable(model) -> None:
                              f"tensor, so renumbering experts would change this {model.config.model_type} model's "
                              f"choices; alignment by matching needs it equal for every expert (as at "
                              f"initialisation) or trained with the experts")
+
+
+def match_to_centroid(signatures: torch.Tensor, active: torch.Tensor, mass: torch.Tensor, margin: float,
+                      groups: int = 1, rounds: int = 5) -> torch.Tensor:
+    """Per client and layer, the renumbering of its experts into the global order (docs/
+    algorithms.md, "Alignment by matching"): signatures (N, L, E, D), active (N, L, E) bool,
+    mass (N, L, E) each client's weight in an expert's centroid. Returns perms (N, L, E):
+    the client's expert perms[i, l, e] becomes expert e.
+
+    The global signature of expert e is the mass-weighted centroid of the unit signatures
+    that are numbered e; each client's active experts are matched to the centroids (inactive
+    experts keep their number), kept only where the matching beats the numbering the client
+    has by more than `margin` (total cosine), and the centroids are recomputed with the new
+    numbering until nothing changes (at most `rounds` times): a client whose experts are
+    permuted pulls the first centroids towards its own numbering, the next ones less."""
+    num_clients, num_layers, num_experts, _ = signatures.shape
+    unit = torch.nn.functional.normalize(signatures.double(), dim=-1) * active[..., None]
+    weight = mass.double() * active
+    perms = torch.arange(num_experts).expand(num_clients, num_layers, num_experts).clone()
+    for _ in range(rounds):
+        moved_unit = torch.gather(unit, 2, perms[..., None].expand_as(unit))
+        moved_weight = torch.gather(weight, 2, perms)
+        centroid = torch.nn.functional.normalize(torch.einsum("nle,nled->led", moved_weight, moved_unit), dim=-1)
+        new = torch.stack([torch.stack([_client_layer_perm(unit[i, li], active[i, li], centroid[li], margin, groups)
+                                        for li in range(num_layers)]) for i in range(num_clients)])
+        if torch.equal(new, perms):
+            break
+        perms = new
+    return perms
+
+
+def _client_layer_perm(unit: torch.Tensor, active: torch.Tensor, centroid: torch.Tensor, margin: float,
+                       groups: int) -> torch.Tensor:
+    """One client's layer: its active experts matched to the centroids of the slots they hold
+    (an inactive expert, which learned nothing this round, keeps its number)."""
+    num_experts = len(active)
+    slots = active.nonzero().flatten()
+    perm = torch.arange(num_experts)
+    if len(slots) < 2:
+        return perm
+    similarity = centroid[slots] @ unit[slots].T  # [a, b]: global slot a vs the client's expert b
+    # routing groups: a slot only takes an expert of its own group
+    group_of = slots // (num_experts // groups)
+    similarity = torch.where(group_of[:, None] == group_of[None, :], similarity, torch.full_like(similarity, -1e9))
+    chosen = matching_permutation(similarity)
+    gain = float(similarity[torch.arange(len(slots)), chosen].sum() - similarity.diagonal().sum())
+    if gain > margin:
+        perm[slots] = slots[chosen]
+    return perm
+
+
+def renumbering_diagnostics(perms: torch.Tensor, client_ids: list[int], layers: list[int]) -> dict:
+    """The round's renumbering for the metrics: experts moved per client (all layers), per
+    layer (all clients), and how many clients had any expert moved."""
+    moved_NL = (perms != torch.arange(perms.shape[-1])).sum(-1)
+    per_client = moved_NL.sum(-1)
+    return {"matched_clients": int((per_client > 0).sum()), "experts_moved": int(per_client.sum()),
+            **{f"experts_moved_l{layer}": int(moved_NL[:, li].sum()) for li, layer in enumerate(layers)},
+            "experts_moved_per_client": {str(c): int(m) for c, m in zip(client_ids, per_client)}}

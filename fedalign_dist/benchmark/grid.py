@@ -33,7 +33,7 @@ import yaml
 
 from fedalign_dist.benchmark.cells import BenchmarkFailed, launch_cell, read_records
 from fedalign_dist.benchmark.environment import environment_line
-from fedalign_dist.benchmark.summary import fmt, mean_curve, mean_std, rounds_to_reach
+from fedalign_dist.benchmark.summary import fmt, mean_curve, mean_std, paired_difference, rounds_to_reach
 from fedalign_dist.config import ConfigError, load_config
 from fedalign_dist.markdown import table
 
@@ -197,6 +197,25 @@ def _bold_best(value: tuple[float, float], best: float | None) -> str:
     return f"**{text}**" if best is not None and value[0] == best else text
 
 
+def paired_table(spec: GridSpec, per_method: dict, keys: tuple[str, ...]) -> list[str]:
+    """Each method's final score minus the reference method's, paired by seed, with the paired
+    t-test's p value (two-sided); nothing without a reference or with one seed."""
+    if spec.reference is None or len(per_method[spec.reference]) < 2:
+        return []
+    finals = {m: {key: [r[-1].get(key) for r in runs] for key in keys} for m, runs in per_method.items()}
+    rows = []
+    for method in (m for m in per_method if m != spec.reference):
+        cells = []
+        for key in keys:
+            diff, p = paired_difference(finals[method][key], finals[spec.reference][key])
+            cells += ["-" if math.isnan(diff) else f"{diff:+.3f}", "-" if math.isnan(p) else f"{p:.3g}"]
+        rows.append([method, *cells])
+    header = [f"paired against {spec.reference} (seeds)"]
+    for key in keys:
+        header += [f"{key.replace('_', ' ')} difference", "p"]
+    return [*table(header, rows), ""]
+
+
 def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> dict:
     from fedalign_dist.plots import plot_band_curves
     results = {"chosen": chosen, "runs": {}}
@@ -255,7 +274,7 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
                           *(key.replace("_", " ") for key in extra), f"rounds to {spec.reference or '-'}'s final",
                           "aligned fraction", "epsilon", "s/round",
                           "local / stats / agg / eval s", "MB sent/rank/round", "chosen"], rows),
-                  "", *pictures, ""]
+                  "", *paired_table(spec, per_method, (glob, pers)), *pictures, ""]
     (out / "results.json").write_text(json.dumps(results))
     (out / "results.md").write_text("\n".join(lines))
     return results

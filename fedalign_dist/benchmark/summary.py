@@ -31,3 +31,17 @@ def rounds_to_reach(curve: list[float], target: float) -> int | None:
 
 def fmt(mean: float, std: float, digits: int = 3) -> str:
     return "-" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def paired_difference(values: list[float | None], reference: list[float | None]) -> tuple[float, float]:
+    """Mean of (value - reference) over the seeds both have, and the two-sided p value of a
+    paired t-test (scipy's ttest_rel); p is nan below 2 pairs or when every difference is equal."""
+    pairs = [(v, r) for v, r in zip(values, reference) if v is not None and r is not None]
+    if not pairs:
+        return math.nan, math.nan
+    diffs = [v - r for v, r in pairs]
+    mean = sum(diffs) / len(diffs)
+    if len(pairs) < 2 or max(diffs) - min(diffs) < 1e-15:
+        return mean, math.nan
+    from scipy.stats import ttest_rel
+    return mean, float(ttest_rel([v for v, _ in pairs], [r for _, r in pairs]).pvalue)

@@ -26,6 +26,14 @@ Kind = Literal["router", "expert", "expert_lora_A", "expert_lora_B", "other"]
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
+def routing_groups(model_config) -> int:
+    """How many groups of consecutive experts the router picks among first (DeepSeek-V3's
+    n_group when topk_group < n_group; 1: none). Renumbering experts must keep each in its group."""
+    groups = getattr(model_config, "n_group", None) or 1
+    top = getattr(model_config, "topk_group", None)
+    return 1 if top is not None and top >= groups else groups
+
+
 @dataclass(frozen=True)
 class ParamRole:
     kind: Kind
@@ -39,6 +47,7 @@ class MoEAnatomy:
     def __init__(self, model: nn.Module, family: Family, num_experts: int):
         self.family = family
         self.num_experts = num_experts
+        self.routing_groups = routing_groups(getattr(model, "config", None))
         self.roles: dict[str, ParamRole] = {}
         lora_owner = self._lora_owners(model)
         router_tag = f".{family.router_module}."
@@ -75,6 +84,7 @@ class MoEAnatomy:
         """An anatomy for models built here (e.g. AMoLE adapters), whose roles are known."""
         anatomy = cls.__new__(cls)
         anatomy.family, anatomy.num_experts, anatomy.roles = family, num_experts, dict(roles)
+        anatomy.routing_groups = 1
         return anatomy
 
     def role(self, name: str) -> ParamRole:

@@ -29,9 +29,13 @@ def upcycled_config(dense_config, experts: int, top_k: int):
 
 
 @torch.no_grad()
-def upcycle(dense: torch.nn.Module, experts: int, top_k: int = 2) -> torch.nn.Module:
+def upcycle(dense: torch.nn.Module, experts: int, top_k: int = 2, perturb: float = 0.0, seed: int = 0) -> torch.nn.Module:
     """The MoE copy of `dense` (a LlamaForCausalLM): attention, norms and embeddings copied,
-    every expert a copy of the layer's MLP (fused gate_up / down), routers zero."""
+    every expert a copy of the layer's MLP (fused gate_up / down), routers zero. With
+    `perturb` > 0 the copies and the routers are nudged apart (seeded): each expert tensor gets
+    Gaussian noise of `perturb` times its RMS, each router row noise of `perturb` times the
+    expected logit scale 1/sqrt(hidden), so tokens spread over the experts from the start
+    and each client's data breaks the remaining symmetry its own way."""
     from transformers import MixtralForCausalLM
     moe = MixtralForCausalLM(upcycled_config(dense.config, experts, top_k)).to(dense.dtype)
     source = dense.state_dict()
@@ -45,6 +49,14 @@ def upcycle(dense: torch.nn.Module, experts: int, top_k: int = 2) -> torch.nn.Mo
         layer.mlp.experts.gate_up_proj.copy_(gate_up.expand(experts, *gate_up.shape))
         layer.mlp.experts.down_proj.copy_(mlp.down_proj.weight.expand(experts, *mlp.down_proj.weight.shape))
         layer.mlp.gate.weight.zero_()
+    if perturb > 0:
+        gen = torch.Generator().manual_seed(seed)
+        for layer in moe.model.layers:
+            for tensor in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                rms = tensor[0].pow(2).mean().sqrt()
+                tensor.add_(perturb * rms * torch.randn(tensor.shape, generator=gen, dtype=tensor.dtype))
+            gate = layer.mlp.gate.weight
+            gate.add_(perturb * torch.randn(gate.shape, generator=gen, dtype=gate.dtype) / gate.shape[1] ** 0.5)
     missing = [n for n in target if ".mlp." not in n and n not in source and not n.endswith("lm_head.weight")]
     if missing:
         raise ValueError(f"the dense model has no weights for {missing[:3]}: is it a Llama-architecture decoder?")

@@ -12,9 +12,12 @@ from __future__ import annotations
 from abc import abstractmethod
 from dataclasses import dataclass, field
 
+import dataclasses
+
 import torch
 
 from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights, client_weight, weighted_delta_sum
+from fedalign_dist.aggregation.matching import permute_experts, renumbering_diagnostics
 from fedalign_dist.aggregation.weighted import apply_delta
 from fedalign_dist.clients.routing_stats import probe_batch, routing_statistics
 from fedalign_dist.dist.collectives import flatten, unflatten
@@ -43,6 +46,15 @@ class ClientTable:
     def from_rows(cls, rows: list[tuple[int, int, dict]]) -> "ClientTable":
         ids, n, stats = stack_rows(rows)
         return cls(ids, n, stats["usage"], stats["load"], stats["tokens"], stats.get("signature"))
+
+    def renumbered(self, perms: torch.Tensor) -> "ClientTable":
+        """Every per-expert statistic with client i's expert perms[i, l, e] moved to e."""
+        def move(t):
+            index = perms.reshape(*perms.shape, *([1] * (t.ndim - 3))).expand_as(t)
+            return torch.gather(t, 2, index)
+
+        return ClientTable(self.client_ids, self.n, move(self.usage), move(self.load), move(self.tokens),
+                           None if self.signature is None else move(self.signature))
 
 
 def stack_rows(rows: list[tuple[int, int, dict]]) -> tuple[list[int], torch.Tensor, dict[str, torch.Tensor]]:
@@ -81,6 +93,11 @@ class ExpertwiseStrategy(Strategy):
         """The gathered (client id, examples, statistics) rows as tensors, in client-id order."""
         return ClientTable.from_rows(rows)
 
+    def renumbering(self, table: ClientTable) -> torch.Tensor | None:
+        """(N, L, E) per client: its expert perms[i, l, e] takes part as expert e (alignment by
+        matching); None: every client's numbering is kept."""
+        return None
+
     @abstractmethod
     def plan(self, table: ClientTable) -> AggregationPlan:
         """Aggregation weights (and personal-expert decisions) from the statistics alone."""
@@ -110,11 +127,19 @@ class ExpertwiseStrategy(Strategy):
     # -- coordinator side ----------------------------------------------------------------
     def aggregate(self, global_state: NamedTensors, updates: list[ClientUpdate], comm):
         table = self.make_table(self._gather_stats(updates, comm))
+        row_of = {cid: i for i, cid in enumerate(table.client_ids)}
+        with comm.all_ranks_agree("matching experts"):
+            perms = self.renumbering(table)
+        own_numbering, matched = updates, {}
+        if perms is not None:
+            perms = self._agree_on_renumbering(perms, comm)
+            table = table.renumbered(perms)
+            updates = [self._renumbered(u, perms[row_of[u.client_id]]) for u in updates]
+            matched = renumbering_diagnostics(perms, table.client_ids, self.anatomy.layers())
         with comm.all_ranks_agree("the aggregation plan"):
             plan = self.plan(table)
         self._agree_on_plan(plan, comm)
         self._last_weights = plan.weights
-        row_of = {cid: i for i, cid in enumerate(table.client_ids)}
         if self.comm_path == "reduce":
             partial = weighted_delta_sum([u.delta for u in updates], [row_of[u.client_id] for u in updates],
                                          plan.weights, self.anatomy, self.layer_pos, like=global_state)
@@ -134,9 +159,31 @@ class ExpertwiseStrategy(Strategy):
                 new_state = {n: t.clone() for n, t in global_state.items()}
             comm.broadcast_(new_state)
         if plan.personal is not None and self.store is not None:
-            for update in (u for u in updates if u.keeps_state):
-                self._keep_personal_experts(update, row_of[update.client_id], plan, global_state, everyone, row_of)
-        return new_state, plan.diagnostics
+            for update in (u for u in own_numbering if u.keeps_state):  # personal experts: own numbering
+                row = row_of[update.client_id]
+                self._keep_personal_experts(update, row, plan, global_state, everyone, row_of,
+                                            None if perms is None else perms[row])
+        return new_state, {**plan.diagnostics, **matched}
+
+    def _renumbered(self, update: ClientUpdate, perm_LE: torch.Tensor) -> ClientUpdate:
+        """The update with its experts' deltas (and router rows, LoRA factors) in the global
+        numbering. The delta is moved, not the trained state: what the client learned for its
+        expert f is added to global expert e, whose start it shares when the experts are copies
+        (an upcycled base), and a moved delta keeps its norm (the DP clip bound holds)."""
+        layers = self.anatomy.layers()
+        moving = {layer: perm_LE[li] for li, layer in enumerate(layers)
+                  if not torch.equal(perm_LE[li], torch.arange(perm_LE.shape[1]))}
+        if not moving:
+            return update
+        return dataclasses.replace(update, delta=permute_experts(update.delta, self.anatomy, moving))
+
+    @staticmethod
+    def _agree_on_renumbering(perms: torch.Tensor, comm) -> torch.Tensor:
+        """Rank 0's renumbering on every rank (a last-bit difference must not move an expert on
+        one rank only)."""
+        shared = {"perms": perms.double().contiguous()}
+        comm.broadcast_(shared)
+        return shared["perms"].long()
 
     def max_client_weight(self, global_state, comm):
         """From the last plan (the same on every rank): per parameter the largest weight over
@@ -187,22 +234,25 @@ class ExpertwiseStrategy(Strategy):
                 for cid, row in zip(part_ids, block)}
 
     def _keep_personal_experts(self, update: ClientUpdate, row: int, plan: AggregationPlan,
-                               start_global: NamedTensors, everyone, row_of) -> None:
+                               start_global: NamedTensors, everyone, row_of, perm_LE=None) -> None:
         """A client outside the aligned set keeps its expert (and, where personal_kinds says so,
-        its router row); aligned again, it drops it."""
+        its router row); aligned again, it drops it. The plan speaks of global expert `slot`,
+        which was the client's expert perm_LE[l, slot] (matching; None: the same number):
+        personal experts are kept in the client's own numbering."""
         personal = self.store.get(update.client_id, PERSONAL_KEY) or {}
         own = update.own_delta if update.own_delta is not None else update.delta  # DP clips only what leaves
         for name in self.anatomy.names_of(*self.personal_kinds, among=update.delta):
             li = self.layer_pos[self.anatomy.role(name).layer]
-            for e in range(self.anatomy.num_experts):
-                key, code = f"{name}|{e}", int(plan.personal[row, li, e])
+            for slot in range(self.anatomy.num_experts):
+                e = slot if perm_LE is None else int(perm_LE[li, slot])
+                key, code = f"{name}|{e}", int(plan.personal[row, li, slot])
                 if code == ALIGNED:
                     personal.pop(key, None)
                     continue
                 if code == INACTIVE and key not in personal:
                     continue
                 if code == PAIRWISE:
-                    gate = plan.gates[(li, e)][row]
+                    gate = plan.gates[(li, slot)][row]  # pairwise mode is never matched (config)
                     mixed = sum(float(gate[row_of[c]]) * self.anatomy.expert_slice(name, d[name], e)
                                 for c, d in everyone.items() if gate[row_of[c]] > 0)
                     value = self.anatomy.expert_slice(name, start_global[name], e).float() + mixed

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 
 from fedalign_dist.aggregation import alignment as A
 from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights
+from fedalign_dist.aggregation.matching import check_permutable, match_to_centroid
 from fedalign_dist.clients.routing_stats import StatsRequest
 from fedalign_dist.config_sections import ConfigSection
 from fedalign_dist.strategies.base import register
@@ -49,6 +50,14 @@ class FedAlignConfig(ConfigSection):
     keeps its trained row e with its personal expert e. false: rows weighted by routing
     consistency alone, as first specified (a client with permuted experts looks consistent,
     so its rows were blurred while its experts were protected)."""
+    match: bool = False
+    """Alignment by matching (beyond the paper): before averaging, each client's experts are
+    renumbered into the global order by a maximum-weight matching of their signatures to the
+    global (centroid) ones, moving each expert's deltas, router row and statistics with it."""
+    match_margin: float = Field(0.1, ge=0)
+    """A renumbering is kept only if it raises the client's total cosine similarity to the
+    centroids (summed over its active experts of the layer) by more than this: noise never
+    shuffles experts that agree."""
     min_tokens: int = Field(1, ge=0)
     """A client takes part in expert e's selection only if it routed this many tokens to it."""
     stats_batches: int = Field(2, ge=1)
@@ -59,6 +68,9 @@ class FedAlignConfig(ConfigSection):
         if self.mode == "pairwise" and self.comm != "allgather":
             raise ValueError("strategy.fedalign.mode=pairwise needs every client's expert deltas: "
                              "set strategy.fedalign.comm=allgather")
+        if self.match and self.mode != "centroid":
+            raise ValueError("strategy.fedalign.match=true matches experts to the centroid signatures, which only "
+                             "mode=centroid has: set strategy.fedalign.mode=centroid")
         if self.centroid_weights == "uniform" and self.mode != "centroid":
             raise ValueError("strategy.fedalign.centroid_weights=uniform weights the centroid, which only "
                              "mode=centroid has (pairwise uses the mass to gate its mix)")
@@ -76,6 +88,13 @@ class FedAlign(ExpertwiseStrategy):
         self.comm_path = self.knobs.comm
         self.prior: torch.Tensor | None = None
         """(L, E) global routing prior pi; None = uniform (before the first aggregation)."""
+
+    @classmethod
+    def build_model(cls, config, tokenizer):
+        model, anatomy = super().build_model(config, tokenizer)
+        if config.strategy.fedalign.match:
+            check_permutable(model)  # a family whose routing a renumbering would change is refused
+        return model, anatomy
 
     @property
     def personal_kinds(self) -> tuple[str, ...]:
@@ -106,6 +125,22 @@ class FedAlign(ExpertwiseStrategy):
         return self.knobs.mu * total
 
     # -- coordinator side ----------------------------------------------------------------
+    def renumbering(self, table: ClientTable) -> torch.Tensor | None:
+        if not self.knobs.match:
+            return None
+        active = A.active_mask(table.tokens, self.knobs.min_tokens)
+        return match_to_centroid(self._signatures(table, active), active, self._centroid_mass(table),
+                                 self.knobs.match_margin, groups=self.anatomy.routing_groups)
+
+    def _signatures(self, table: ClientTable, active: torch.Tensor) -> torch.Tensor:
+        return A.centered_signatures(table.signature, active) if self.knobs.center_signatures else table.signature
+
+    def _centroid_mass(self, table: ClientTable) -> torch.Tensor:
+        """(N, L, E): each client's weight in expert e's centroid."""
+        if self.knobs.centroid_weights == "uniform":  # the config allows it with mode=centroid only
+            return torch.ones_like(table.usage)
+        return table.n[:, None, None] * table.usage
+
     def plan(self, table: ClientTable) -> AggregationPlan:
         k, n, usage = self.knobs, table.n, table.usage
         consensus = A.consensus_distribution(usage, n)
@@ -119,13 +154,10 @@ class FedAlign(ExpertwiseStrategy):
         num_clients, num_layers, num_experts = usage.shape
         taus, sims, gates = torch.full((num_layers, num_experts), math.nan), [], {}
         select = A.pairwise_selection if k.mode == "pairwise" else A.centroid_selection
-        signature = A.centered_signatures(table.signature, active) if k.center_signatures else table.signature
+        signature, mass = self._signatures(table, active), self._centroid_mass(table)
         for li in range(num_layers):
             for e in range(num_experts):
-                mass = n * usage[:, li, e]
-                if k.centroid_weights == "uniform":  # the config allows it with mode=centroid only
-                    mass = torch.ones_like(mass)
-                chosen = select(signature[:, li, e], mass, active[:, li, e], k.beta, k.similarity_floor)
+                chosen = select(signature[:, li, e], mass[:, li, e], active[:, li, e], k.beta, k.similarity_floor)
                 aligned[:, li, e] = chosen.aligned
                 taus[li, e] = chosen.tau
                 sims.append(chosen.similarity_mean)

@@ -21,7 +21,8 @@ GUARDED = {  # test_guard_runs: client 2 (on rank 1) diverges in every round
 }
 DP_FEDALIGN = ["strategy.name=fedalign", "fed.num_clients=8", "fed.clients_per_round=4", "fed.rounds=3",
                "privacy.enabled=true", "privacy.noise_seed=5", "privacy.delta=1e-3", "privacy.noise_multiplier=1.5",
-               "privacy.statistics_noise_multiplier=2", "privacy.adaptive_clip=true"]
+               "privacy.statistics_noise_multiplier=2", "privacy.adaptive_clip=true",
+               "strategy.fedalign.match=true"]  # matching reads the noised statistics
 AMOLE = ["strategy.name=fedamole", "model.family=llama", *FOUR, "strategy.fedamole.num_experts=6",
          "strategy.fedamole.rank=4", "strategy.fedamole.max_experts=4", "checkpoint.every=1"]
 PLACEMENT = ["fed.num_clients=6", "fed.clients_per_round=3", "fed.rounds=4"]
@@ -70,7 +71,8 @@ def shared_runs(inputs: Path) -> list[dict]:
                                                    "model.family=olmoe", "fed.client_state=disk"]},
         # test_fedalign_runs
         *({"name": f"fedalign_{comm}", "overrides": ["strategy.name=fedalign", *FOUR, "checkpoint.every=1",
-                                                     f"strategy.fedalign.comm={comm}"]} for comm in ("reduce", "allgather")),
+                                                     f"strategy.fedalign.comm={comm}", "strategy.fedalign.match=true"]}
+          for comm in ("reduce", "allgather")),
         {"name": "personal_full", "overrides": PERSONAL},
         {"name": "personal_crashed", "overrides": [*PERSONAL, "run.resume=true"], "copy_from": "personal_full",
          "remove": ["checkpoints/round_00002", "final", "summary.json"]},  # what a crash in round 2 leaves

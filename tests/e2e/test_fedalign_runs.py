@@ -17,7 +17,7 @@ def _records(run_dir):
 
 
 def test_allgather_and_reduce_paths_agree(batch):
-    # 4 clients on 2 ranks, checkpoint every round
+    # 4 clients on 2 ranks, checkpoint every round, alignment by matching on
     runs = {comm: batch.run_dir(f"fedalign_{comm}") for comm in ("reduce", "allgather")}
     # the first aggregation differs only by the order of the sums (measured: 2e-8 relative);
     # the next round's AdamW steps amplify that round-off (2e-5 after round 2: a first Adam
@@ -31,6 +31,9 @@ def test_allgather_and_reduce_paths_agree(batch):
     r_rec, g_rec = _records(runs["reduce"]), _records(runs["allgather"])
     assert all(DIAGNOSTICS <= r.keys() for r in r_rec + g_rec)
     assert [r["aligned_fraction"] for r in r_rec] == [r["aligned_fraction"] for r in g_rec]
+    # every round reports the renumbering, per client (rank 0's, so the same on both paths)
+    assert [r["experts_moved_per_client"] for r in r_rec] == [r["experts_moved_per_client"] for r in g_rec]
+    assert all(len(r["experts_moved_per_client"]) == 4 and "experts_moved_l0" in r for r in r_rec)
     # 2 clients per rank: gathering every delta costs more than one all_reduce of the sum
     assert g_rec[-1]["bytes_sent"] > 1.5 * r_rec[-1]["bytes_sent"]
     assert len(r_rec[-1]["routing"]["consensus"]) == 2  # per layer, for the histograms and reports

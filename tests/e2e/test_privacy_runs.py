@@ -56,6 +56,7 @@ def test_dp_fedalign_run_reports_epsilon_and_stops_at_its_target(tmp_path, tiny_
         for r in records:
             assert r["dp_epsilon"] == pytest.approx(epsilon(mech, r["round"] + 1, 1e-3), rel=1e-9)
             assert r["dp_delta"] == 1e-3 and r["dp_noise_std_max"] > 0
+            assert "experts_moved" in r  # matching on the noised statistics
         assert records[0]["dp_clip_norm"] == cfg.privacy.clip_norm != records[1]["dp_clip_norm"]
         summary = json.loads((run / "summary.json").read_text())
         assert summary["rounds"] == 2 and summary["privacy"]["stopped_at_target_epsilon"]

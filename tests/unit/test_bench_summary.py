@@ -24,7 +24,7 @@ def test_mean_curve_and_rounds_to_reach():
 
 
 @pytest.mark.parametrize("grid", ["configs/bench/quality.yaml", "configs/bench/pretrained.yaml",
-                                  "configs/bench/privacy.yaml"])
+                                  "configs/bench/privacy.yaml", "configs/bench/alignment.yaml"])
 def test_every_cell_of_the_real_grids_is_a_valid_config(grid):
     """load_grid validates every cell, full and --quick (the slow suite runs the quick forms)."""
     spec = load_grid(grid)
@@ -59,3 +59,16 @@ def test_best_candidate_follows_the_metrics_direction():
     assert best_candidate([None, float("nan"), 0.1], "rougeL") == 2   # a missing or NaN score never wins
     assert best_candidate([None, float("nan"), 200.0], "perplexity") == 2
     assert best_candidate([0.5, 0.5], "accuracy") == 0               # ties: the first candidate
+
+
+def test_paired_difference_pairs_seeds_and_tests_them():
+    from scipy.stats import ttest_rel
+
+    from fedalign_dist.benchmark.summary import paired_difference
+    method, reference = [0.50, 0.62, 0.55, 0.70, 0.58], [0.45, 0.60, 0.50, 0.61, 0.57]
+    diff, p = paired_difference(method, reference)
+    assert diff == pytest.approx(0.044) and p == pytest.approx(ttest_rel(method, reference).pvalue)
+    assert 0.01 < p < 0.05  # consistent small gains: significant although the seeds' spread is larger
+    diff, p = paired_difference([0.5, None, 0.7], [0.4, 0.3, None])  # one pair: no test
+    assert diff == pytest.approx(0.1) and math.isnan(p)
+    assert math.isnan(paired_difference([None], [0.4])[0])

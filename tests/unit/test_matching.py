@@ -6,11 +6,11 @@ import pytest
 import torch
 import transformers as tf
 
-from fedalign_dist.aggregation.matching import (check_permutable, inverse, matching_permutation, permute_experts,
-                                                routing_groups)
+from fedalign_dist.aggregation.matching import (check_permutable, inverse, match_to_centroid, matching_permutation,
+                                                permute_experts)
 from fedalign_dist.config import load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
-from fedalign_dist.models.anatomy import MoEAnatomy
+from fedalign_dist.models.anatomy import MoEAnatomy, routing_groups
 from fedalign_dist.models.build import build_model
 from fedalign_dist.models.families import FAMILIES
 
@@ -79,6 +79,46 @@ def test_matching_moves_experts_only_within_routing_groups():
         matching_permutation(sim, groups=3)
     with pytest.raises(ValueError, match="non-finite"):
         matching_permutation(torch.full((4, 4), float("nan")))
+
+
+def _federation(num_clients=6, experts=8, noise=0.05, seed=0):
+    """(N, L=1, E, D) signatures of clients that agree on their experts' roles."""
+    gen = torch.Generator().manual_seed(seed)
+    roles = torch.randn(experts, 16, generator=gen)
+    return roles, torch.stack([roles + noise * torch.randn(experts, 16, generator=gen)
+                               for _ in range(num_clients)])[:, None]
+
+
+def test_match_to_centroid_renumbers_only_the_permuted_client():
+    _, sig = _federation()
+    hidden = torch.tensor([3, 1, 2, 0, 4, 5, 7, 6])
+    sig[4, 0] = sig[4, 0, hidden]  # client 4: its expert j plays global expert hidden[j]
+    active, mass = torch.ones(6, 1, 8, dtype=torch.bool), torch.ones(6, 1, 8)
+    perms = match_to_centroid(sig, active, mass, margin=0.1)
+    assert torch.equal(hidden[perms[4, 0]], torch.arange(8))
+    assert all(torch.equal(perms[i, 0], torch.arange(8)) for i in (0, 1, 2, 3, 5))
+    # a client holding most of the mass pulls the first centroids to its numbering; recomputing
+    # them after the first matching still finds the honest majority's numbering
+    heavy = mass.clone()
+    heavy[4] = 3.0
+    assert torch.equal(hidden[match_to_centroid(sig, active, heavy, margin=0.1)[4, 0]], torch.arange(8))
+
+
+def test_match_to_centroid_keeps_inactive_experts_noise_and_groups():
+    _, sig = _federation(noise=0.6)  # noisy but agreeing clients: no gain above the margin
+    active, mass = torch.ones(6, 1, 8, dtype=torch.bool), torch.ones(6, 1, 8)
+    assert torch.equal(match_to_centroid(sig, active, mass, margin=1.0), torch.arange(8).expand(6, 1, 8))
+    _, sig = _federation()
+    sig[1, 0] = sig[1, 0, [1, 0, 2, 3, 4, 5, 6, 7]]
+    inactive = active.clone()
+    inactive[1, 0, 1] = False  # its expert 1 saw no token: it keeps its number, so 0 has no partner
+    assert torch.equal(match_to_centroid(sig, inactive, mass, margin=0.1)[1, 0], torch.arange(8))
+    sig[2, 0] = sig[2, 0, [2, 1, 0, 3, 4, 5, 6, 7]]  # a swap within routing group {0..3}
+    sig[3, 0] = sig[3, 0, [4, 1, 2, 3, 0, 5, 6, 7]]  # across groups: refused when the router picks groups
+    perms = match_to_centroid(sig, active, mass, margin=0.1, groups=2)
+    assert torch.equal(perms[2, 0], torch.tensor([2, 1, 0, 3, 4, 5, 6, 7]))
+    assert torch.equal(perms[3, 0], torch.arange(8))
+    assert torch.equal(match_to_centroid(sig, active, mass, margin=0.1)[3, 0], torch.tensor([4, 1, 2, 3, 0, 5, 6, 7]))
 
 
 def _grouped_deepseek():

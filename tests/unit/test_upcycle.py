@@ -27,3 +27,22 @@ def test_a_model_with_biases_is_refused():
                                          num_attention_heads=2, num_key_value_heads=2, attention_bias=True))
     with pytest.raises(ValueError, match="biases"):
         upcycle(dense, 4, 2)
+
+
+def test_perturbed_copies_differ_slightly_and_reproducibly():
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    moe, again = (upcycle(dense, 4, 2, perturb=0.01, seed=3).eval() for _ in range(2))
+    other_seed = upcycle(dense, 4, 2, perturb=0.01, seed=4)
+    experts = moe.model.layers[0].mlp.experts.gate_up_proj
+    copy = torch.cat([dense.model.layers[0].mlp.gate_proj.weight, dense.model.layers[0].mlp.up_proj.weight])
+    relative = [float((experts[e] - copy).pow(2).mean().sqrt() / copy.pow(2).mean().sqrt()) for e in range(4)]
+    assert all(0.008 < r < 0.012 for r in relative), relative
+    assert not torch.equal(experts[0], experts[1]) and moe.model.layers[0].mlp.gate.weight.abs().sum() > 0
+    assert torch.equal(experts, again.model.layers[0].mlp.experts.gate_up_proj)
+    assert not torch.equal(experts, other_seed.model.layers[0].mlp.experts.gate_up_proj)
+    x = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():  # close to the dense model's function, not equal
+        diff = (moe(input_ids=x).logits - dense(input_ids=x).logits).abs().max()
+    assert 1e-6 < diff < 0.1

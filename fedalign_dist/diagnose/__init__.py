@@ -1,0 +1,1 @@
+"""The premise diagnostic (`fedalign-dist diagnose`)."""
