@@ -109,11 +109,11 @@ def default_out(config: str | None, overrides: list[str], run_dir: str | None) -
 def render(result: dict) -> str:
     rows = result["layers"]
     if "role_agreement" in rows[0]:
-        header = ["layer", "routing JS mean", "routing JS max", "role agreement", "same-number cosine",
-                  "matched cosine", "renumbered share"]
+        header = ["layer", "routing JS mean", "routing JS max", "role agreement", "any-pair cosine",
+                  "same-number cosine", "matched cosine", "renumbered share"]
         body = [[r["layer"], f"{r['routing_js_mean']:.4f}", f"{r['routing_js_max']:.4f}", f"{r['role_agreement']:.0%}",
-                 f"{r['same_number_similarity']:.3f}", f"{r['matched_similarity']:.3f}", f"{r['moved_share']:.0%}"]
-                for r in rows]
+                 f"{r['any_pair_similarity']:.3f}", f"{r['same_number_similarity']:.3f}",
+                 f"{r['matched_similarity']:.3f}", f"{r['moved_share']:.0%}"] for r in rows]
     else:
         header = ["layer", "routing JS mean", "routing JS max"]
         body = [[r["layer"], f"{r['routing_js_mean']:.4f}", f"{r['routing_js_max']:.4f}"] for r in rows]

@@ -12,7 +12,11 @@ Per layer, over every pair of clients (i, j):
                        same number;
   matched similarity   the mean cosine of a maximum-weight matching of the two clients'
                        experts, against the mean cosine of same-numbered experts: a gap
-                       means a renumbering would line the experts up.
+                       means a renumbering would line the experts up;
+  any-pair similarity  the mean cosine of every expert of one client with every expert of
+                       the other: the baseline. Only where matched partners are clearly more
+                       alike than any two experts do experts have roles that carry from one
+                       client to another (random or freshly upcycled experts do not).
 Signatures are compared as the config's FedAlign-MoE compares them (centred only with
 `center_signatures`). A low role agreement alone does not tell experts that a client
 renumbered (matching can line them up) from experts that its data pulled elsewhere; the
@@ -30,10 +34,16 @@ from fedalign_dist.aggregation.matching import matching_permutation
 
 AGREEMENT_THRESHOLD = 0.9
 """Below this role agreement a layer's experts differ between clients (diverged or permuted)."""
+ROLE_CONTRAST_THRESHOLD = 0.2
+"""Below this excess of the matched over the any-pair mean cosine, experts have no roles that
+carry across clients. Measured (README): 0.05-0.13 on the random-initialised tiny Mixtral and
+on the upcycled base, 0.29-0.46 on the pretrained base (unrelated random signatures of size
+128 give about 0.1)."""
 MATCH_GAIN_THRESHOLD = 0.03
-"""Above this gain of the matched over the same-numbered mean cosine, a layer's experts are
-renumbered between clients (permuted), which matching corrects. Measured (README): 0.06-0.08
-on the random-initialised demo, 0.000-0.010 on the pretrained base at Dirichlet(0.1)."""
+"""Above this gain of the matched over the same-numbered mean cosine (in a layer whose experts
+have roles), its experts are renumbered between clients, which matching corrects. Measured
+(README): 0.000-0.009 on the pretrained base at Dirichlet(0.1), up to 0.043 after 110 local
+steps."""
 ROUTING_JS_THRESHOLD = 0.05
 """Above this mean pairwise routing JS a layer's gating preferences diverge."""
 
@@ -49,12 +59,17 @@ class LayerPremise:
     matched_similarity: float
     moved_share: float
     """Share of (pair, expert) that a maximum-weight matching renumbers."""
+    any_pair_similarity: float
     pairs: int
+
+    @property
+    def role_contrast(self) -> float:
+        return self.matched_similarity - self.any_pair_similarity
 
 
 def layer_premise(layer: int, usage_NE: torch.Tensor, active_NE: torch.Tensor, unit_NED: torch.Tensor) -> LayerPremise:
     """One layer's figures from the clients' usage, active experts and unit signatures."""
-    js, agree, same, matched, moved, counted = [], 0, [], [], 0, 0
+    js, agree, same, matched, any_pair, moved, counted = [], 0, [], [], [], 0, 0
     for i, j in itertools.combinations(range(usage_NE.shape[0]), 2):
         js.append(float(js_divergence(usage_NE[i].double(), usage_NE[j].double())))
         both = (active_NE[i] & active_NE[j]).nonzero().flatten()
@@ -64,12 +79,14 @@ def layer_premise(layer: int, usage_NE: torch.Tensor, active_NE: torch.Tensor, u
         agree += int((sim.argmax(1) == torch.arange(len(both))).sum())
         perm = matching_permutation(sim)
         same.append(float(sim.diagonal().mean()))
+        any_pair.append(float(sim.mean()))
         matched.append(float(sim[torch.arange(len(both)), perm].mean()))
         moved += int((perm != torch.arange(len(both))).sum())
         counted += len(both)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     return LayerPremise(layer, mean(js), max(js, default=float("nan")), agree / counted if counted else float("nan"),
-                        mean(same), mean(matched), moved / counted if counted else float("nan"), len(same))
+                        mean(same), mean(matched), moved / counted if counted else float("nan"), mean(any_pair),
+                        len(same))
 
 
 def premise(layers: list[int], usage: torch.Tensor, tokens: torch.Tensor, signature: torch.Tensor,
@@ -82,22 +99,28 @@ def premise(layers: list[int], usage: torch.Tensor, tokens: torch.Tensor, signat
 
 def verdict(rows: list[LayerPremise]) -> str:
     """One line: whether alignment has anything to correct in this federation, and how."""
-    permuted = [r for r in rows if r.matched_similarity - r.same_number_similarity > MATCH_GAIN_THRESHOLD]
-    diverged = [r for r in rows if r.role_agreement < AGREEMENT_THRESHOLD and r not in permuted]
-    routing = [r for r in rows if r.routing_js_mean > ROUTING_JS_THRESHOLD]
+    roleless = [r for r in rows if r.role_contrast < ROLE_CONTRAST_THRESHOLD]
+    permuted = [r for r in rows if r not in roleless
+                and r.matched_similarity - r.same_number_similarity > MATCH_GAIN_THRESHOLD]
+    diverged = [r for r in rows if r not in roleless and r not in permuted and r.role_agreement < AGREEMENT_THRESHOLD]
     parts = []
+    if roleless:
+        parts.append(f"experts have no roles that carry across clients in layer(s) {_layers(roleless)} (matched "
+                     f"experts are less than {ROLE_CONTRAST_THRESHOLD} cosine more alike than any two): nothing stable "
+                     f"to align or match; averaging mixes experts that play no common part")
     if permuted:
         share = sum(r.moved_share for r in permuted) / len(permuted)
         parts.append(f"{share:.0%} of expert pairs are renumbered between clients in layer(s) {_layers(permuted)} "
                      f"(a matching raises their cosine by more than {MATCH_GAIN_THRESHOLD}): alignment can pay, "
                      f"matching first (strategy.fedalign.match=true)")
     if diverged:
-        parts.append(f"experts differ between clients without being renumbered in layer(s) {_layers(diverged)} (role "
-                     f"agreement below {AGREEMENT_THRESHOLD:.0%}, nothing for a matching to gain): FedAlign-MoE may "
-                     f"keep some as personal experts")
+        parts.append(f"experts keep their roles and numbers but differ between clients in layer(s) "
+                     f"{_layers(diverged)} (role agreement below {AGREEMENT_THRESHOLD:.0%}, nothing for a matching to "
+                     f"gain): FedAlign-MoE may keep some as personal experts")
     if not parts:
         parts.append(f"experts agree in every layer (role agreement at least {AGREEMENT_THRESHOLD:.0%}, nothing "
                      f"renumbered): FedAlign-MoE will average the experts as FedAvg does")
+    routing = [r for r in rows if r.routing_js_mean > ROUTING_JS_THRESHOLD]
     top = max((r.routing_js_mean for r in rows), default=0.0)
     parts.append(f"gating preferences diverge in layer(s) {_layers(routing)} (mean routing JS above "
                  f"{ROUTING_JS_THRESHOLD})" if routing else f"gating preferences agree (mean routing JS at most {top:.3f})")
@@ -109,4 +132,4 @@ def _layers(rows: list[LayerPremise]) -> str:
 
 
 def as_json(rows: list[LayerPremise], line: str, meta: dict) -> dict:
-    return {**meta, "verdict": line, "layers": [asdict(r) for r in rows]}
+    return {**meta, "verdict": line, "layers": [{**asdict(r), "role_contrast": r.role_contrast} for r in rows]}

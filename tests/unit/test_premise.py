@@ -42,3 +42,14 @@ def test_inactive_experts_are_left_out_of_the_comparison():
     signature[2, :, 4:] = torch.randn(2, 2, D)  # whatever it would report for them
     rows = premise([0, 1], usage, tokens, signature)
     assert all(r.role_agreement == 1.0 for r in rows)
+
+
+def test_experts_without_roles_across_clients_are_not_called_renumbered():
+    """Every client's experts unrelated to every other's (a random start that each client's
+    data pulled its own way): a matching always finds some gain, but matched partners are no
+    more alike than any two experts."""
+    usage, tokens, _ = _federation()
+    signature = torch.randn(N, 2, E, 128, generator=torch.Generator().manual_seed(1))  # hidden size 128
+    rows = premise([0, 1], usage, tokens, signature)
+    assert all(r.matched_similarity - r.same_number_similarity > 0.03 and r.role_contrast < 0.2 for r in rows)
+    assert verdict(rows).startswith("experts have no roles that carry across clients in layer(s) 0, 1")
