@@ -8,6 +8,7 @@ and the checks that consult the registries).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -143,6 +144,12 @@ class FedConfig(ConfigSection):
 
 class LocalConfig(ConfigSection):
     steps: int = Field(10, ge=1)
+    """Optimizer steps per client-round (the same for every client), unless `epochs` is set."""
+    epochs: Optional[float] = Field(None, gt=0)
+    """Passes over the client's own training examples per round instead of a fixed step count:
+    ceil(epochs x examples / batch_size) steps, so a client with more data takes more steps
+    (the classic FedAvg E). When set, `steps` is not used (a base config's steps need no
+    removing)."""
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -150,6 +157,12 @@ class LocalConfig(ConfigSection):
     reset_optimizer: bool = True
     """Fresh optimizer state for every client-round (the federated default). false is
     refused: one engine per rank serves all its clients, so moments would leak between them."""
+
+    def steps_for(self, train_examples: int) -> int:
+        """The local steps of a client holding this many training examples."""
+        if self.epochs is None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * train_examples / self.batch_size))
 
     @model_validator(mode="after")
     def _check(self):

@@ -121,7 +121,7 @@ class Runner:
             return block_placement(sampled, cfg.fed.num_clients, self.env.world_size)
         request = self.strategy.stats_request
         stats = request.batches * cfg.local.batch_size if request is not None else 0
-        costs = [client_cost(cfg.local.steps * cfg.local.batch_size, stats,
+        costs = [client_cost(cfg.local.steps_for(self.data.num_train(c)) * cfg.local.batch_size, stats,
                              len(self.data.clients[c][cfg.eval.split]) if score_personal else 0) for c in sampled]
         return balanced_placement(sampled, costs, self.env.world_size)
 

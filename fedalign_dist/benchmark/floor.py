@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     for round_idx in range(cfg.fed.rounds):
         start = time.perf_counter()
         sampled = sample_clients(cfg.seed, round_idx, cfg.fed.num_clients, cfg.fed.clients_per_round)
-        cost = client_cost(cfg.local.steps * cfg.local.batch_size, 0, 0)
-        hosts = balanced_placement(sampled, [cost] * len(sampled), env.world_size)
+        costs = [client_cost(cfg.local.steps_for(data.num_train(c)) * cfg.local.batch_size, 0, 0) for c in sampled]
+        hosts = balanced_placement(sampled, costs, env.world_size)
         summed = torch.zeros(sum(t.numel() for t in global_state.values()) + 1, device=env.device)
         for client in (c for c, rank in hosts.items() if rank == env.rank):
             with torch.no_grad():
@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
                     p.copy_(global_state[name])
             optimizer = torch.optim.AdamW(params.values(), lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client]).generate_state(1)[0]))
-            for batch in client_batches(data, data.clients[client]["train"], cfg.local.steps, cfg.local.batch_size,
-                                        cfg.seed, round_idx, client):
+            steps = cfg.local.steps_for(data.num_train(client))
+            for batch in client_batches(data, data.clients[client]["train"], steps, cfg.local.batch_size, cfg.seed,
+                                        round_idx, client):
                 batch = {k: v.to(env.device) for k, v in batch.items()}
                 loss = data.task.loss(model, batch, aux)
                 optimizer.zero_grad(set_to_none=True)

@@ -47,7 +47,7 @@ class ClientRound:
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client_id]).generate_state(1)[0]))
         batches = lambda steps: client_batches(data, data.clients[client_id]["train"], steps,  # noqa: E731
                                                cfg.local.batch_size, cfg.seed, round_idx, client_id)
-        loss = self.train(client_id, batches(cfg.local.steps), start)
+        loss = self.train(client_id, batches(cfg.local.steps_for(data.num_train(client_id))), start)
         trained = self.trainer.read_state()
         delta = {n: trained[n] - global_state[n].float() for n in trained}
         if faults.client_fault("huge_delta_client", client_id):

@@ -46,7 +46,7 @@ def diagnose_config(config: str | None, overrides: list[str], clients: int | Non
     return as_json(rows, verdict(rows), {"source": f"config {config or '(defaults)'}", "clients": ids,
                                          "model": str(cfg.model.path or f"{cfg.model.family}/{cfg.model.preset}"),
                                          "data": f"{cfg.data.name}, partition={cfg.data.partition}",
-                                         "local_steps": cfg.local.steps,
+                                         "local_steps": cfg.local.steps if cfg.local.epochs is None else f"{cfg.local.epochs} epochs",
                                          "signature": cfg.strategy.fedalign.signature,
                                          "center_signatures": cfg.strategy.fedalign.center_signatures})
 
