@@ -13,7 +13,8 @@ PERSONAL = ["strategy.name=fedalign", *BETA0, "strategy.fedalign.mode=pairwise",
 GUARDED = {  # test_guard_runs: client 2 (on rank 1) diverges in every round
     "fedavg": ["strategy.name=fedavg"],
     "fedmoe": ["strategy.name=fedmoe"],
-    "fedalign_reduce": ["strategy.name=fedalign", "strategy.fedalign.comm=reduce", *BETA0],
+    "fedalign_reduce": ["strategy.name=fedalign", "strategy.fedalign.comm=reduce", *BETA0,
+                        "strategy.fedalign.match=true"],  # matching behind the guard
     "fedalign_allgather": ["strategy.name=fedalign", "strategy.fedalign.comm=allgather",
                            "strategy.fedalign.mode=pairwise", *BETA0],
     "fedamole": ["strategy.name=fedamole", "model.family=llama", "strategy.fedamole.num_experts=6",
@@ -26,8 +27,10 @@ DP_FEDALIGN = ["strategy.name=fedalign", "fed.num_clients=8", "fed.clients_per_r
 AMOLE = ["strategy.name=fedamole", "model.family=llama", *FOUR, "strategy.fedamole.num_experts=6",
          "strategy.fedamole.rank=4", "strategy.fedamole.max_experts=4", "checkpoint.every=1"]
 PLACEMENT = ["fed.num_clients=6", "fed.clients_per_round=3", "fed.rounds=4"]
-KILLED = ["fed.rounds=4", "checkpoint.every=1", "run.resume=auto", *BETA0, "fed.num_clients=6"]
-"""test_resilience: a run whose rank is killed and restarted, and its uninterrupted twin."""
+KILLED = ["fed.rounds=4", "checkpoint.every=1", "run.resume=auto", *BETA0, "fed.num_clients=6",
+          "strategy.fedalign.match=true"]
+"""test_resilience: a run whose rank is killed and restarted, and its uninterrupted twin
+(FedAlign-MoE with matching: a resumed run renumbers as the uninterrupted one did)."""
 
 
 def dp_target_epsilon() -> float:
