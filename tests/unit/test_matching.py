@@ -49,6 +49,7 @@ def test_renumbering_experts_with_their_tensors_keeps_the_function(family, finet
     assert any(not torch.equal(moved[n], state[n]) for n in state)
     after = _logits(model, moved)
     LARGEST[f"{family}/{finetune}"] = float((after - before).abs().max())
+    print(f"\n{family}/{finetune}: largest logit difference after renumbering {LARGEST[f'{family}/{finetune}']:.1e}")
     assert LARGEST[f"{family}/{finetune}"] <= 1e-6, LARGEST
     # back to the client's own numbering: bit for bit
     back = permute_experts(moved, anatomy, {layer: inverse(p) for layer, p in perms.items()})
