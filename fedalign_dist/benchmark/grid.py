@@ -33,7 +33,8 @@ import yaml
 
 from fedalign_dist.benchmark.cells import BenchmarkFailed, launch_cell, read_records
 from fedalign_dist.benchmark.environment import environment_line
-from fedalign_dist.benchmark.summary import fmt, mean_curve, mean_std, paired_difference, rounds_to_reach
+from fedalign_dist.benchmark.summary import (fmt, mean_curve, mean_std, paired_difference, rounds_to_reach,
+                                             rounds_to_reach_per_seed)
 from fedalign_dist.config import ConfigError, load_config
 from fedalign_dist.markdown import table
 
@@ -203,16 +204,21 @@ def paired_table(spec: GridSpec, per_method: dict, keys: tuple[str, ...]) -> lis
     if spec.reference is None or len(per_method[spec.reference]) < 2:
         return []
     finals = {m: {key: [r[-1].get(key) for r in runs] for key in keys} for m, runs in per_method.items()}
+    curves = {m: [[x.get(keys[0]) for x in r] for r in runs] for m, runs in per_method.items()}
+
+    def reach_text(method):
+        return ", ".join(str(n) if n else "-" for n in rounds_to_reach_per_seed(curves[method], curves[spec.reference]))
     rows = []
     for method in (m for m in per_method if m != spec.reference):
         cells = []
         for key in keys:
             diff, p = paired_difference(finals[method][key], finals[spec.reference][key])
             cells += ["-" if math.isnan(diff) else f"{diff:+.3f}", "-" if math.isnan(p) else f"{p:.3g}"]
-        rows.append([method, *cells])
+        rows.append([method, *cells, reach_text(method)])
     header = [f"paired against {spec.reference} (seeds)"]
     for key in keys:
         header += [f"{key.replace('_', ' ')} difference", "p"]
+    header.append(f"rounds to the same seed's {spec.reference} final ({spec.reference}: {reach_text(spec.reference)})")
     return [*table(header, rows), ""]
 
 

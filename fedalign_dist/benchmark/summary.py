@@ -29,6 +29,17 @@ def rounds_to_reach(curve: list[float], target: float) -> int | None:
     return None
 
 
+def rounds_to_reach_per_seed(runs: list[list[float | None]],
+                             reference_runs: list[list[float | None]]) -> list[int | None]:
+    """For each seed, the first round at which a method's curve reaches the reference method's
+    final score of the same seed (the mean curve's crossing can come from one lucky seed)."""
+    out = []
+    for curve, reference in zip(runs, reference_runs):
+        final = next((v for v in reversed(reference) if v is not None and not math.isnan(v)), None)
+        out.append(None if final is None else rounds_to_reach(curve, final))
+    return out
+
+
 def fmt(mean: float, std: float, digits: int = 3) -> str:
     return "-" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from fedalign_dist.benchmark.grid import load_grid
-from fedalign_dist.benchmark.summary import fmt, mean_curve, mean_std, rounds_to_reach
+from fedalign_dist.benchmark.summary import fmt, mean_curve, mean_std, rounds_to_reach, rounds_to_reach_per_seed
 from fedalign_dist.config import ConfigError
 
 
@@ -72,3 +72,11 @@ def test_paired_difference_pairs_seeds_and_tests_them():
     diff, p = paired_difference([0.5, None, 0.7], [0.4, 0.3, None])  # one pair: no test
     assert diff == pytest.approx(0.1) and math.isnan(p)
     assert math.isnan(paired_difference([None], [0.4])[0])
+
+
+def test_rounds_to_reach_per_seed_uses_each_seeds_own_reference_final():
+    method = [[None, 0.3, None, 0.6], [None, 0.2, None, 0.25]]
+    reference = [[None, 0.5, None, 0.55], [None, 0.1, None, float("nan")]]  # seed 1: last finite is 0.1
+    assert rounds_to_reach_per_seed(method, reference) == [4, 2]
+    assert rounds_to_reach_per_seed([[0.1, 0.2]], [[0.3, 0.4]]) == [None]
+    assert rounds_to_reach_per_seed([[0.1]], [[None]]) == [None]
