@@ -2,7 +2,9 @@
 
 A client's starting weights are copied into the live engine in place (ZeRO-1/2 parameters
 are views into flat buffers: rebinding `.data` would be lost), then the optimizer's fp32
-master copies are refreshed and its state reset."""
+master copies are refreshed and its state reset. A client group (GroupMPU of size G > 1)
+shards one client's model over its G ranks by ZeRO-3: each rank holds a 1/G slice of every
+parameter and of its optimizer state, and takes every G-th example of each batch."""
 from __future__ import annotations
 
 import os
@@ -13,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fedalign_dist.clients.solo_mpu import SoloMPU
+from fedalign_dist.clients.group_mpu import GroupMPU
 
 NamedTensors = dict[str, torch.Tensor]
 
@@ -21,7 +23,7 @@ NamedTensors = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class StepPath:
     """Which parts of DeepSpeed's step a client's engine runs. Every engine is data-parallel
-    size 1 (SoloMPU), so DeepSpeed's gradient all-reduce is an identity that still flattens
+    size 1 (GroupMPU(1)), so DeepSpeed's gradient all-reduce is an identity that still flattens
     and copies every gradient, and zero-fills the gradient of every expert no token reached
     (AdamW then moves those experts by momentum and weight decay, as plain torch would not);
     its fp32 gradient clipping runs collectives over the size-1 group. Both are skipped for
@@ -40,14 +42,19 @@ class StepPath:
         return cls(backward_allreduce=True, deepspeed_clipping=True)
 
 
-def deepspeed_config(cfg, path: StepPath | None = None) -> dict:
+def deepspeed_config(cfg, path: StepPath | None = None, group_size: int = 1) -> dict:
+    """One client's batch over its group: each of the G ranks takes batch / G examples and
+    DeepSpeed averages their gradients; a group of G > 1 always shards by ZeRO-3."""
     path = path or StepPath.lean(cfg)
+    if cfg.local.batch_size % group_size:
+        raise ValueError(f"local.batch_size={cfg.local.batch_size} does not split over a client group of "
+                         f"{group_size} ranks: use a multiple of {group_size}")
     return {
-        "train_batch_size": cfg.local.batch_size,  # dp size 1: micro batch x grad accumulation
-        "train_micro_batch_size_per_gpu": cfg.local.batch_size,
+        "train_batch_size": cfg.local.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.local.batch_size // group_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.local.grad_clip if path.deepspeed_clipping else 0.0,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": {"stage": 3 if group_size > 1 else cfg.deepspeed.zero_stage},
         "bf16": {"enabled": cfg.deepspeed.bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
@@ -84,17 +91,21 @@ class LocalTrainer:
     engines_built = 0
     """DeepSpeed engines built in this process (a run reports how many it built: one per rank)."""
 
-    def __init__(self, model: torch.nn.Module, cfg, device: torch.device, path: StepPath | None = None):
+    def __init__(self, model: torch.nn.Module, cfg, device: torch.device, path: StepPath | None = None,
+                 group: GroupMPU | None = None):
         import deepspeed
         self.cfg, self.device = cfg, device
-        self.path = path or StepPath.lean(cfg)
+        self.group = group or GroupMPU(1)
+        self.sharded = self.group.size > 1
+        self.path = StepPath.full() if self.sharded else path or StepPath.lean(cfg)
         model.to(device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)
         _skip_shared_memory_comm_op()
         with _launcher_variables():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.path), mpu=SoloMPU())
+                model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.path, self.group.size),
+                mpu=self.group)
         self.engine.enable_backward_allreduce = self.path.backward_allreduce
         LocalTrainer.engines_built += 1
         self.params = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
@@ -113,6 +124,9 @@ class LocalTrainer:
         """The module's parameters get `state` (rounded to bf16 under deepspeed.bf16); the
         optimizer's fp32 master weights get it exactly, so no update is lost to rounding."""
         from deepspeed.utils import safe_set_full_fp32_param
+        if self.sharded:
+            self._load_shards(state)
+            return
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(state[name])
@@ -130,6 +144,27 @@ class LocalTrainer:
         if refresh is not None:
             refresh()
 
+    def _shard_of(self, full: torch.Tensor, param) -> torch.Tensor:
+        """This rank's ZeRO-3 slice of a full tensor: the flat elements [r*n, (r+1)*n), zero past
+        the end (the last slice is padded)."""
+        n = param.ds_tensor.numel()
+        flat = full.reshape(-1)
+        start = min(self.group.group_rank * n, flat.numel())
+        piece = flat[start:start + n]
+        return torch.cat([piece, piece.new_zeros(n - piece.numel())]) if piece.numel() < n else piece
+
+    def _load_shards(self, state: NamedTensors) -> None:
+        """Each rank writes only its own slice: no rank gathers the full model to load it."""
+        from deepspeed.utils import safe_set_local_fp32_param
+        with torch.no_grad():
+            for name, param in self.params.items():
+                shard = self._shard_of(state[name], param).to(param.ds_tensor.device, torch.float32)
+                param.ds_tensor.copy_(shard)
+                if self.cfg.deepspeed.bf16:
+                    safe_set_local_fp32_param(param, shard)
+        if not self.cfg.deepspeed.bf16:
+            self.engine.optimizer.refresh_fp32_params()
+
     def _torch_optimizer(self) -> torch.optim.Optimizer:
         inner = self.engine.optimizer
         while not isinstance(inner, torch.optim.Optimizer):
@@ -146,9 +181,11 @@ class LocalTrainer:
     def read_state(self) -> NamedTensors:
         """fp32 trainable weights: under deepspeed.bf16 the optimizer's fp32 masters (the bf16
         module parameters would quantise every update smaller than one bf16 step away)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        if self.sharded:  # a collective over the group: every rank of it calls, in the same order
+            return {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in self.params.items()}
         if not self.cfg.deepspeed.bf16:
             return {n: p.detach().float().cpu().clone() for n, p in self.params.items()}
-        from deepspeed.utils import safe_get_full_fp32_param
         out = {}
         for name, param in self.params.items():
             master = self._stage0_masters.get(id(param))
@@ -158,13 +195,23 @@ class LocalTrainer:
             out[name] = master.detach().float().cpu().clone()
         return out
 
-    def train(self, batches, loss_fn: Callable, regularizer: Callable[[dict], torch.Tensor | None]) -> float:
+    def train(self, batches, loss_fn: Callable, regularizer: Callable[[dict], torch.Tensor | None],
+              count_targets: Callable[[dict], int] | None = None) -> float:
         """Run one client's local steps; returns the mean task loss (aux loss included).
         `loss_fn(model, batch)` returns (objective to minimise, task loss to report), both
-        computed through the engine; `regularizer(params)` may add a parameter-space term."""
+        computed through the engine; `regularizer(params)` may add a parameter-space term.
+        In a client group each rank takes every G-th row; `count_targets(batch)` (the task's
+        loss denominator) lets each rank divide by 1/G of the whole batch's count, so the
+        group's averaged gradient is the whole batch's."""
         self.engine.train()
         losses = []
+        size, rank = self.group.size, self.group.group_rank
         for batch in batches:
+            if size > 1:
+                whole = count_targets(batch) if count_targets else None
+                batch = {k: v[rank::size] for k, v in batch.items()}
+                if whole is not None:
+                    batch["loss_denominator"] = torch.tensor(max(whole, 1) / size)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             objective, task_loss = loss_fn(self.engine, batch)
             extra = regularizer(self.params)

@@ -63,6 +63,10 @@ class TaskType(ABC):
         load-balancing loss."""
         return target_loss(model, batch, self.window, aux_coef)
 
+    def targets_in(self, batch: dict[str, torch.Tensor]) -> int:
+        """The count `loss` averages over (a client group splits a batch by it)."""
+        return target_count(batch["labels"], self.window)
+
     @abstractmethod
     def empty_sums(self) -> torch.Tensor:
         ...
@@ -102,11 +106,21 @@ def target_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> tuple[t
     return picked.sum(-1), mask.sum(-1)
 
 
+def target_count(labels: torch.Tensor, window: int) -> int:
+    """How many target tokens target_loss averages over: the same window and shift."""
+    keep = labels.shape[1] if window <= 0 else min(window, labels.shape[1])
+    return int((labels[:, -keep:][:, 1:] != IGNORE).sum())
+
+
 def target_loss(model, batch: dict[str, torch.Tensor], window: int, aux_coef: float) -> torch.Tensor:
+    """Mean over the batch's target tokens; a slice of a client group's batch divides by
+    `loss_denominator` instead (its share of the whole batch's count), so that the group's
+    averaged gradient is the whole batch's."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], logits_to_keep=window, output_router_logits=True)
     ll, count = target_log_likelihood(out.logits, batch["labels"])
-    loss = -ll.sum() / count.sum().clamp(min=1)
+    denominator = batch.get("loss_denominator")
+    loss = -ll.sum() / (count.sum().clamp(min=1) if denominator is None else denominator)
     aux = getattr(out, "aux_loss", None)
     if aux is not None:
         loss = loss + aux_coef * aux.to(loss.dtype)

@@ -23,6 +23,13 @@ def test_deepspeed_engine_per_rank_is_an_independent_client_and_builds_nothing(t
     assert sorted(p.name for p in extensions.rglob("*")) == ["deepspeed_shm_comm", "lock"]
 
 
+def test_one_client_trained_by_a_group_of_two_ranks_equals_it_trained_on_one():
+    """ZeRO-3 over a client group (issue 28's engine): half of every parameter per rank, half of
+    every batch, the same weights after 3 AdamW steps as one rank on the whole batch."""
+    out = torchrun([f"{SCRIPTS}/group_trainer_check.py"], nproc=2, timeout=300)
+    assert out.stdout.count("group of 2 OK") == 2, out.stdout[-3000:]
+
+
 def test_personal_state_follows_its_client_to_another_rank():
     out = torchrun([f"{SCRIPTS}/state_moves_check.py"], nproc=2)
     for kind in ("memory", "disk"):

@@ -133,3 +133,13 @@ def test_scoring_passes_keep_the_continuation_logits_bounded():
     assert classification(["business", "tech"], tokenizer=tok).examples_per_pass(big, 32) == 32
     small = SimpleNamespace(config=SimpleNamespace(vocab_size=ByteTokenizer().vocab_size))
     assert classification(["sport", "tech"]).examples_per_pass(small, 32) == 32
+
+
+@pytest.mark.parametrize("window", [0, 1, 2, 3, 9])
+def test_target_count_is_the_denominator_of_target_loss(window):
+    """A client group splits a batch by it: it must count what target_log_likelihood counts."""
+    from fedalign_dist.data.task import target_count
+    labels = torch.tensor([[IGNORE, 5, 6, IGNORE, 7], [IGNORE, IGNORE, IGNORE, 8, IGNORE]])
+    keep = labels.shape[1] if window == 0 else min(window, labels.shape[1])
+    _, counted = target_log_likelihood(torch.zeros(2, keep, 10), labels)
+    assert target_count(labels, window) == int(counted.sum())

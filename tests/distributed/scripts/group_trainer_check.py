@@ -1,0 +1,60 @@
+"""Run under torchrun with 2 ranks: one client trained by a group of 2 ranks (ZeRO-3, each rank
+holding half of every parameter and taking half of every batch) ends where the same client
+trained on one rank ends; loading a state writes only each rank's own slice."""
+import sys
+
+import torch
+
+from fedalign_dist.clients.group_mpu import GroupMPU
+from fedalign_dist.clients.trainer import LocalTrainer, client_batches
+from fedalign_dist.config import load_config
+from fedalign_dist.data.federated import build_federated_data
+from fedalign_dist.data.tokenizer import ByteTokenizer
+from fedalign_dist.dist.env import init_distributed
+from fedalign_dist.models.build import build_model
+from fedalign_dist.train import quiet_libraries
+
+quiet_libraries()
+env = init_distributed("gloo")
+# the router's load-balancing loss is a product of means over the tokens each rank sees, so a
+# group computes it per slice (as data-parallel training does); equality needs it off
+aux = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
+cfg = load_config(None, ["data.max_examples=300", "data.max_length=48", "fed.num_clients=2", "fed.clients_per_round=2",
+                         "local.batch_size=4", "local.lr=0.01", "data.min_client_examples=5"])
+tok = ByteTokenizer()
+data = build_federated_data(cfg.data, 2, 0, tok)
+
+
+def train(trainer, start):
+    trainer.load_state(start)
+    trainer.reset_optimizer()
+    batches = client_batches(data, data.clients[0]["train"], 3, 4, 0, 0, 0)
+    loss = trainer.train(batches, lambda m, b: (data.task.loss(m, b, aux),) * 2, lambda p: None,
+                         data.task.targets_in)
+    return trainer.read_state(), loss
+
+
+solo = LocalTrainer(build_model(cfg, tok)[0], cfg, env.device)
+start = solo.read_state()
+alone, _ = train(solo, start)
+
+group = LocalTrainer(build_model(cfg, tok)[0], cfg, env.device, group=GroupMPU(2))
+held = sum(p.ds_tensor.numel() for p in group.params.values())
+total = sum(t.numel() for t in start.values())
+assert held <= total / 2 + 64 * len(start), f"rank {env.rank} holds {held} of {total} elements"
+together, _ = train(group, start)
+worst = max(float((together[n] - alone[n]).abs().max()) for n in alone)
+assert any(not torch.equal(alone[n], start[n]) for n in start), "training changed nothing"
+for name in alone:
+    torch.testing.assert_close(together[name], alone[name], rtol=1e-5, atol=1e-5, msg=f"{name} differs")
+
+shifted = {n: t + 0.5 for n, t in start.items()}
+group.load_state(shifted)
+back = group.read_state()
+assert all(torch.equal(back[n], shifted[n]) for n in shifted), "load_state did not write every slice"
+try:
+    GroupMPU(3)
+    raise AssertionError("a group of 3 in a world of 2 was accepted")
+except ValueError as err:
+    assert "do not divide a world of 2" in str(err)
+print(f"rank {env.rank} group of 2 OK: holds {held} of {total} elements; largest difference from one rank {worst:.3g}")
