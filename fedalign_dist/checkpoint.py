@@ -249,11 +249,11 @@ def cut_metrics(run_dir: Path, last_round: int) -> list[dict]:
 
 def save_final(run_dir: Path, global_state: dict, module: torch.nn.Module, finetune: str,
                base_model: torch.nn.Module | None = None,
-               export: Callable[[Path], bool] | None = None) -> None:
+               export: Callable[[Path], bool] | None = None, module_state: dict | None = None) -> None:
     """final/global.safetensors always; then the strategy's own `export(folder)` if it has one
     (FedAMoLE), else LoRA: a PEFT adapter directory (final/adapter) plus, when given, the base
     model it belongs to (final/base_model); full fine-tuning: a Hugging Face checkpoint of the
-    global model (final/model)."""
+    global model (final/model), from `module_state` when given (a ZeRO-3 module holds slices)."""
     from safetensors.torch import save_file
 
     def fill(folder: Path):
@@ -265,6 +265,6 @@ def save_final(run_dir: Path, global_state: dict, module: torch.nn.Module, finet
             if base_model is not None:
                 base_model.save_pretrained(str(folder / "base_model"))
         else:
-            module.save_pretrained(str(folder / "model"))
+            module.save_pretrained(str(folder / "model"), state_dict=module_state)
 
     _atomic_write_dir(run_dir / "final", fill)

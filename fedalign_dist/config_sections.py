@@ -132,6 +132,11 @@ class FedConfig(ConfigSection):
     the least-loaded rank (training, statistics and evaluation examples), a client's state
     moving with it; blocks: rank r always hosts the same contiguous block of clients. Results
     do not depend on it beyond float summation order."""
+    ranks_per_client: int = Field(1, ge=1)
+    """Client groups: G consecutive ranks train one client at a time, its model, gradients and
+    optimizer state sharded over them by ZeRO-3 (for models that do not fit one device); a
+    round's clients are placed on groups as on ranks. First part: fedavg and fedmoe, full
+    fine-tuning, fp32, without privacy."""
 
     @model_validator(mode="after")
     def _check(self):
@@ -188,7 +193,8 @@ class DeepSpeedConfig(ConfigSection):
     def _check(self):
         if self.zero_stage == 3:
             raise ValueError("deepspeed.zero_stage=3 is not supported: it partitions one client's weights "
-                             "across ranks, but every rank here trains an independent client; use 0, 1 or 2")
+                             "across ranks, but every rank here trains an independent client; use 0, 1 or 2, or "
+                             "fed.ranks_per_client=G to shard each client over a group of G ranks (ZeRO-3)")
         return self
 
 
@@ -294,7 +300,24 @@ class Config(ConfigSection):
             raise ValueError("eval.split=val needs validation data: set data.val_fraction > 0")
         if self.data.tokenizer == "model" and self.model.path is None:
             raise ValueError("data.tokenizer=model needs model.path (a local checkpoint with a tokenizer)")
+        if self.fed.ranks_per_client > 1:
+            self._check_client_groups()
         return self
+
+    def _check_client_groups(self):
+        group = self.fed.ranks_per_client
+        unsupported = [why for bad, why in [
+            (self.strategy.name not in ("fedavg", "fedmoe"), f"strategy.name={self.strategy.name} (fedavg, fedmoe)"),
+            (self.model.finetune != "full", "model.finetune=lora (full)"),
+            (bool(self.model.freeze), "model.freeze (every parameter trained)"),
+            (self.deepspeed.bf16, "deepspeed.bf16=true (fp32)"),
+            (self.privacy.enabled, "privacy.enabled=true")] if bad]
+        if unsupported:
+            raise ValueError(f"fed.ranks_per_client={group} does not run yet with {', '.join(unsupported)}: client "
+                             f"groups support what is in brackets; set fed.ranks_per_client=1 for the rest")
+        if self.local.batch_size % group:
+            raise ValueError(f"local.batch_size={self.local.batch_size} does not split over client groups of {group} "
+                             f"ranks: use a multiple of {group}")
 
     @property
     def run_dir(self) -> Path:

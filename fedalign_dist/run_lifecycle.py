@@ -94,7 +94,7 @@ class RunLifecycle:
             self.strategy.prepare_global_model(trainer.module)
             export = lambda folder: self.strategy.export_final(folder, trainer.module, global_state)  # noqa: E731
             checkpoint.save_final(self.run_dir, global_state, trainer.module, self.cfg.model.finetune,
-                                  lora_base_model(self.cfg, tokenizer), export)
+                                  lora_base_model(self.cfg, tokenizer), export, trainer.module_state(global_state))
             self.writer.close()
             checkpoint.write_json(self.run_dir / "summary.json", summary)
             print(f"results in {self.run_dir}: metrics.jsonl, summary.json, final/ (tensorboard --logdir "

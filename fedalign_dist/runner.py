@@ -11,6 +11,7 @@ import torch
 
 from fedalign_dist.aggregation.guard import DivergedError, nonfinite_names
 from fedalign_dist.clients.client_round import ClientResult, ClientRound
+from fedalign_dist.clients.group_mpu import GroupMPU
 from fedalign_dist.clients.state import make_client_store
 from fedalign_dist.clients.state_moves import StateHolders
 from fedalign_dist.clients.trainer import LocalTrainer
@@ -31,7 +32,12 @@ class Runner:
         self.cfg, self.env, self.data, self.tokenizer = cfg, env, data, tokenizer
         self.engines_before = LocalTrainer.engines_built  # engines built by this run = the difference
         model, self.anatomy = strategy_class(cfg.strategy.name).build_model(cfg, tokenizer)
-        self.trainer = LocalTrainer(model, cfg, env.device)
+        # client groups (fed.ranks_per_client): a group's ranks train the same clients in
+        # lockstep, each holding a ZeRO-3 shard; only the group's first rank reports them
+        self.group = GroupMPU(cfg.fed.ranks_per_client)
+        self.hosts_count = env.world_size // self.group.size
+        self.reports = self.group.group_rank == 0
+        self.trainer = LocalTrainer(model, cfg, env.device, group=self.group)
         self.global_state = self.trainer.read_state()
         self.store = make_client_store(cfg.fed.client_state, cfg.run_dir / "clients" / f"rank{env.rank}")
         self.holders = StateHolders(cfg.fed.num_clients, env.world_size)
@@ -84,10 +90,11 @@ class Runner:
         score_personal = (round_idx + 1) % cfg.eval.personalized_every == 0 or last
         hosts = self.place_round(round_idx, score_personal)
         moved_bytes = self.holders.follow(hosts, self.store, self.side)  # states go where their clients train
-        my_clients = [c for c, rank in hosts.items() if rank == self.env.rank]
+        my_clients = [c for c, rank in hosts.items() if rank // self.group.size == self.group.index]
         with all_ranks_agree("local training"):  # a rank that fails here stops the others at once
             results = [self.clients.run(round_idx, client_id, self.global_state, score_personal)
                        for client_id in my_clients]
+        results = results if self.reports else []  # a group's other ranks hold the same results
         clock["trained"] = time.perf_counter()
         accepted, rejected, anyone_accepted = self.exchange_verdicts(round_idx, results)
         clock["synced"] = time.perf_counter()
@@ -112,18 +119,23 @@ class Runner:
         return record
 
     def place_round(self, round_idx: int, score_personal: bool) -> dict[int, int]:
-        """{client: rank} for the round's sampled clients (fed.placement)."""
+        """{client: rank} for the round's sampled clients (fed.placement); under client groups
+        the first rank of the client's group."""
+        hosts = self.place_on_hosts(round_idx, score_personal)
+        return {c: host * self.group.size for c, host in hosts.items()}
+
+    def place_on_hosts(self, round_idx: int, score_personal: bool) -> dict[int, int]:
         cfg = self.cfg
         # under DP from the secret: the accountant's amplification assumes nobody knows the sample
         seed = self.privacy.secret if self.privacy is not None else cfg.seed
         sampled = sample_clients(seed, round_idx, cfg.fed.num_clients, cfg.fed.clients_per_round)
-        if cfg.fed.placement == "blocks" or self.env.world_size == 1:
-            return block_placement(sampled, cfg.fed.num_clients, self.env.world_size)
+        if cfg.fed.placement == "blocks" or self.hosts_count == 1:
+            return block_placement(sampled, cfg.fed.num_clients, self.hosts_count)
         request = self.strategy.stats_request
         stats = request.batches * cfg.local.batch_size if request is not None else 0
         costs = [client_cost(cfg.local.steps_for(self.data.num_train(c)) * cfg.local.batch_size, stats,
                              len(self.data.clients[c][cfg.eval.split]) if score_personal else 0) for c in sampled]
-        return balanced_placement(sampled, costs, self.env.world_size)
+        return balanced_placement(sampled, costs, self.hosts_count)
 
     def exchange_verdicts(self, round_idx: int, results: list[ClientResult]):
         """Every rank learns which clients the guard rejected, so all leave out the same ones
@@ -157,16 +169,18 @@ class Runner:
         return diagnostics
 
     def evaluate_global(self) -> torch.Tensor:
-        """The aggregated global model on the pooled test data, sharded over ranks."""
+        """The aggregated global model on the pooled test data, split over ranks (over client
+        groups: a group's ranks run the same examples together, its first rank reports)."""
         self.trainer.load_state(self.global_state)
         self.strategy.prepare_global_model(self.trainer.module)
         pooled = self.data.pooled(self.cfg.eval.split)
         limit = self.cfg.eval.global_examples
         if limit is not None and limit < len(pooled):
             pooled = np.sort(np.random.default_rng([self.cfg.seed, 0xE7A1]).choice(pooled, limit, replace=False))
-        pooled = pooled[self.env.rank::self.env.world_size]
-        return self.data.task.evaluate_sums(self.trainer.module, self.data.examples_at(pooled),
+        pooled = pooled[self.group.index::self.hosts_count]
+        sums = self.data.task.evaluate_sums(self.trainer.module, self.data.examples_at(pooled),
                                             self.cfg.eval.batch_size, self.env.device)
+        return sums if self.reports else self.data.task.empty_sums()
 
     def gather_record(self, round_idx, results, accepted, rejected, global_sums, evaluated, diagnostics,
                       clock, moved_bytes: int) -> dict:

@@ -19,9 +19,15 @@ def preflight(cfg: Config, world_size: int) -> None:
     if cfg.model.path is not None:
         from fedalign_dist.models.build import check_model_path
         check_model_path(cfg.model.path)
-    if world_size > cfg.fed.num_clients:
-        raise ConfigError(f"world size {world_size} exceeds fed.num_clients ({cfg.fed.num_clients}): every rank "
-                          f"must host at least one client; start fewer processes or raise fed.num_clients")
+    group = cfg.fed.ranks_per_client
+    if world_size % group:
+        raise ConfigError(f"world size {world_size} is not a multiple of fed.ranks_per_client={group}: start a "
+                          f"multiple of {group} processes, or set fed.ranks_per_client to a divisor of {world_size}")
+    if world_size // group > cfg.fed.num_clients:
+        hosts = "" if group == 1 else f" ({world_size // group} client groups of {group} ranks)"
+        raise ConfigError(f"world size {world_size}{hosts} exceeds fed.num_clients ({cfg.fed.num_clients}): every "
+                          f"{'rank' if group == 1 else 'group'} must host at least one client; start fewer processes "
+                          f"or raise fed.num_clients")
 
 
 def check_before_launch(cfg: Config, nproc: int) -> None:

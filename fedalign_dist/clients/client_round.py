@@ -91,7 +91,8 @@ class ClientRound:
             self.trainer.set_lr(1e20)
         with tap or nullcontext():
             loss = self.trainer.train(batches, lambda model, batch: self.local_loss(model, batch, tap),
-                                      lambda params: self.strategy.local_regularizer(params, start))
+                                      lambda params: self.strategy.local_regularizer(params, start),
+                                      self.data.task.targets_in)
         if diverge:
             self.trainer.set_lr(self.cfg.local.lr)
         return loss

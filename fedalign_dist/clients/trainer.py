@@ -54,7 +54,10 @@ def deepspeed_config(cfg, path: StepPath | None = None, group_size: int = 1) -> 
         "train_micro_batch_size_per_gpu": cfg.local.batch_size // group_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.local.grad_clip if path.deepspeed_clipping else 0.0,
-        "zero_optimization": {"stage": 3 if group_size > 1 else cfg.deepspeed.zero_stage},
+        # ZeRO-3 keeps parameters below a size threshold whole on every rank ("persistent"):
+        # a state loaded by writing each rank's slice would not reach them, so none is kept
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0} if group_size > 1 else
+                             {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": cfg.deepspeed.bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
@@ -154,8 +157,14 @@ class LocalTrainer:
         return torch.cat([piece, piece.new_zeros(n - piece.numel())]) if piece.numel() < n else piece
 
     def _load_shards(self, state: NamedTensors) -> None:
-        """Each rank writes only its own slice: no rank gathers the full model to load it."""
+        """Each rank writes only its own slice: no rank gathers the full model to load it. A
+        parameter left gathered (whole) by an evaluation that called submodules directly would
+        keep computing with its old value: it is released first."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
         from deepspeed.utils import safe_set_local_fp32_param
+        whole = [p for p in self.module.parameters() if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE]
+        if whole:
+            whole[0].partition(param_list=whole, has_been_updated=False)
         with torch.no_grad():
             for name, param in self.params.items():
                 shard = self._shard_of(state[name], param).to(param.ds_tensor.device, torch.float32)
@@ -164,6 +173,17 @@ class LocalTrainer:
                     safe_set_local_fp32_param(param, shard)
         if not self.cfg.deepspeed.bf16:
             self.engine.optimizer.refresh_fp32_params()
+
+    def module_state(self, state: NamedTensors) -> NamedTensors | None:
+        """What save_pretrained should write for a sharded module (its parameters hold slices):
+        `state` plus the buffers; None when the module is whole (it writes its own)."""
+        if not self.sharded:
+            return None
+        missing = [n for n, p in self.module.named_parameters() if n not in state]
+        if missing:
+            raise RuntimeError(f"client groups export full fine-tuning only; {len(missing)} parameters are not "
+                               f"in the federated state (first: {missing[0]})")
+        return {**dict(self.module.named_buffers()), **state}
 
     def _torch_optimizer(self) -> torch.optim.Optimizer:
         inner = self.engine.optimizer

@@ -12,6 +12,10 @@ from fedalign_dist.models.families import FAMILIES, dense_preset_config, family_
 from fedalign_dist.models.packaged import NUM_EXPERTS_ATTRS, check_exists, load_causal_lm
 
 
+def _numel(param) -> int:
+    return getattr(param, "ds_numel", None) or param.numel()  # a ZeRO-3 shard holds a slice
+
+
 def describe_model(cfg, trainer, anatomy: MoEAnatomy) -> dict:
     """What was actually loaded and how it trains (the run folder's model.json)."""
     module = trainer.module
@@ -23,8 +27,8 @@ def describe_model(cfg, trainer, anatomy: MoEAnatomy) -> dict:
             "top_k": getattr(config, "num_experts_per_tok", None) if anatomy.num_experts else None,
             "checkpoint_dtype": str(stored).removeprefix("torch.") if stored is not None else None,
             "compute_dtype": "bfloat16" if cfg.deepspeed.bf16 else "float32",
-            "federated_state_dtype": "float32", "parameters": sum(p.numel() for p in module.parameters()),
-            "trainable_parameters": sum(p.numel() for p in trainer.params.values()),
+            "federated_state_dtype": "float32", "parameters": sum(_numel(p) for p in module.parameters()),
+            "trainable_parameters": sum(_numel(p) for p in trainer.params.values()),
             "finetune": cfg.model.finetune}
 
 

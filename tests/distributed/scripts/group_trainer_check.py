@@ -48,10 +48,20 @@ assert any(not torch.equal(alone[n], start[n]) for n in start), "training change
 for name in alone:
     torch.testing.assert_close(together[name], alone[name], rtol=1e-5, atol=1e-5, msg=f"{name} differs")
 
+# an evaluation leaves parameters gathered (whole): a load after it must still take effect
+data.task.evaluate_sums(group.module, data.examples_at(data.clients[1]["test"][:8]), 8, env.device)
 shifted = {n: t + 0.5 for n, t in start.items()}
 group.load_state(shifted)
 back = group.read_state()
 assert all(torch.equal(back[n], shifted[n]) for n in shifted), "load_state did not write every slice"
+# and the forward pass computes with it (not with a stale whole copy of a small parameter)
+solo.load_state(shifted)
+probe = next(client_batches(data, data.clients[1]["train"], 1, 4, 0, 0, 1))
+with torch.no_grad():
+    for trainer in (solo, group):
+        trainer.module.eval()
+    want, got = (data.task.loss(t.engine, probe, 0.0) for t in (solo, group))
+assert abs(float(want) - float(got)) < 1e-5 * abs(float(want)), f"forward after load: {float(got)} != {float(want)}"
 try:
     GroupMPU(3)
     raise AssertionError("a group of 3 in a world of 2 was accepted")
