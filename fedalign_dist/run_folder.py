@@ -139,7 +139,7 @@ def prepare_run_dir(cfg: Config) -> Path:
 # Keys a resumed run may change: how it is run, not what it computes.
 _RESUME_FREE = {("run", "name"), ("run", "output_dir"), ("run", "resume"), ("run", "overwrite"), ("fed", "rounds"),
                 ("checkpoint", "every"), ("checkpoint", "keep"), ("eval", "batch_size"), ("dist", "backend"),
-                ("dist", "timeout_s")}
+                ("dist", "timeout_s"), ("fed", "ranks_per_client")}  # checkpoints hold whole tensors
 
 
 def check_resumable(cfg: Config, saved_path: Path) -> None:
