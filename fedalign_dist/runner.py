@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -91,7 +92,10 @@ class Runner:
         hosts = self.place_round(round_idx, score_personal)
         moved_bytes = self.holders.follow(hosts, self.store, self.side)  # states go where their clients train
         my_clients = [c for c, rank in hosts.items() if rank // self.group.size == self.group.index]
-        with all_ranks_agree("local training"):  # a rank that fails here stops the others at once
+        # a rank that fails here stops the others at once; a client group's ranks meet in ZeRO-3's
+        # collectives inside training, where a partner would wait for the failed rank until
+        # dist.timeout_s: that rank leaves at once instead, and the partner's collective fails
+        with all_ranks_agree("local training") if self.group.size == 1 else nullcontext():
             results = [self.clients.run(round_idx, client_id, self.global_state, score_personal)
                        for client_id in my_clients]
         results = results if self.reports else []  # a group's other ranks hold the same results

@@ -79,3 +79,18 @@ def test_a_grouped_run_resumes_bitwise_and_may_resume_with_another_group_size(tm
     # checkpoints hold whole tensors: the second round on 2 ranks of 1 differs in the last bits only
     for name in whole:
         torch.testing.assert_close(switched[name], whole[name], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # two runs of 4 ranks, one killed and restarted (~3 min)
+def test_a_rank_of_a_group_killed_mid_run_restarts_resumes_and_matches_the_uninterrupted_run(tmp_path):
+    from tests.conftest import free_port
+    from tests.faults import run_and_kill
+    common = ["-m", "fedalign_dist", "train", *SAME, "strategy.name=fedavg", "checkpoint.every=1", "fed.rounds=4",
+              "run.resume=auto", "fed.ranks_per_client=2", f"run.output_dir={tmp_path}"]
+    torchrun(common + ["run.name=clean"], nproc=4)
+    out = run_and_kill(common + ["run.name=killed"], tmp_path / "killed", free_port(), kill_rank=1, after_rounds=2,
+                       nproc=4)
+    assert out["killed_pid"] is not None and out["returncode"] == 0, out["output"][-5000:]
+    assert "resumed from round_" in out["output"], out["output"][-3000:]
+    clean, resumed = (load_file(tmp_path / f"{n}/final/global.safetensors") for n in ("clean", "killed"))
+    assert all(torch.equal(clean[n], resumed[n]) for n in clean), "the resumed grouped run differs"
