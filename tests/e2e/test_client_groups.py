@@ -65,27 +65,26 @@ def test_a_world_that_groups_do_not_divide_is_refused_before_training():
     preflight(cfg, 4)
 
 
-@pytest.mark.slow  # five runs of 2-4 ranks (~2 min)
-def test_a_grouped_run_resumes_bitwise_and_may_resume_with_another_group_size(tmp_path):
+@pytest.mark.slow  # three runs of 2-4 ranks (~50 s); resuming with the same G: the killed-rank test below (bitwise)
+def test_a_grouped_run_may_resume_with_another_group_size(tmp_path):
     common = ["-m", "fedalign_dist", "train", *SAME, "strategy.name=fedavg", "checkpoint.every=1",
               f"run.output_dir={tmp_path}"]
     torchrun(common + ["run.name=whole", "fed.rounds=2", "fed.ranks_per_client=2"], nproc=4)
-    for name, then in (("same", ["fed.ranks_per_client=2"]), ("switched", [])):
-        torchrun(common + [f"run.name={name}", "fed.rounds=1", "fed.ranks_per_client=2"], nproc=4)
-        out = torchrun(common + [f"run.name={name}", "fed.rounds=2", "run.resume=true", *then], nproc=4 if then else 2)
-        assert "continuing at round 1" in out.stdout + out.stderr
-    whole, same, switched = (load_file(tmp_path / f"{n}/final/global.safetensors") for n in ("whole", "same", "switched"))
-    assert all(torch.equal(whole[n], same[n]) for n in whole)
+    torchrun(common + ["run.name=switched", "fed.rounds=1", "fed.ranks_per_client=2"], nproc=4)
+    out = torchrun(common + ["run.name=switched", "fed.rounds=2", "run.resume=true"], nproc=2)
+    assert "continuing at round 1" in out.stdout + out.stderr
+    whole, switched = (load_file(tmp_path / f"{n}/final/global.safetensors") for n in ("whole", "switched"))
     # checkpoints hold whole tensors: the second round on 2 ranks of 1 differs in the last bits only
+    # (measured: relative 3.6e-7)
     for name in whole:
         torch.testing.assert_close(switched[name], whole[name], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow  # two runs of 4 ranks, one killed and restarted (~3 min)
+@pytest.mark.slow  # two runs of 4 ranks, one killed and restarted (~1 min)
 def test_a_rank_of_a_group_killed_mid_run_restarts_resumes_and_matches_the_uninterrupted_run(tmp_path):
     from tests.conftest import free_port
     from tests.faults import run_and_kill
-    common = ["-m", "fedalign_dist", "train", *SAME, "strategy.name=fedavg", "checkpoint.every=1", "fed.rounds=4",
+    common = ["-m", "fedalign_dist", "train", *SAME, "strategy.name=fedavg", "checkpoint.every=1", "fed.rounds=3",
               "run.resume=auto", "fed.ranks_per_client=2", f"run.output_dir={tmp_path}"]
     torchrun(common + ["run.name=clean"], nproc=4)
     out = run_and_kill(common + ["run.name=killed"], tmp_path / "killed", free_port(), kill_rank=1, after_rounds=2,

@@ -87,3 +87,16 @@ def test_updates_below_one_bf16_step_survive(tmp_path):
     moved = sum(int((final[n] != first[n]).sum()) for n in final) / sum(t.numel() for t in final.values())
     assert moved > 0.3, f"round 1 moved only {moved:.3f} of the global weights"
     assert max(float((final[n] - first[n]).abs().max()) for n in final) < 1e-4
+
+
+@pytest.mark.skipif(NPROC < 2, reason="a client group needs 2 ranks: run on a node with 2 GPUs")
+def test_a_client_group_of_two_ranks_trains_one_client_sharded(tmp_path):
+    """fed.ranks_per_client=2: both ranks hold half of each client's model under ZeRO-3 (fp32:
+    groups refuse bf16 for now), and the export reloads to the last global state."""
+    from transformers import AutoModelForCausalLM
+    _run(tmp_path, "group_of_2", "strategy.name=fedavg", "deepspeed.bf16=false", "fed.ranks_per_client=2")
+    run = tmp_path / "group_of_2"
+    final = load_file(run / "final/global.safetensors")
+    params = dict(AutoModelForCausalLM.from_pretrained(run / "final/model").named_parameters())
+    for name, value in final.items():
+        assert torch.equal(params[name].detach().float(), value), f"the export differs at {name}"
