@@ -89,9 +89,10 @@ class ClientRound:
         diverge = faults.client_fault("diverge_client", client_id)
         if diverge:
             self.trainer.set_lr(1e20)
+        reference = self.trainer.regularizer_view(start)
         with tap or nullcontext():
             loss = self.trainer.train(batches, lambda model, batch: self.local_loss(model, batch, tap),
-                                      lambda params: self.strategy.local_regularizer(params, start),
+                                      lambda params: self.strategy.local_regularizer(params, reference),
                                       self.data.task.targets_in)
         if diverge:
             self.trainer.set_lr(self.cfg.local.lr)

@@ -215,11 +215,33 @@ class LocalTrainer:
             out[name] = master.detach().float().cpu().clone()
         return out
 
+    def regularizer_view(self, state: NamedTensors) -> NamedTensors:
+        """A reference state (FedProx's start) as `train`'s regulariser meets the parameters: whole
+        on one rank; in a client group this rank's flat fp32 slices."""
+        if not self.sharded:
+            return state
+        return {n: self._shard_of(state[n], p).to(p.ds_tensor.device, torch.float32) for n, p in self.params.items()}
+
+    def _add_slice_regularizer_gradient(self, regularizer: Callable[[dict], torch.Tensor | None]) -> None:
+        """Client groups: a parameter-space term must be a sum over elements (FedProx's is); each
+        rank differentiates it on its own fp32 slices and adds that to its slice of the group's
+        averaged gradient before the step (and its clipping), so no rank needs whole parameters."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
+        slices = {n: safe_get_local_fp32_param(p).detach().requires_grad_() for n, p in self.params.items()}
+        extra = regularizer(slices)
+        if extra is None:
+            return
+        grads = torch.autograd.grad(extra, list(slices.values()), allow_unused=True)
+        for param, grad in zip(self.params.values(), grads):
+            if grad is not None:
+                safe_set_local_grad(param, safe_get_local_grad(param) + grad.reshape(-1))
+
     def train(self, batches, loss_fn: Callable, regularizer: Callable[[dict], torch.Tensor | None],
               count_targets: Callable[[dict], int] | None = None) -> float:
         """Run one client's local steps; returns the mean task loss (aux loss included).
         `loss_fn(model, batch)` returns (objective to minimise, task loss to report), both
-        computed through the engine; `regularizer(params)` may add a parameter-space term.
+        computed through the engine; `regularizer(params)` may add a parameter-space term
+        (in a client group: on this rank's slices, against `regularizer_view`'s reference).
         In a client group each rank takes every G-th row; `count_targets(batch)` (the task's
         loss denominator) lets each rank divide by 1/G of the whole batch's count, so the
         group's averaged gradient is the whole batch's."""
@@ -234,8 +256,10 @@ class LocalTrainer:
                     batch["loss_denominator"] = torch.tensor(max(whole, 1) / size)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             objective, task_loss = loss_fn(self.engine, batch)
-            extra = regularizer(self.params)
+            extra = None if self.sharded else regularizer(self.params)
             self.engine.backward(objective if extra is None else objective + extra)
+            if self.sharded:
+                self._add_slice_regularizer_gradient(regularizer)
             if not self.path.deepspeed_clipping and self.cfg.local.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.params.values(), self.cfg.local.grad_clip)
             self.engine.step()
