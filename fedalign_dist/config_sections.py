@@ -311,8 +311,7 @@ class Config(ConfigSection):
              f"strategy.name={self.strategy.name} (fedavg, fedprox, fedmoe)"),
             (self.model.finetune != "full", "model.finetune=lora (full)"),
             (bool(self.model.freeze), "model.freeze (every parameter trained)"),
-            (self.deepspeed.bf16, "deepspeed.bf16=true (fp32)"),
-            (self.privacy.enabled, "privacy.enabled=true")] if bad]
+            (self.deepspeed.bf16, "deepspeed.bf16=true (fp32)")] if bad]
         if unsupported:
             raise ValueError(f"fed.ranks_per_client={group} does not run yet with {', '.join(unsupported)}: client "
                              f"groups support what is in brackets; set fed.ranks_per_client=1 for the rest")
