@@ -307,8 +307,8 @@ class Config(ConfigSection):
     def _check_client_groups(self):
         group = self.fed.ranks_per_client
         unsupported = [why for bad, why in [
-            (self.strategy.name not in ("fedavg", "fedprox", "fedmoe"),
-             f"strategy.name={self.strategy.name} (fedavg, fedprox, fedmoe)"),
+            (self.strategy.name not in ("fedavg", "fedprox", "fedmoe", "fedalign"),
+             f"strategy.name={self.strategy.name} (fedavg, fedprox, fedmoe, fedalign)"),
             (self.model.finetune != "full", "model.finetune=lora (full)"),
             (bool(self.model.freeze), "model.freeze (every parameter trained)"),
             (self.deepspeed.bf16, "deepspeed.bf16=true (fp32)")] if bad]

@@ -55,7 +55,9 @@ class RunLifecycle:
                                  f"with the settings it had, or start a new run")
             self.strategy.load_state_dict(strategy_state)
             self.store.clear()
-            hosted = set(clients_of_rank(self.env.rank, self.cfg.fed.num_clients, self.env.world_size))
+            group = self.cfg.fed.ranks_per_client  # every rank of a client group holds its clients' states
+            hosts = self.env.world_size // group
+            hosted = set(clients_of_rank(self.env.rank // group, self.cfg.fed.num_clients, hosts))
             self.store.import_from(folder, hosted)
         on_coordinator("removing client states no checkpoint names", checkpoint.sweep_blobs, self.run_dir)
         records = on_coordinator("cutting the metrics back to the checkpoint",

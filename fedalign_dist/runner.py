@@ -41,7 +41,7 @@ class Runner:
         self.trainer = LocalTrainer(model, cfg, env.device, group=self.group)
         self.global_state = self.trainer.read_state()
         self.store = make_client_store(cfg.fed.client_state, cfg.run_dir / "clients" / f"rank{env.rank}")
-        self.holders = StateHolders(cfg.fed.num_clients, env.world_size)
+        self.holders = StateHolders(cfg.fed.num_clients, env.world_size, self.group.size)
         self.strategy = build_strategy(cfg, self.anatomy, self.store)
         self.comm = Communicator(env.rank, env.world_size, env.device)  # aggregation traffic (counted)
         self.side = Communicator(env.rank, env.world_size, env.device)  # metrics bookkeeping

@@ -15,23 +15,32 @@ from fedalign_dist.dist.placement import rank_of_client
 
 
 class StateHolders:
-    def __init__(self, num_clients: int, world_size: int):
+    """Holders are hosts: ranks, or client groups (fed.ranks_per_client=G, where every rank of
+    a group keeps the same copy of its clients' states, since all of them load each client)."""
+
+    def __init__(self, num_clients: int, world_size: int, group_size: int = 1):
+        self.group_size = group_size
         # home blocks: where a resumed run restores each client's state
-        self.holder = np.array([rank_of_client(c, num_clients, world_size) for c in range(num_clients)])
+        hosts = world_size // group_size
+        self.holder = np.array([rank_of_client(c, num_clients, hosts) for c in range(num_clients)])
 
     def follow(self, hosts: dict[int, int], store: ClientStore, comm) -> int:
-        """Move to each client's host its entries held elsewhere; the bytes this rank sent."""
-        moves = [(c, int(self.holder[c]), r) for c, r in hosts.items() if self.holder[c] != r]
+        """Move to each client's host (hosts: client -> its rank, a group's first rank) its
+        entries held elsewhere; the bytes this rank sent."""
+        size, mine = self.group_size, comm.rank // self.group_size
+        target = {c: r // size for c, r in hosts.items()}
+        moves = [(c, int(self.holder[c])) for c, t in target.items() if self.holder[c] != t]
         if not moves:  # every rank computes the same moves, so every rank skips the collectives
             return 0
         header, blobs = [], []
-        for client, source, _ in moves:
-            if source != comm.rank:
+        for client, source in moves:
+            if source != mine:
                 continue
             for key in store.keys_of(client):
-                blob = save_bytes({n: t.contiguous() for n, t in store.get(client, key).items()})
-                header.append([client, key, len(blob)])
-                blobs.append(blob)
+                if comm.rank % size == 0:  # the holding host's first rank sends; all of its ranks let go
+                    blob = save_bytes({n: t.contiguous() for n, t in store.get(client, key).items()})
+                    header.append([client, key, len(blob)])
+                    blobs.append(blob)
                 store.drop(client, key)
         headers = comm.all_gather_json(header)
         if any(headers):
@@ -40,10 +49,10 @@ class StateHolders:
             parts = comm.all_gather_rows(rows)
             for part_header, part in zip(headers, parts):
                 raw, offset = part.flatten().numpy().tobytes(), 0
-                for client, key, size in part_header:
-                    if hosts[client] == comm.rank:
-                        store.put(client, key, load_bytes(raw[offset:offset + size]))
-                    offset += size
-        for client, _, target in moves:
-            self.holder[client] = target
+                for client, key, size_bytes in part_header:
+                    if target[client] == mine:
+                        store.put(client, key, load_bytes(raw[offset:offset + size_bytes]))
+                    offset += size_bytes
+        for client, _ in moves:
+            self.holder[client] = target[client]
         return sum(len(b) for b in blobs)

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from fedalign_dist.clients.group_mpu import GroupMPU
 
@@ -264,6 +265,10 @@ class LocalTrainer:
                 torch.nn.utils.clip_grad_norm_(self.params.values(), self.cfg.local.grad_clip)
             self.engine.step()
             losses.append(float(task_loss.detach()))
+        if size > 1 and losses:  # each rank's loss is over its rows only: the group's mean is the batch's
+            summed = torch.tensor(losses, dtype=torch.float64, device=self.device)
+            dist.all_reduce(summed, group=self.group.get_data_parallel_group())
+            losses = (summed / size).tolist()
         return float(np.mean(losses)) if losses else float("nan")
 
 

@@ -1,4 +1,6 @@
 """Real 2-process gloo jobs launched from pytest."""
+import pytest
+
 from tests.conftest import torchrun
 
 SCRIPTS = "tests/distributed/scripts"
@@ -30,10 +32,11 @@ def test_one_client_trained_by_a_group_of_two_ranks_equals_it_trained_on_one():
     assert out.stdout.count("group of 2 OK") == 2, out.stdout[-3000:]
 
 
-def test_personal_state_follows_its_client_to_another_rank():
-    out = torchrun([f"{SCRIPTS}/state_moves_check.py"], nproc=2)
+@pytest.mark.parametrize("nproc, group", [(2, 1), (4, 2)])
+def test_personal_state_follows_its_client_to_another_rank_or_client_group(nproc, group):
+    out = torchrun([f"{SCRIPTS}/state_moves_check.py", str(group)], nproc=nproc)
     for kind in ("memory", "disk"):
-        assert out.stdout.count(f"{kind} states followed their clients") == 2, out.stdout[-3000:]
+        assert out.stdout.count(f"{kind} states followed their clients") == nproc, out.stdout[-3000:]
 
 
 def test_ranks_fail_together_share_tensors_and_apply_rank0s_plan():
