@@ -14,7 +14,7 @@ from fedalign_dist.aggregation.guard import DivergedError, nonfinite_names
 from fedalign_dist.clients.client_round import ClientResult, ClientRound
 from fedalign_dist.clients.group_mpu import GroupMPU
 from fedalign_dist.clients.state import make_client_store
-from fedalign_dist.clients.state_moves import StateHolders
+from fedalign_dist.clients.state_moves import StateHolders, share_within_group
 from fedalign_dist.clients.trainer import LocalTrainer
 from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import Config
@@ -103,6 +103,7 @@ class Runner:
         accepted, rejected, anyone_accepted = self.exchange_verdicts(round_idx, results)
         clock["synced"] = time.perf_counter()
         diagnostics = self.aggregate(round_idx, accepted, anyone_accepted)
+        share_within_group(my_clients, self.store, self.group, self.env.device)  # personal experts to partners
         if self.privacy is not None:
             clip_used = self.privacy.clip_norm
             diagnostics.update(self.privacy.adapt_clip(round_idx, sum(r.within_clip for r in results if

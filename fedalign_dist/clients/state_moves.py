@@ -5,12 +5,15 @@ same map of holders, changed only by the placements every rank computes alike, s
 to ask where a client's state is."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
 from fedalign_dist.clients.state import ClientStore
+from fedalign_dist.dist.collectives import broadcast_bytes
 from fedalign_dist.dist.placement import rank_of_client
 
 
@@ -56,3 +59,33 @@ class StateHolders:
         for client, _ in moves:
             self.holder[client] = target[client]
         return sum(len(b) for b in blobs)
+
+
+def share_within_group(clients: list[int], store: ClientStore, group, device: torch.device) -> int:
+    """Client groups: the strategy updates a client's state (FedAlign-MoE's personal experts) in
+    `aggregate`, where only the group's first rank holds the round's updates; its partners then
+    take an exact copy of every entry of `clients`, dropping those it no longer has, so all ranks
+    of the group load the same start state next time. The bytes this rank sent."""
+    if group.size == 1 or not clients:
+        return 0
+    blob = b""
+    if group.group_rank == 0:
+        header, parts = [], []
+        for client in clients:
+            for key in store.keys_of(client):
+                part = save_bytes({n: t.contiguous() for n, t in store.get(client, key).items()})
+                header.append([client, key, len(part)])
+                parts.append(part)
+        head = json.dumps(header).encode()
+        blob = len(head).to_bytes(8, "little") + head + b"".join(parts)
+    raw = broadcast_bytes(blob, group.get_data_parallel_group_ranks()[0], group.get_data_parallel_group(), device)
+    if group.group_rank == 0:
+        return len(blob)
+    for client in clients:
+        for key in store.keys_of(client):
+            store.drop(client, key)
+    offset = 8 + int.from_bytes(raw[:8], "little")
+    for client, key, size in json.loads(raw[8:offset]):
+        store.put(client, key, load_bytes(raw[offset:offset + size]))
+        offset += size
+    return 0

@@ -14,9 +14,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from fedalign_dist.clients.group_mpu import GroupMPU
+from fedalign_dist.dist.collectives import group_mean
 
 NamedTensors = dict[str, torch.Tensor]
 
@@ -266,9 +266,7 @@ class LocalTrainer:
             self.engine.step()
             losses.append(float(task_loss.detach()))
         if size > 1 and losses:  # each rank's loss is over its rows only: the group's mean is the batch's
-            summed = torch.tensor(losses, dtype=torch.float64, device=self.device)
-            dist.all_reduce(summed, group=self.group.get_data_parallel_group())
-            losses = (summed / size).tolist()
+            losses = group_mean(losses, self.group.get_data_parallel_group(), self.device)
         return float(np.mean(losses)) if losses else float("nan")
 
 

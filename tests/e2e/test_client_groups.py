@@ -126,8 +126,9 @@ def test_a_grouped_run_may_resume_with_another_group_size(tmp_path):
 def test_a_rank_of_a_group_killed_mid_run_restarts_resumes_and_matches_the_uninterrupted_run(tmp_path):
     from tests.conftest import free_port
     from tests.faults import run_and_kill
-    common = ["-m", "fedalign_dist", "train", *SAME, "strategy.name=fedavg", "checkpoint.every=1", "fed.rounds=3",
-              "run.resume=auto", "fed.ranks_per_client=2", f"run.output_dir={tmp_path}"]
+    # FedAlign-MoE with personal experts: the restarted group restores them on both of its ranks
+    common = ["-m", "fedalign_dist", "train", *SAME, "strategy.name=fedalign", *PERSONAL, "checkpoint.every=1",
+              "fed.rounds=3", "run.resume=auto", "fed.ranks_per_client=2", f"run.output_dir={tmp_path}"]
     torchrun(common + ["run.name=clean"], nproc=4)
     out = run_and_kill(common + ["run.name=killed"], tmp_path / "killed", free_port(), kill_rank=1, after_rounds=2,
                        nproc=4)
