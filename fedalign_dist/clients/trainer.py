@@ -217,14 +217,14 @@ class LocalTrainer:
         return out
 
     def regularizer_view(self, state: NamedTensors) -> NamedTensors:
-        """A reference state (FedProx's start) as `train`'s regulariser meets the parameters: whole
+        """A reference state (a proximal term's anchor) as `train`'s regulariser meets the parameters: whole
         on one rank; in a client group this rank's flat fp32 slices."""
         if not self.sharded:
             return state
         return {n: self._shard_of(state[n], p).to(p.ds_tensor.device, torch.float32) for n, p in self.params.items()}
 
     def _add_slice_regularizer_gradient(self, regularizer: Callable[[dict], torch.Tensor | None]) -> None:
-        """Client groups: a parameter-space term must be a sum over elements (FedProx's is); each
+        """Client groups: a parameter-space term must be a sum over elements (a proximal term is); each
         rank differentiates it on its own fp32 slices and adds that to its slice of the group's
         averaged gradient before the step (and its clipping), so no rank needs whole parameters."""
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
