@@ -135,8 +135,12 @@ class FedConfig(ConfigSection):
     ranks_per_client: int = Field(1, ge=1)
     """Client groups: G consecutive ranks train one client at a time, its model, gradients and
     optimizer state sharded over them by ZeRO-3 (for models that do not fit one device); a
-    round's clients are placed on groups as on ranks. First part: fedavg and fedmoe, full
-    fine-tuning, fp32, without privacy."""
+    round's clients are placed on groups as on ranks. Runs fedavg, fedprox, fedmoe and fedalign
+    (both comm paths), with or without client-level DP; full fine-tuning, fp32."""
+    groups_across_nodes: bool = False
+    """Let a client group span nodes under NCCL (its ZeRO-3 collectives then cross the slower
+    inter-node links every step). Off: a group that would span nodes is refused; start a
+    multiple of fed.ranks_per_client processes per node."""
 
     @model_validator(mode="after")
     def _check(self):

@@ -14,8 +14,8 @@ import warnings
 from fedalign_dist.config import Config, ConfigError, load_config
 
 
-def preflight(cfg: Config, world_size: int) -> None:
-    """Checks that need no process group: model path, world size against clients."""
+def preflight(cfg: Config, world_size: int, local_world_size: int | None = None) -> None:
+    """Checks that need no process group: model path, world size against clients and nodes."""
     if cfg.model.path is not None:
         from fedalign_dist.models.build import check_model_path
         check_model_path(cfg.model.path)
@@ -23,11 +23,29 @@ def preflight(cfg: Config, world_size: int) -> None:
     if world_size % group:
         raise ConfigError(f"world size {world_size} is not a multiple of fed.ranks_per_client={group}: start a "
                           f"multiple of {group} processes, or set fed.ranks_per_client to a divisor of {world_size}")
+    check_groups_within_nodes(cfg, local_world_size)
     if world_size // group > cfg.fed.num_clients:
         hosts = "" if group == 1 else f" ({world_size // group} client groups of {group} ranks)"
         raise ConfigError(f"world size {world_size}{hosts} exceeds fed.num_clients ({cfg.fed.num_clients}): every "
                           f"{'rank' if group == 1 else 'group'} must host at least one client; start fewer processes "
                           f"or raise fed.num_clients")
+
+
+def check_groups_within_nodes(cfg: Config, local_world_size: int | None) -> None:
+    """Groups are consecutive ranks and launchers number ranks node by node, so a group stays
+    on one node exactly when a node's rank count is a multiple of G. NCCL between nodes is
+    what a group's every-step ZeRO-3 collectives must not silently pay; gloo runs are CPU tests."""
+    group = cfg.fed.ranks_per_client
+    if group == 1 or local_world_size is None or local_world_size % group == 0 or cfg.fed.groups_across_nodes:
+        return
+    backend = cfg.dist.backend
+    if backend == "auto":
+        import torch
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        raise ConfigError(f"{local_world_size} ranks per node do not split into client groups of {group} "
+                          f"(fed.ranks_per_client): a group would span nodes over NCCL; start a multiple of {group} "
+                          f"processes per node, or set fed.groups_across_nodes=true to accept it")
 
 
 def check_before_launch(cfg: Config, nproc: int) -> None:
@@ -73,7 +91,8 @@ def train(cfg: Config, progress: bool = False) -> list[dict]:
     """One rank of a run of `cfg` in this process (a world of one unless launched as a rank of
     a torchrun/srun job); returns the round records. Changes no global setting of the process."""
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    preflight(cfg, world_size)
+    local = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE"))
+    preflight(cfg, world_size, int(local) if local and local.isdigit() else None)
     from fedalign_dist.data.federated import build_federated_data
     from fedalign_dist.data.tokenizer import build_tokenizer
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.model.path)

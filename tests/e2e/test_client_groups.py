@@ -107,6 +107,18 @@ def test_a_world_that_groups_do_not_divide_is_refused_before_training():
     preflight(cfg, 4)
 
 
+def test_a_group_that_would_span_nodes_over_nccl_is_refused_unless_asked_for():
+    from fedalign_dist.train import preflight
+    nccl = ["fed.ranks_per_client=4", "strategy.name=fedavg", "dist.backend=nccl"]
+    with pytest.raises(ConfigError, match="2 ranks per node do not split into client groups of 4 .* "
+                                          "fed.groups_across_nodes=true"):
+        preflight(load_config("configs/demo.yaml", nccl), 8, local_world_size=2)
+    preflight(load_config("configs/demo.yaml", nccl + ["fed.groups_across_nodes=true"]), 8, local_world_size=2)
+    preflight(load_config("configs/demo.yaml", nccl), 8, local_world_size=4)  # one group per node
+    preflight(load_config("configs/demo.yaml", nccl), 8, local_world_size=8)  # two groups on one node
+    preflight(load_config("configs/demo.yaml", nccl[:2] + ["dist.backend=gloo"]), 8, local_world_size=2)
+
+
 @pytest.mark.slow  # three runs of 2-4 ranks (~50 s); resuming with the same G: the killed-rank test below (bitwise)
 def test_a_grouped_run_may_resume_with_another_group_size(tmp_path):
     common = ["-m", "fedalign_dist", "train", *SAME, "strategy.name=fedavg", "checkpoint.every=1",
