@@ -4,12 +4,20 @@ rank holds after one local step, for every G that divides the world; and seconds
 step. Run under torchrun:
 
     python -m torch.distributed.run --nproc-per-node=4 bench/client_groups_memory.py \
-        [--preset small] [--vocab byte|gpt2] [--steps 3]                          # ~1 min on 2 cores
+        [--preset small] [--vocab byte|gpt2] [--steps 3] [--groups 1,2,4]         # ~1 min on 2 cores
+
+--budget-mib B gives each rank B MiB beyond what it holds before the model is built (an
+address-space limit on its heap, RLIMIT_DATA, standing in for a device's memory): a rank that
+fails to allocate prints "OUT OF BUDGET" and the launch ends with exit code 3
+(bench/client_groups_budget.py runs one launch per G that way).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import resource
 import sys
 import time
 from pathlib import Path
@@ -66,26 +74,60 @@ def measure(env, cfg, data, tok, group_size: int, steps: int) -> dict:
     return held
 
 
+def heap_bytes() -> int:
+    return int(re.search(r"VmData:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def peak_resident_bytes() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def measure_within(budget_mib: int | None, *args) -> dict:
+    """`measure`, with this rank's heap limited to what it holds now plus the budget. A rank out
+    of budget says so in one line and leaves at once: its partners would otherwise wait in a
+    collective until the timeout (torchrun ends them when it leaves)."""
+    if budget_mib is None:
+        return measure(*args)
+    resource.setrlimit(resource.RLIMIT_DATA, (heap_bytes() + budget_mib * 2**20, resource.RLIM_INFINITY))
+    try:
+        return measure(*args)
+    except (RuntimeError, MemoryError) as error:  # torch's allocator: "can't allocate memory"
+        if "allocate" not in str(error) and not isinstance(error, MemoryError):
+            raise
+        print(f"OUT OF BUDGET rank {dist.get_rank()}: {str(error).splitlines()[0][:200]}", flush=True)
+        os._exit(3)
+    finally:  # the budget is the client's training; the report after it is the bench's own
+        resource.setrlimit(resource.RLIMIT_DATA, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--vocab", default="byte", choices=["byte", "gpt2"])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--groups", default="1,2,4,8", help="group sizes to measure (those dividing the world)")
+    parser.add_argument("--budget-mib", type=int, help="each rank's heap beyond its holdings before the model")
+    parser.add_argument("--experts", type=int, default=4)
     args = parser.parse_args()
     quiet_libraries()
     env = init_distributed("gloo")
     cfg = load_config(None, [f"model.preset={args.preset}", f"data.tokenizer={args.vocab}", "data.max_examples=300",
                              "data.max_length=64", "fed.num_clients=2", "fed.clients_per_round=2",
-                             "local.batch_size=8", "data.min_client_examples=5", "model.router_aux_loss_coef=0"])
+                             "local.batch_size=8", "data.min_client_examples=5", "model.router_aux_loss_coef=0",
+                             f"model.num_experts={args.experts}"])
     tok = build_tokenizer(cfg.data.tokenizer)
     data = build_federated_data(cfg.data, 2, 0, tok)
     rows = {}
-    for group_size in (g for g in (1, 2, 4, 8) if env.world_size % g == 0 and g <= env.world_size):
-        mine = measure(env, cfg, data, tok, group_size, args.steps)
+    wanted = [int(g) for g in args.groups.split(",")]
+    for group_size in (g for g in wanted if env.world_size % g == 0 and g <= env.world_size):
+        mine = measure_within(args.budget_mib, env, cfg, data, tok, group_size, args.steps)
+        mine["peak resident"] = peak_resident_bytes()
         gathered = [None] * env.world_size
         dist.all_gather_object(gathered, mine)
         rows[group_size] = {k: max(r[k] for r in gathered) for k in mine}  # the fullest rank
-    if env.rank == 0:
+    if env.rank == 0 and 1 not in rows:
+        print(json.dumps({str(g): row for g, row in rows.items()}))  # one G per launch: no ratio to G=1's
+    elif env.rank == 0:
         keys = ["parameters", "fp32 masters", "gradients", "AdamW moments"]
         base = sum(rows[1][k] for k in keys)
         print(f"preset {args.preset} ({args.vocab} vocabulary), {env.world_size} ranks, fp32; bytes on the fullest rank")

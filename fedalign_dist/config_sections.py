@@ -57,7 +57,7 @@ class LoraConfigSection(ConfigSection):
 class ModelConfig(ConfigSection):
     family: Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "llama"] = "mixtral"
     """An MoE family, or `llama` (dense; for strategy fedamole, which adds its own LoRA experts)."""
-    preset: Optional[Literal["tiny", "small"]] = "tiny"
+    preset: Optional[Literal["tiny", "small", "medium"]] = "tiny"
     """Build a randomly initialised model of this size from a config (offline)."""
     path: Optional[str] = None
     """Local Hugging Face checkpoint directory (overrides preset)."""
@@ -75,7 +75,7 @@ class ModelConfig(ConfigSection):
         if self.top_k > self.num_experts:
             raise ValueError(f"model.top_k ({self.top_k}) must be <= model.num_experts ({self.num_experts})")
         if self.path is None and self.preset is None:
-            raise ValueError("set model.preset (tiny|small) or model.path (a local checkpoint directory)")
+            raise ValueError("set model.preset (tiny|small|medium) or model.path (a local checkpoint directory)")
         return self
 
 

@@ -43,7 +43,16 @@ class StepPath:
         return cls(backward_allreduce=True, deepspeed_clipping=True)
 
 
-def deepspeed_config(cfg, path: StepPath | None = None, group_size: int = 1) -> dict:
+def zero3_sizes(hidden_size: int) -> dict:
+    """ZeRO-3's buffer sizes scaled to the model, as Hugging Face's DeepSpeed integration sets
+    them ("auto"): DeepSpeed's fixed defaults (a 5e8-element reduce bucket: 2 GB in fp32 on every
+    rank) would outweigh the model slice a group exists to make small. No parameter is kept
+    whole ("persistent"): a state loaded by writing each rank's slice would not reach it."""
+    return {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": hidden_size ** 2,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size ** 2)}
+
+
+def deepspeed_config(cfg, path: StepPath | None = None, group_size: int = 1, hidden_size: int = 1024) -> dict:
     """One client's batch over its group: each of the G ranks takes batch / G examples and
     DeepSpeed averages their gradients; a group of G > 1 always shards by ZeRO-3."""
     path = path or StepPath.lean(cfg)
@@ -55,10 +64,7 @@ def deepspeed_config(cfg, path: StepPath | None = None, group_size: int = 1) -> 
         "train_micro_batch_size_per_gpu": cfg.local.batch_size // group_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.local.grad_clip if path.deepspeed_clipping else 0.0,
-        # ZeRO-3 keeps parameters below a size threshold whole on every rank ("persistent"):
-        # a state loaded by writing each rank's slice would not reach them, so none is kept
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0} if group_size > 1 else
-                             {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": zero3_sizes(hidden_size) if group_size > 1 else {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": cfg.deepspeed.bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,
@@ -108,8 +114,8 @@ class LocalTrainer:
         _skip_shared_memory_comm_op()
         with _launcher_variables():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.path, self.group.size),
-                mpu=self.group)
+                model=model, optimizer=optimizer, mpu=self.group,
+                config=deepspeed_config(cfg, self.path, self.group.size, model.config.hidden_size))
         self.engine.enable_backward_allreduce = self.path.backward_allreduce
         LocalTrainer.engines_built += 1
         self.params = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}

@@ -82,6 +82,9 @@ FAMILIES: dict[str, Family] = {
 PRESET_SIZES = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128),
     "small": dict(hidden=128, layers=4, heads=4, kv_heads=2, ffn=256),
+    # ~110M parameters with 8 experts: a client-group bench whose fp32 training state (~1.7 GB)
+    # exceeds a per-rank budget that a group of 4 meets
+    "medium": dict(hidden=512, layers=8, heads=8, kv_heads=4, ffn=1024),
 }
 
 
