@@ -2,7 +2,7 @@
 bench/client_groups_memory.py per G on 4 ranks, each rank's heap limited to what it holds before
 the model is built plus the budget (RLIMIT_DATA, standing in for a device's memory).
 
-    python bench/client_groups_budget.py [--preset medium] [--experts 8] [--budget-mib 1024]
+    python bench/client_groups_budget.py [--preset medium] [--experts 8] [--budget-mib 2048]
         [--groups 1,2,4] [--nproc 4]            # ~5 min on 2 cores for the medium preset
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="medium")
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--budget-mib", type=int, default=1024)
+    parser.add_argument("--budget-mib", type=int, default=2048)
     parser.add_argument("--groups", default="1,2,4")
     parser.add_argument("--nproc", type=int, default=4)
     parser.add_argument("--timeout-s", type=int, default=300)

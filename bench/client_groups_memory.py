@@ -74,12 +74,9 @@ def measure(env, cfg, data, tok, group_size: int, steps: int) -> dict:
     return held
 
 
-def heap_bytes() -> int:
-    return int(re.search(r"VmData:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-
-
-def peak_resident_bytes() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+def status_bytes(field: str) -> int:
+    """A size from /proc/self/status: VmData (the heap RLIMIT_DATA limits), VmHWM (peak resident)."""
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
 def measure_within(budget_mib: int | None, *args) -> dict:
@@ -88,7 +85,7 @@ def measure_within(budget_mib: int | None, *args) -> dict:
     collective until the timeout (torchrun ends them when it leaves)."""
     if budget_mib is None:
         return measure(*args)
-    resource.setrlimit(resource.RLIMIT_DATA, (heap_bytes() + budget_mib * 2**20, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_DATA, (status_bytes("VmData") + budget_mib * 2**20, resource.RLIM_INFINITY))
     try:
         return measure(*args)
     except (RuntimeError, MemoryError) as error:  # torch's allocator: "can't allocate memory"
@@ -121,7 +118,7 @@ def main() -> None:
     wanted = [int(g) for g in args.groups.split(",")]
     for group_size in (g for g in wanted if env.world_size % g == 0 and g <= env.world_size):
         mine = measure_within(args.budget_mib, env, cfg, data, tok, group_size, args.steps)
-        mine["peak resident"] = peak_resident_bytes()
+        mine["peak resident"] = status_bytes("VmHWM")
         gathered = [None] * env.world_size
         dist.all_gather_object(gathered, mine)
         rows[group_size] = {k: max(r[k] for r in gathered) for k in mine}  # the fullest rank

@@ -38,11 +38,8 @@ def check_groups_within_nodes(cfg: Config, local_world_size: int | None) -> None
     group = cfg.fed.ranks_per_client
     if group == 1 or local_world_size is None or local_world_size % group == 0 or cfg.fed.groups_across_nodes:
         return
-    backend = cfg.dist.backend
-    if backend == "auto":
-        import torch
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    from fedalign_dist.dist.env import resolve_backend
+    if resolve_backend(cfg.dist.backend) == "nccl":
         raise ConfigError(f"{local_world_size} ranks per node do not split into client groups of {group} "
                           f"(fed.ranks_per_client): a group would span nodes over NCCL; start a multiple of {group} "
                           f"processes per node, or set fed.groups_across_nodes=true to accept it")

@@ -52,7 +52,7 @@ def zero3_sizes(hidden_size: int) -> dict:
             "stage3_prefetch_bucket_size": int(0.9 * hidden_size ** 2)}
 
 
-def deepspeed_config(cfg, path: StepPath | None = None, group_size: int = 1, hidden_size: int = 1024) -> dict:
+def deepspeed_config(cfg, hidden_size: int, path: StepPath | None = None, group_size: int = 1) -> dict:
     """One client's batch over its group: each of the G ranks takes batch / G examples and
     DeepSpeed averages their gradients; a group of G > 1 always shards by ZeRO-3."""
     path = path or StepPath.lean(cfg)
@@ -115,7 +115,7 @@ class LocalTrainer:
         with _launcher_variables():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, optimizer=optimizer, mpu=self.group,
-                config=deepspeed_config(cfg, self.path, self.group.size, model.config.hidden_size))
+                config=deepspeed_config(cfg, model.config.hidden_size, self.path, self.group.size))
         self.engine.enable_backward_allreduce = self.path.backward_allreduce
         LocalTrainer.engines_built += 1
         self.params = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}

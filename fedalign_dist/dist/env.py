@@ -34,6 +34,11 @@ def _from_slurm() -> None:
         raise RuntimeError("srun mode needs MASTER_ADDR (the first host of the allocation); see slurm/")
 
 
+def resolve_backend(backend: str) -> str:
+    """dist.backend=auto: NCCL where CUDA is, gloo elsewhere."""
+    return ("nccl" if torch.cuda.is_available() else "gloo") if backend == "auto" else backend
+
+
 def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEnv:
     """Join (or create) the process group. A plain `python -m` start is a world of one.
     timeout_s bounds every collective (dist.timeout_s): a rank that hangs fails the job then."""
@@ -41,8 +46,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistEn
     alone = "RANK" not in os.environ  # a plain process (a script, a notebook): a world of one
     rank, world = (0, 1) if alone else (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
     local_rank = 0 if alone else int(os.environ.get("LOCAL_RANK", 0))
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = resolve_backend(backend)
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise RuntimeError("dist.backend=nccl needs CUDA GPUs; use gloo (or auto) on CPU")
