@@ -310,15 +310,23 @@ class Config(ConfigSection):
 
     def _check_client_groups(self):
         group = self.fed.ranks_per_client
+        # what client groups cannot run, each with why (one line before anything starts)
         unsupported = [why for bad, why in [
-            (self.strategy.name not in ("fedavg", "fedprox", "fedmoe", "fedalign"),
-             f"strategy.name={self.strategy.name} (fedavg, fedprox, fedmoe, fedalign)"),
-            (self.model.finetune != "full", "model.finetune=lora (full)"),
-            (bool(self.model.freeze), "model.freeze (every parameter trained)"),
-            (self.deepspeed.bf16, "deepspeed.bf16=true (fp32)")] if bad]
+            (self.strategy.name == "fedamole",
+             "strategy.name=fedamole (its dense base is frozen, outside the federated state, and its export "
+             "writes the base and every client's experts from the whole module; client groups hold slices)"),
+            (self.strategy.name not in ("fedavg", "fedprox", "fedmoe", "fedalign", "fedamole"),
+             f"strategy.name={self.strategy.name} (not built for client groups: fedavg, fedprox, fedmoe and "
+             f"fedalign are)"),
+            (self.model.finetune != "full",
+             "model.finetune=lora (the PEFT adapter is read and written from whole parameters; client groups "
+             "hold slices: full fine-tuning only)"),
+            (bool(self.model.freeze),
+             "model.freeze (the export writes the federated state, which leaves frozen parameters out; their "
+             "slices would have to be gathered: every parameter is trained under client groups)")] if bad]
         if unsupported:
-            raise ValueError(f"fed.ranks_per_client={group} does not run yet with {', '.join(unsupported)}: client "
-                             f"groups support what is in brackets; set fed.ranks_per_client=1 for the rest")
+            raise ValueError(f"fed.ranks_per_client={group} cannot run with {'; '.join(unsupported)}. "
+                             f"Set fed.ranks_per_client=1 for these")
         if self.local.batch_size % group:
             raise ValueError(f"local.batch_size={self.local.batch_size} does not split over client groups of {group} "
                              f"ranks: use a multiple of {group}")

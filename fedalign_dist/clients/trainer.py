@@ -97,6 +97,28 @@ def _skip_shared_memory_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def partition_over_group(model: torch.nn.Module, group: GroupMPU, config: dict, device: torch.device) -> None:
+    """Cut a model built on the host into ZeRO-3 slices over the client group, one parameter at a
+    time: each goes to the device whole, takes the group's first rank's values and keeps only
+    this rank's slice (deepspeed.zero.Init on a built module). The engine then leaves placement
+    to ZeRO-3, where it would otherwise move the whole model to the device first, which is what
+    a group exists to avoid. The values are those every ungrouped run builds from the same seed
+    (building under zero.Init would draw them in another order). Buffers (rotary tables) are
+    small and move whole, in fp32; DeepSpeed's replacement for torch's linear stays off
+    (process-wide). Under deepspeed.bf16 the parameters are cast first: the fp32 masters are
+    made from them, and load_state then writes the exact fp32 state into both."""
+    import deepspeed
+    import torch.distributed as dist
+    if config["bf16"]["enabled"]:  # ZeRO-3 takes a partitioned model's dtype as the compute dtype
+        for param in model.parameters():
+            param.data = param.data.to(torch.bfloat16)
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+    deepspeed.zero.Init(module=model, mpu=group, data_parallel_group=group.get_data_parallel_group(),
+                        config_dict_or_path=config, mem_efficient_linear=False)
+    for buffer in model.buffers():
+        buffer.data = buffer.data.to(device)
+
+
 class LocalTrainer:
     engines_built = 0
     """DeepSpeed engines built in this process (a run reports how many it built: one per rank)."""
@@ -108,14 +130,17 @@ class LocalTrainer:
         self.group = group or GroupMPU(1)
         self.sharded = self.group.size > 1
         self.path = StepPath.full() if self.sharded else path or StepPath.lean(cfg)
-        model.to(device)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)
+        config = deepspeed_config(cfg, model.config.hidden_size, self.path, self.group.size)
         _skip_shared_memory_comm_op()
         with _launcher_variables():
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=model, optimizer=optimizer, mpu=self.group,
-                config=deepspeed_config(cfg, model.config.hidden_size, self.path, self.group.size))
+            if self.sharded:
+                partition_over_group(model, self.group, config, device)
+            else:
+                model.to(device)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(trainable, lr=cfg.local.lr, weight_decay=cfg.local.weight_decay)
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                                     mpu=self.group, config=config)
         self.engine.enable_backward_allreduce = self.path.backward_allreduce
         LocalTrainer.engines_built += 1
         self.params = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}

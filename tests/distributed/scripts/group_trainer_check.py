@@ -1,7 +1,8 @@
 """Run under torchrun with 2 ranks: one client trained by a group of 2 ranks (ZeRO-3, each rank
 holding half of every parameter and taking half of every batch) ends where the same client
 trained on one rank ends, with and without FedProx's proximal term (each rank adds its
-gradient on its own slices); loading a state writes only each rank's own slice."""
+gradient on its own slices); loading a state writes only each rank's own slice; the whole model
+is never moved to the device (each parameter is cut into slices one at a time)."""
 import sys
 
 import torch
@@ -47,7 +48,12 @@ alone, _ = train(solo, start)
 MU = 20.0
 alone_prox, _ = train(solo, start, MU)
 
-group = LocalTrainer(build_model(cfg, tok)[0], cfg, env.device, group=GroupMPU(2))
+model = build_model(cfg, tok)[0]
+moves = []  # a whole-model move to the device (what a group must avoid) would show here
+whole_move = model.to
+model.to = lambda *args, **kwargs: (moves.append(args), whole_move(*args, **kwargs))[1]
+group = LocalTrainer(model, cfg, env.device, group=GroupMPU(2))
+assert not moves, f"the whole model was moved to the device before ZeRO-3 partitioned it: {moves}"
 held = sum(p.ds_tensor.numel() for p in group.params.values())
 total = sum(t.numel() for t in start.values())
 assert held <= total / 2 + 64 * len(start), f"rank {env.rank} holds {held} of {total} elements"
