@@ -4,7 +4,7 @@ rank holds after one local step, for every G that divides the world; and seconds
 step. Run under torchrun:
 
     python -m torch.distributed.run --nproc-per-node=4 bench/client_groups_memory.py \
-        [--preset small] [--vocab byte|gpt2] [--steps 3] [--groups 1,2,4]         # ~1 min on 2 cores
+        [--preset small] [--vocab byte|gpt2] [--steps 3] [--groups 1,2,4] [--bf16]   # ~1 min on 2 cores
 
 --budget-mib B gives each rank B MiB beyond what it holds before the model is built (an
 address-space limit on its heap, RLIMIT_DATA, standing in for a device's memory): a rank that
@@ -45,7 +45,10 @@ def held_bytes(trainer: LocalTrainer) -> dict[str, int]:
     size = lambda t: t.numel() * t.element_size()  # noqa: E731
     out = {"parameters": sum(size(p.ds_tensor) if hasattr(p, "ds_tensor") else size(p) for p in params)}
     opt = trainer.engine.optimizer
-    out["fp32 masters"] = sum(size(t) for t in getattr(opt, "fp32_partitioned_groups_flat", []))
+    # ZeRO-3's flat fp32 slices; under bf16 on one rank, DeepSpeed's fp32 copy of every parameter
+    masters = getattr(opt, "fp32_partitioned_groups_flat", None) or [t for group in getattr(opt, "fp32_groups", [])
+                                                                     for t in group]
+    out["fp32 masters"] = sum(size(t) for t in masters)
     out["gradients"] = sum(size(safe_get_local_grad(p)) if trainer.sharded else size(p.grad) for p in params
                            if trainer.sharded or p.grad is not None)
     return out
@@ -105,13 +108,14 @@ def main() -> None:
     parser.add_argument("--groups", default="1,2,4,8", help="group sizes to measure (those dividing the world)")
     parser.add_argument("--budget-mib", type=int, help="each rank's heap beyond its holdings before the model")
     parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--bf16", action="store_true", help="deepspeed.bf16=true (bf16 parameters, fp32 masters)")
     args = parser.parse_args()
     quiet_libraries()
     env = init_distributed("gloo")
     cfg = load_config(None, [f"model.preset={args.preset}", f"data.tokenizer={args.vocab}", "data.max_examples=300",
                              "data.max_length=64", "fed.num_clients=2", "fed.clients_per_round=2",
                              "local.batch_size=8", "data.min_client_examples=5", "model.router_aux_loss_coef=0",
-                             f"model.num_experts={args.experts}"])
+                             f"model.num_experts={args.experts}", f"deepspeed.bf16={str(args.bf16).lower()}"])
     tok = build_tokenizer(cfg.data.tokenizer)
     data = build_federated_data(cfg.data, 2, 0, tok)
     rows = {}
@@ -127,7 +131,9 @@ def main() -> None:
     elif env.rank == 0:
         keys = ["parameters", "fp32 masters", "gradients", "AdamW moments"]
         base = sum(rows[1][k] for k in keys)
-        print(f"preset {args.preset} ({args.vocab} vocabulary), {env.world_size} ranks, fp32; bytes on the fullest rank")
+        precision = "bf16 (fp32 masters)" if args.bf16 else "fp32"
+        print(f"preset {args.preset} ({args.vocab} vocabulary), {env.world_size} ranks, {precision}; bytes on the "
+              f"fullest rank")
         print("| G | " + " | ".join(keys) + " | total | total x G / G=1's | s/step |")
         print("|---|" + "---|" * (len(keys) + 3))
         for g, row in rows.items():
