@@ -2,7 +2,7 @@
 # The GPU tests in one command, from the repository root of an installed checkout:
 #     bash tests/gpu/run.sh
 # 2-rank NCCL + bf16 jobs (1 rank on a 1-GPU node) of fedavg, fedalign (both comm paths) and
-# fedamole, the small-update check, and a table of round seconds and peak GPU memory per rank.
+# fedamole, a client group of 2 ranks (bf16 and fp32), the small-update check, and a table of round seconds and peak GPU memory per rank.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 report="$(mktemp)"

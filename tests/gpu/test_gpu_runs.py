@@ -90,13 +90,17 @@ def test_updates_below_one_bf16_step_survive(tmp_path):
 
 
 @pytest.mark.skipif(NPROC < 2, reason="a client group needs 2 ranks: run on a node with 2 GPUs")
-def test_a_client_group_of_two_ranks_trains_one_client_sharded(tmp_path):
-    """fed.ranks_per_client=2: both ranks hold half of each client's model under ZeRO-3 (fp32:
-    groups refuse bf16 for now), and the export reloads to the last global state."""
+@pytest.mark.parametrize("bf16", ["true", "false"])
+def test_a_client_group_of_two_ranks_trains_one_client_sharded(tmp_path, bf16):
+    """fed.ranks_per_client=2: both ranks hold half of each client's model under ZeRO-3 (bf16
+    slices with fp32 masters, or fp32), each parameter cut into slices before the engine starts
+    (the whole model never on one GPU), and the export reloads to the last global state."""
     from transformers import AutoModelForCausalLM
-    _run(tmp_path, "group_of_2", "strategy.name=fedavg", "deepspeed.bf16=false", "fed.ranks_per_client=2")
-    run = tmp_path / "group_of_2"
+    name = f"group_of_2_bf16_{bf16}"
+    _run(tmp_path, name, "strategy.name=fedavg", f"deepspeed.bf16={bf16}", "fed.ranks_per_client=2")
+    run = tmp_path / name
     final = load_file(run / "final/global.safetensors")
-    params = dict(AutoModelForCausalLM.from_pretrained(run / "final/model").named_parameters())
-    for name, value in final.items():
-        assert torch.equal(params[name].detach().float(), value), f"the export differs at {name}"
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "final/model", dtype=torch.float32)
+    params = dict(reloaded.named_parameters())
+    for name, value in final.items():  # the fp32 global state, also under bf16
+        assert torch.equal(params[name].detach(), value), f"the export differs at {name}"
