@@ -320,10 +320,7 @@ class Config(ConfigSection):
              f"fedalign are)"),
             (self.model.finetune != "full",
              "model.finetune=lora (the PEFT adapter is read and written from whole parameters; client groups "
-             "hold slices: full fine-tuning only)"),
-            (bool(self.model.freeze),
-             "model.freeze (the export writes the federated state, which leaves frozen parameters out; their "
-             "slices would have to be gathered: every parameter is trained under client groups)")] if bad]
+             "hold slices: full fine-tuning, model.freeze allowed)")] if bad]
         if unsupported:
             raise ValueError(f"fed.ranks_per_client={group} cannot run with {'; '.join(unsupported)}. "
                              f"Set fed.ranks_per_client=1 for these")

@@ -91,12 +91,14 @@ class RunLifecycle:
     def finish(self, trainer, tokenizer, global_state: dict, summary: dict) -> None:
         """The final model, then summary.json (a finished run's marker, written last and
         atomically); every rank waits for them before it tears down."""
+        module_state = trainer.module_state(global_state)  # under client groups a collective: every rank
+
         def write():
             trainer.load_state(global_state)
             self.strategy.prepare_global_model(trainer.module)
             export = lambda folder: self.strategy.export_final(folder, trainer.module, global_state)  # noqa: E731
             checkpoint.save_final(self.run_dir, global_state, trainer.module, self.cfg.model.finetune,
-                                  lora_base_model(self.cfg, tokenizer), export, trainer.module_state(global_state))
+                                  lora_base_model(self.cfg, tokenizer), export, module_state)
             self.writer.close()
             checkpoint.write_json(self.run_dir / "summary.json", summary)
             print(f"results in {self.run_dir}: metrics.jsonl, summary.json, final/ (tensorboard --logdir "

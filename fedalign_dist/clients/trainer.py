@@ -208,17 +208,19 @@ class LocalTrainer:
 
     def module_state(self, state: NamedTensors) -> NamedTensors | None:
         """What save_pretrained should write for a sharded module (its parameters hold slices):
-        `state` plus the persistent buffers; None when the module is whole (it writes its own)."""
+        `state`, the frozen parameters (gathered whole: a collective over the group, so every
+        rank of it calls) and the persistent buffers; None when the module is whole (it writes
+        its own)."""
         if not self.sharded:
             return None
-        missing = [n for n, p in self.module.named_parameters() if n not in state]
-        if missing:
-            raise RuntimeError(f"client groups export full fine-tuning only; {len(missing)} parameters are not "
-                               f"in the federated state (first: {missing[0]})")
+        import deepspeed
+        frozen = {n: p for n, p in self.module.named_parameters() if n not in state}
+        with deepspeed.zero.GatheredParameters(list(frozen.values())):
+            frozen = {n: p.detach().clone() for n, p in frozen.items()}
         persistent = {f"{owner}.{name}".lstrip("."): buffer for owner, sub in self.module.named_modules()
                       for name, buffer in sub.named_buffers(recurse=False)
                       if name not in sub._non_persistent_buffers_set}  # what a whole module's save writes
-        return {**persistent, **state}
+        return {**persistent, **frozen, **state}
 
     def _torch_optimizer(self) -> torch.optim.Optimizer:
         inner = self.engine.optimizer
