@@ -21,6 +21,7 @@ import sys
 
 from fedalign_dist.benchmark.cells import BenchmarkFailed
 from fedalign_dist.config import ConfigError, load_config
+from fedalign_dist.dist.env import end_rank
 
 EPILOG = ("Overrides are dotted key=value pairs after the options, e.g. fed.rounds=3 local.lr=5e-4 "
           "strategy.name=fedprox. Unknown keys are errors.")
@@ -316,17 +317,3 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train":
         end_rank(code)
     sys.exit(code)
-
-
-def end_rank(code: int) -> None:
-    """A rank exits with os._exit once everything it wrote is closed and flushed. Seen on a
-    finished 2-rank run (CI): a third-party C++ thread still joinable at interpreter
-    finalization aborted rank 1 ("terminate called without an active exception", SIGABRT,
-    no Python frame left on the stack), and torchrun failed the job. os._exit skips that
-    finalization; the run's files are complete before this point (summary.json is written,
-    and every rank has waited for it, before the process group is destroyed)."""
-    import logging
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -9,7 +9,7 @@ import torch
 from fedalign_dist.clients.trainer import LocalTrainer
 from fedalign_dist.config import load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
-from fedalign_dist.dist.env import init_distributed
+from fedalign_dist.dist.env import end_checked_rank, init_distributed
 from fedalign_dist.models.build import build_model
 
 
@@ -45,3 +45,4 @@ def check_stage(env, stage: int) -> None:
 env = init_distributed("gloo")
 for stage in map(int, sys.argv[1:]):
     check_stage(env, stage)
+end_checked_rank()  # not interpreter finalization, which can abort a passed rank

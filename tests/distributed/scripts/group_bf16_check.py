@@ -9,7 +9,7 @@ from fedalign_dist.clients.trainer import LocalTrainer, client_batches
 from fedalign_dist.config import load_config
 from fedalign_dist.data.federated import build_federated_data
 from fedalign_dist.data.tokenizer import ByteTokenizer
-from fedalign_dist.dist.env import init_distributed
+from fedalign_dist.dist.env import end_checked_rank, init_distributed
 from fedalign_dist.models.build import build_model
 from fedalign_dist.train import quiet_libraries
 
@@ -64,3 +64,4 @@ back = tiny.read_state()
 assert all(torch.equal(back[n], shifted[n]) for n in shifted), "a loaded fp32 state did not read back exactly"
 print(f"rank {env.rank} bf16 group of 2 OK: update {update_gap:.3g} from one bf16 rank's; {moved:.3f} of the "
       f"weights moved at lr 1e-6; fp32 state round-trips", flush=True)
+end_checked_rank()  # not interpreter finalization, which can abort a passed rank

@@ -12,7 +12,7 @@ from fedalign_dist.clients.trainer import LocalTrainer, client_batches
 from fedalign_dist.config import load_config
 from fedalign_dist.data.federated import build_federated_data
 from fedalign_dist.data.tokenizer import ByteTokenizer
-from fedalign_dist.dist.env import init_distributed
+from fedalign_dist.dist.env import end_checked_rank, init_distributed
 from fedalign_dist.models.build import build_model
 from fedalign_dist.train import quiet_libraries
 
@@ -93,3 +93,4 @@ except ValueError as err:
     assert "do not divide a world of 2" in str(err)
 print(f"rank {env.rank} group of 2 OK: holds {held} of {total} elements; largest difference from one rank {worst:.3g}; "
       f"with the proximal term (pull {pull:.3g}) {max(float((together_prox[n] - alone_prox[n]).abs().max()) for n in alone):.3g}")
+end_checked_rank()  # not interpreter finalization, which can abort a passed rank

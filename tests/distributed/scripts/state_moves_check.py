@@ -10,7 +10,7 @@ import torch
 from fedalign_dist.clients.state import make_client_store
 from fedalign_dist.clients.state_moves import StateHolders
 from fedalign_dist.dist.communicator import Communicator
-from fedalign_dist.dist.env import init_distributed
+from fedalign_dist.dist.env import end_checked_rank, init_distributed
 from fedalign_dist.dist.placement import clients_of_rank
 
 env = init_distributed("gloo")
@@ -63,3 +63,4 @@ for kind in ("memory", "disk"):
         assert (sent > 0) == (host == 0 and sender)
         assert ({0} <= {c for c, _ in store.entries()}) == (host == 1)
         print(f"rank {env.rank}: {kind} states followed their clients", flush=True)
+end_checked_rank()  # not interpreter finalization, which can abort a passed rank
