@@ -41,14 +41,15 @@ def main() -> None:
     out_dir = Path(tempfile.mkdtemp(prefix="fedalign_groups_"))
     print(f"4 ranks, configs/demo.yaml {' '.join(DEFAULTS + args.overrides)}; mean over rounds 2 onwards")
     print("| G | s/round without evaluation | local s | aggregate s | sync s | peak RSS per rank (max) "
-          "| MB sent by the busiest rank per round |")
-    print("|---|---|---|---|---|---|---|")
+          "| MB sent between groups by the busiest rank per round | MB sent within its group |")
+    print("|---|---|---|---|---|---|---|---|")
     for group_size in (int(g) for g in args.groups.split(",")):
         later = run(group_size, args.overrides, out_dir)[1:]
         print(f"| {group_size} | {mean(later, 'time_round_s') - mean(later, 'time_eval_s'):.2f} | {mean(later, 'time_local_s'):.2f} | "
               f"{mean(later, 'time_aggregate_s'):.2f} | {mean(later, 'time_sync_s'):.2f} | "
               f"{max(max(r['peak_rss_mb_per_rank']) for r in later):.0f} MB | "
-              f"{max(max(r['bytes_sent_per_rank']) for r in later) / 1e6:.1f} |")
+              f"{max(max(r['bytes_sent_per_rank']) for r in later) / 1e6:.1f} | "
+              f"{max(max(r['bytes_sent_within_group_per_rank']) for r in later) / 1e6:.1f} |")
 
 
 if __name__ == "__main__":

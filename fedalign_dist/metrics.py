@@ -50,6 +50,8 @@ def round_record(round_idx: int, strategy: str, per_rank: list[dict], evaluated:
         "bytes_received": max(r["received"] for r in per_rank),
         "bytes_sent_per_rank": [r["sent"] for r in per_rank],
         "bytes_received_per_rank": [r["received"] for r in per_rank],
+        # client groups: rebuilding the whole global state from a group's shards, inside the group
+        "bytes_sent_within_group_per_rank": [r["within_group"] for r in per_rank],
         "trainable_bytes": trainable_bytes,
         **{k: max(r[k.removesuffix("_s")] for r in per_rank)
            for k in ("time_local_s", "time_stats_s", "time_sync_s", "time_aggregate_s", "time_comm_s",

@@ -21,6 +21,7 @@ from fedalign_dist.config import Config
 from fedalign_dist.dist.agreement import all_ranks_agree, check_identical_on_all_ranks
 from fedalign_dist.dist.env import DistEnv
 from fedalign_dist.dist.placement import balanced_placement, block_placement, client_cost, sample_clients
+from fedalign_dist.dist.sharded_aggregation import ShardedAggregation
 from fedalign_dist.metrics import console_line, peak_gpu_mb, peak_rss_mb, round_record
 from fedalign_dist.models.build import describe_model
 from fedalign_dist.privacy.mechanism import ClientLevelDP
@@ -45,6 +46,9 @@ class Runner:
         self.strategy = build_strategy(cfg, self.anatomy, self.store)
         self.comm = Communicator(env.rank, env.world_size, env.device)  # aggregation traffic (counted)
         self.side = Communicator(env.rank, env.world_size, env.device)  # metrics bookkeeping
+        # client groups: rank i of every group aggregates shard i
+        self.sharded = (ShardedAggregation(self.global_state, self.group, env.device, self.comm.bytes)
+                        if self.group.size > 1 else None)
         self.privacy = ClientLevelDP.start(cfg, self.strategy, self.side)  # None unless privacy.enabled
         self.clients = ClientRound(cfg, env.device, data, tokenizer.vocab_size, self.trainer, self.strategy,
                                    self.anatomy, self.store, self.privacy)
@@ -98,12 +102,15 @@ class Runner:
         with all_ranks_agree("local training") if self.group.size == 1 else nullcontext():
             results = [self.clients.run(round_idx, client_id, self.global_state, score_personal)
                        for client_id in my_clients]
-        results = results if self.reports else []  # a group's other ranks hold the same results
+        # a group's ranks hold the same results: each aggregates its shard of them, the first reports them
+        accepted_here = [r.update for r in results if r.verdict.rejected is None]
+        results = results if self.reports else []
         clock["trained"] = time.perf_counter()
         accepted, rejected, anyone_accepted = self.exchange_verdicts(round_idx, results)
         clock["synced"] = time.perf_counter()
-        diagnostics = self.aggregate(round_idx, accepted, anyone_accepted)
-        share_within_group(my_clients, self.store, self.group, self.env.device)  # personal experts to partners
+        diagnostics = self.aggregate(round_idx, accepted_here, anyone_accepted)
+        if self.sharded is not None:  # personal experts: each shard's entries from the rank that aggregated it
+            share_within_group(my_clients, self.store, self.group, self.sharded.owner, self.env.device)
         if self.privacy is not None:
             clip_used = self.privacy.clip_norm
             diagnostics.update(self.privacy.adapt_clip(round_idx, sum(r.within_clip for r in results if
@@ -155,10 +162,13 @@ class Runner:
         return accepted, rejected, any(part["accepted"] for part in screened)
 
     def aggregate(self, round_idx: int, accepted, anyone_accepted: bool) -> dict:
-        """The strategy's aggregation (skipped when the guard rejected every sampled client),
-        then the check that the new global state is finite, on every rank."""
+        """The strategy's aggregation of this host's accepted updates (skipped when the guard
+        rejected every sampled client; by shard under client groups), then the check that the new global state is finite, on every rank."""
         if anyone_accepted:
-            self.global_state, diagnostics = self.strategy.aggregate(self.global_state, accepted, self.comm)
+            if self.sharded is not None:
+                self.global_state, diagnostics = self.sharded.aggregate(self.strategy, self.global_state, accepted)
+            else:
+                self.global_state, diagnostics = self.strategy.aggregate(self.global_state, accepted, self.comm)
             if self.privacy is not None:
                 self.global_state, noise_info = self.privacy.noise_aggregate(round_idx, self.global_state, self.comm)
                 diagnostics = {**diagnostics, **noise_info}
@@ -197,6 +207,7 @@ class Runner:
                      personal=sum((r.sums for r in results), self.data.task.empty_sums()).tolist(),
                      clipped=sum(r.verdict.clipped for r in results),
                      global_=global_sums.tolist(), sent=self.comm.bytes.sent, received=self.comm.bytes.received,
+                     within_group=self.sharded.within_group.reset()[0] if self.sharded is not None else 0,
                      time_comm=self.comm.bytes.seconds, time_stats=time_stats,
                      time_eval=personal_eval + clock["evaluated"] - clock["aggregated"],
                      time_local=clock["trained"] - clock["start"] - personal_eval - time_stats,

@@ -4,7 +4,8 @@ Plain deepspeed.initialize treats all ranks as one data-parallel job (gradients 
 rank 0's weights broadcast). Federated clients must stay independent: a group's engine sees
 only its own ranks as its data-parallel job. Size 1 (the default) makes every rank its own
 one-rank job; a larger group trains one client at a time with the model sharded over its
-ranks by ZeRO-3 (issue 28). Model and tensor parallelism are this rank alone. torch.distributed
+ranks by ZeRO-3 (issue 28), and the aggregation is split by shard over the process groups of
+"rank i of every group". Model and tensor parallelism are this rank alone. torch.distributed
 requires every rank to create every group, in the same order."""
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ class GroupMPU:
         self.size, self.rank = size, rank
         self.index, self.group_rank = divmod(rank, size)
         self._single, self._group = singles[rank], groups[self.index]
+        # "rank i of every client group": the aggregation of shard i runs over it
+        self.shard_ranks = list(range(self.group_rank, world, size))
+        shards = [dist.new_group(list(range(i, world, size))) for i in range(size)] if size > 1 else [None]
+        self.shard_group = shards[self.group_rank]
 
     def get_data_parallel_group(self):
         return self._group

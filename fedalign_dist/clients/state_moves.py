@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from fedalign_dist.aggregation.shards import owned_entries
 from fedalign_dist.clients.state import ClientStore
-from fedalign_dist.dist.collectives import broadcast_bytes
+from fedalign_dist.dist.collectives import ByteCounter, all_gather_json, all_gather_rows
 from fedalign_dist.dist.placement import rank_of_client
 
 
@@ -61,31 +62,42 @@ class StateHolders:
         return sum(len(b) for b in blobs)
 
 
-def share_within_group(clients: list[int], store: ClientStore, group, device: torch.device) -> int:
+def share_within_group(clients: list[int], store: ClientStore, group, owner: dict[str, int],
+                       device: torch.device) -> int:
     """Client groups: the strategy updates a client's state (FedAlign-MoE's personal experts) in
-    `aggregate`, where only the group's first rank holds the round's updates; its partners then
-    take an exact copy of every entry of `clients`, dropping those it no longer has, so all ranks
-    of the group load the same start state next time. The bytes this rank sent."""
+    `aggregate`, where rank i of a group aggregates shard i (`owner`: tensor name -> group rank)
+    and so keeps only that shard's entries up to date. Each rank sends the entries it owns; every
+    rank of the group then holds the same merged state for each of `clients` (an entry its owner
+    dropped is gone), so all of them load the same start state next time. The bytes this rank sent."""
     if group.size == 1 or not clients:
         return 0
-    blob = b""
-    if group.group_rank == 0:
-        header, parts = [], []
-        for client in clients:
-            for key in store.keys_of(client):
-                part = save_bytes({n: t.contiguous() for n, t in store.get(client, key).items()})
-                header.append([client, key, len(part)])
-                parts.append(part)
-        head = json.dumps(header).encode()
-        blob = len(head).to_bytes(8, "little") + head + b"".join(parts)
-    raw = broadcast_bytes(blob, group.get_data_parallel_group_ranks()[0], group.get_data_parallel_group(), device)
-    if group.group_rank == 0:
-        return len(blob)
+    header, parts = [], []
+    for client in clients:
+        for key in store.keys_of(client):
+            entries = {n: t.contiguous() for n, t in owned_entries(store.get(client, key), owner,
+                                                                     group.group_rank).items()}
+            part = save_bytes(entries) if entries else b""
+            header.append([client, key, len(part)])
+            parts.append(part)
+    counter = ByteCounter()
+    wire = device if device.type == "cuda" else None
+    headers = all_gather_json(header, counter, wire, group.get_data_parallel_group())
+    blob = b"".join(parts)
+    rows = (torch.frombuffer(bytearray(blob), dtype=torch.uint8)[:, None] if blob
+            else torch.zeros(0, 1, dtype=torch.uint8))
+    blocks = all_gather_rows(rows, counter, wire, group.get_data_parallel_group())
+    merged: dict[tuple[int, str], dict] = {}
+    for part_header, block in zip(headers, blocks):
+        raw, offset = block.flatten().numpy().tobytes(), 0
+        for client, key, size in part_header:
+            entries = merged.setdefault((client, key), {})
+            if size:
+                entries.update(load_bytes(raw[offset:offset + size]))
+            offset += size
     for client in clients:
         for key in store.keys_of(client):
             store.drop(client, key)
-    offset = 8 + int.from_bytes(raw[:8], "little")
-    for client, key, size in json.loads(raw[8:offset]):
-        store.put(client, key, load_bytes(raw[offset:offset + size]))
-        offset += size
-    return 0
+    for (client, key), entries in merged.items():
+        if entries:
+            store.put(client, key, entries)
+    return counter.sent

@@ -58,12 +58,14 @@ def all_ranks_agree(what: str):
                           f"(the failing rank's output says why)")
 
 
-def on_coordinator(what: str, fn, *args, **kwargs):
-    """fn(*args, **kwargs) on rank 0 only (its result there, None elsewhere); every rank
-    fails together if it raised."""
+def on_coordinator(what: str, fn, *args, coordinator: bool | None = None, **kwargs):
+    """fn(*args, **kwargs) on the coordinator only (rank 0 unless `coordinator` says whether
+    this rank is one; its result there, None elsewhere); every rank fails together if it raised."""
     result = None
+    if coordinator is None:
+        coordinator = not dist.is_initialized() or dist.get_rank() == 0
     with all_ranks_agree(what):
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if coordinator:
             result = fn(*args, **kwargs)
     return result
 

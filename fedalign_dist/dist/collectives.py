@@ -38,8 +38,9 @@ class ByteCounter:
             self.seconds += time.perf_counter() - start
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+def world_size(group=None) -> int:
+    """Ranks in `group` (None: the world)."""
+    return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
 def flatten(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -55,14 +56,15 @@ def unflatten(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def all_reduce_sum(tensors: dict[str, torch.Tensor], counter: ByteCounter,
-                   device: torch.device | None = None) -> dict[str, torch.Tensor]:
-    """Sum named tensors over ranks with ONE collective on a flat buffer."""
+                   device: torch.device | None = None, group=None) -> dict[str, torch.Tensor]:
+    """Sum named tensors over the ranks of `group` (None: the world) with ONE collective on a
+    flat buffer."""
     flat = flatten(tensors)
-    world = world_size()
+    world = world_size(group)
     if world > 1:
         with counter.timed():
             flat = flat.to(device) if device is not None else flat
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
             flat = flat.cpu()
         nbytes = flat.numel() * flat.element_size()
         counter.sent += 2 * (world - 1) * nbytes // world
@@ -71,15 +73,15 @@ def all_reduce_sum(tensors: dict[str, torch.Tensor], counter: ByteCounter,
 
 
 def broadcast_(tensors: dict[str, torch.Tensor], counter: ByteCounter, src: int = 0,
-               device: torch.device | None = None) -> None:
-    """Overwrite every rank's tensors with rank `src`'s, in place."""
-    world = world_size()
+               device: torch.device | None = None, group=None) -> None:
+    """Overwrite every rank's tensors with rank `src`'s (a world rank, in `group`), in place."""
+    world = world_size(group)
     if world == 1:
         return
     flat = flatten(tensors)
     with counter.timed():
         flat = flat.to(device) if device is not None else flat
-        dist.broadcast(flat, src=src)
+        dist.broadcast(flat, src=src, group=group)
         flat = flat.cpu()
     nbytes = flat.numel() * flat.element_size()
     if dist.get_rank() == src:
@@ -90,44 +92,45 @@ def broadcast_(tensors: dict[str, torch.Tensor], counter: ByteCounter, src: int 
         tensors[name].copy_(part)
 
 
-def _gather_counts(count: int, counter: ByteCounter, device: torch.device | None) -> list[int]:
+def _gather_counts(count: int, counter: ByteCounter, device: torch.device | None, group=None) -> list[int]:
     """Every rank's integer (e.g. its number of rows), in rank order, as one tiny tensor all_gather."""
     mine = torch.tensor([count], dtype=torch.int64, device=device)
-    out = [torch.empty_like(mine) for _ in range(world_size())]
+    out = [torch.empty_like(mine) for _ in range(world_size(group))]
     with counter.timed():
-        dist.all_gather(out, mine)
-    counter.sent += (world_size() - 1) * 8
-    counter.received += (world_size() - 1) * 8
+        dist.all_gather(out, mine, group=group)
+    counter.sent += (world_size(group) - 1) * 8
+    counter.received += (world_size(group) - 1) * 8
     return [int(c.item()) for c in out]
 
 
-def all_gather_json(obj, counter: ByteCounter | None = None, device: torch.device | None = None) -> list:
-    """Small JSON-able values (counts, metrics, ids) from every rank, in rank order. Sent as
-    UTF-8 bytes in a tensor: no pickle crosses ranks, so a peer can send data, never code."""
-    world = world_size()
+def all_gather_json(obj, counter: ByteCounter | None = None, device: torch.device | None = None,
+                    group=None) -> list:
+    """Small JSON-able values (counts, metrics, ids) from every rank of `group`, in rank order.
+    Sent as UTF-8 bytes in a tensor: no pickle crosses ranks, so a peer can send data, never code."""
+    world = world_size(group)
     if world == 1:
         return [json.loads(json.dumps(obj))]  # the same types as with several ranks (tuples become lists)
     counter = counter if counter is not None else ByteCounter()
     data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-    blocks = all_gather_rows(data[:, None], counter, device)
+    blocks = all_gather_rows(data[:, None], counter, device, group)
     return [json.loads(block.flatten().numpy().tobytes().decode()) for block in blocks]
 
 
 def all_gather_rows(rows: torch.Tensor, counter: ByteCounter,
-                    device: torch.device | None = None) -> list[torch.Tensor]:
+                    device: torch.device | None = None, group=None) -> list[torch.Tensor]:
     """Every rank's (k_r, D) block of rows, in rank order; k_r may differ between ranks
     (blocks are padded to the largest for one all_gather; the padding is counted)."""
-    world = world_size()
+    world = world_size(group)
     if world == 1:
         return [rows]
-    counts = _gather_counts(int(rows.shape[0]), counter, device)
+    counts = _gather_counts(int(rows.shape[0]), counter, device, group)
     width = rows.shape[1]
     padded = torch.zeros(max(counts), width, dtype=rows.dtype)
     padded[:rows.shape[0]] = rows
     with counter.timed():
         padded = padded.to(device) if device is not None else padded
         out = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(out, padded)
+        dist.all_gather(out, padded, group=group)
         out = [block.cpu() for block in out]
     nbytes = padded.numel() * padded.element_size()
     counter.sent += (world - 1) * nbytes
@@ -136,19 +139,19 @@ def all_gather_rows(rows: torch.Tensor, counter: ByteCounter,
 
 
 def all_gather_tensor_items(items: list[dict[str, torch.Tensor]], counter: ByteCounter,
-                            device: torch.device | None = None) -> list[list[dict[str, torch.Tensor]]]:
+                            device: torch.device | None = None, group=None) -> list[list[dict[str, torch.Tensor]]]:
     """Every rank's list of named-tensor items (e.g. one client's statistics each; every item
     has the same names and shapes), per rank in rank order. The layout travels as JSON, the
     values as one float64 tensor (exact for float32, integer counts and booleans)."""
     layout = [[k, list(t.shape), str(t.dtype).removeprefix("torch.")] for k, t in items[0].items()] if items else None
-    layouts = all_gather_json(layout, counter, device)
+    layouts = all_gather_json(layout, counter, device, group)
     layout = next((lay for lay in layouts if lay is not None), None)
     if layout is None:
         return [[] for _ in layouts]
     rows = (torch.stack([torch.cat([item[k].double().reshape(-1) for k, _, _ in layout]) for item in items])
             if items else torch.zeros(0, sum(math.prod(shape) for _, shape, _ in layout), dtype=torch.float64))
     out = []
-    for block in all_gather_rows(rows, counter, device):
+    for block in all_gather_rows(rows, counter, device, group):
         part = []
         for row in block:
             item, offset = {}, 0
@@ -159,17 +162,6 @@ def all_gather_tensor_items(items: list[dict[str, torch.Tensor]], counter: ByteC
             part.append(item)
         out.append(part)
     return out
-
-
-def broadcast_bytes(blob: bytes, src: int, group, device: torch.device | None = None) -> bytes:
-    """`src`'s bytes on every rank of `group` (others pass b""): its length, then its bytes."""
-    size = torch.tensor([len(blob)], dtype=torch.int64, device=device)
-    dist.broadcast(size, src, group=group)
-    data = (torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device) if blob
-            else torch.empty(int(size), dtype=torch.uint8, device=device))
-    if int(size):
-        dist.broadcast(data, src, group=group)
-    return blob if dist.get_rank() == src else data.cpu().numpy().tobytes()
 
 
 def group_mean(values: list[float], group, device: torch.device | None = None) -> list[float]:

@@ -1,4 +1,9 @@
-"""The Communicator a strategy receives: named-tensor collectives plus byte accounting."""
+"""The Communicator a strategy receives: named-tensor collectives plus byte accounting.
+
+By default its collectives span the world. Under client groups the aggregation runs once per
+shard, over the process group of "rank i of every client group" (`group`, whose world ranks
+are `ranks`): there the coordinator is the shard group's first rank, and `src` in broadcast_
+counts within the group."""
 from __future__ import annotations
 
 import torch
@@ -7,32 +12,36 @@ from fedalign_dist.dist import agreement, collectives
 
 
 class Communicator:
-    def __init__(self, rank: int, world_size: int, device: torch.device):
-        self.rank, self.world_size, self.device = rank, world_size, device
-        self.bytes = collectives.ByteCounter()
+    def __init__(self, rank: int, world_size: int, device: torch.device, group=None,
+                 ranks: list[int] | None = None, counter: collectives.ByteCounter | None = None):
+        self.rank, self.device, self.group = rank, device, group
+        self.ranks = list(ranks) if ranks is not None else list(range(world_size))
+        self.world_size = len(self.ranks)
+        self.bytes = counter if counter is not None else collectives.ByteCounter()
 
     @property
     def is_coordinator(self) -> bool:
-        return self.rank == 0
+        return self.rank == self.ranks[0]
 
     def all_reduce_sum(self, tensors):
-        return collectives.all_reduce_sum(tensors, self.bytes, self._wire_device())
+        return collectives.all_reduce_sum(tensors, self.bytes, self._wire_device(), self.group)
 
     def broadcast_(self, tensors, src: int = 0):
-        collectives.broadcast_(tensors, self.bytes, src, self._wire_device())
+        collectives.broadcast_(tensors, self.bytes, self.ranks[src], self._wire_device(), self.group)
 
     def all_gather_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        return collectives.all_gather_rows(rows, self.bytes, self._wire_device())
+        return collectives.all_gather_rows(rows, self.bytes, self._wire_device(), self.group)
 
     def all_gather_json(self, obj):
-        return collectives.all_gather_json(obj, self.bytes, self._wire_device())
+        return collectives.all_gather_json(obj, self.bytes, self._wire_device(), self.group)
 
     def all_gather_tensor_items(self, items):
-        return collectives.all_gather_tensor_items(items, self.bytes, self._wire_device())
+        return collectives.all_gather_tensor_items(items, self.bytes, self._wire_device(), self.group)
 
     def on_coordinator(self, what: str, fn, *args, **kwargs):
-        """fn on rank 0 only; every rank fails together if it raised (see dist/agreement.py)."""
-        return agreement.on_coordinator(what, fn, *args, **kwargs)
+        """fn on this communicator's coordinator only; every rank of the world fails together if
+        it raised (see dist/agreement.py)."""
+        return agreement.on_coordinator(what, fn, *args, coordinator=self.is_coordinator, **kwargs)
 
     def all_ranks_agree(self, what: str):
         return agreement.all_ranks_agree(what)
