@@ -21,7 +21,7 @@ import sys
 
 from fedalign_dist.benchmark.cells import BenchmarkFailed
 from fedalign_dist.config import ConfigError, load_config
-from fedalign_dist.dist.env import end_rank
+from fedalign_dist.dist.rank_exit import end_rank
 
 EPILOG = ("Overrides are dotted key=value pairs after the options, e.g. fed.rounds=3 local.lr=5e-4 "
           "strategy.name=fedprox. Unknown keys are errors.")

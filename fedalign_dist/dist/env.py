@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import datetime
-import logging
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from fedalign_dist.dist.rank_exit import end_rank
 
 
 @dataclass(frozen=True)
@@ -85,20 +85,6 @@ def _restart_store(rank: int, world: int, timeout) -> "dist.Store | None":
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def end_rank(code: int) -> None:
-    """A rank exits with os._exit once everything it wrote is closed and flushed. Seen on a
-    finished 2-rank run (CI): a third-party C++ thread still joinable at interpreter
-    finalization aborted rank 1 ("terminate called without an active exception", SIGABRT,
-    no Python frame left on the stack), and torchrun failed the job; the same abort ended a
-    passed 2-rank test script. os._exit skips that finalization, so a caller finishes its
-    files first (a run writes summary.json, and every rank waits for it, before the process
-    group is destroyed)."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def end_checked_rank() -> None:
