@@ -76,9 +76,12 @@ class RunLifecycle:
     def log(self, record: dict) -> None:
         on_coordinator("writing the round's metrics", lambda: self.writer.write(record))
 
+    def checkpoint_due(self, round_idx: int) -> bool:
+        return bool(self.cfg.checkpoint.every and (round_idx + 1) % self.cfg.checkpoint.every == 0)
+
     def checkpoint(self, round_idx: int, global_state: dict) -> None:
         """Global and strategy state from the coordinator, client states from every rank."""
-        if not (self.cfg.checkpoint.every and (round_idx + 1) % self.cfg.checkpoint.every == 0):
+        if not self.checkpoint_due(round_idx):
             return
         on_coordinator("starting the checkpoint", checkpoint.begin_checkpoint, self.run_dir, round_idx)
         with all_ranks_agree("staging the client states"):

@@ -40,19 +40,20 @@ class Runner:
         self.hosts_count = env.world_size // self.group.size
         self.reports = self.group.group_rank == 0
         self.trainer = LocalTrainer(model, cfg, env.device, group=self.group)
-        self.global_state = self.trainer.read_state()
+        self.comm = Communicator(env.rank, env.world_size, env.device)  # aggregation traffic (counted)
+        self.side = Communicator(env.rank, env.world_size, env.device)  # metrics bookkeeping
+        # client groups: rank i of every group holds and aggregates shard i of the global state
+        self.sharded = (ShardedAggregation(self.trainer.shapes(), self.group, env.device, self.comm.bytes)
+                        if self.group.size > 1 else None)
+        self.owner = self.sharded.owner if self.sharded is not None else None
+        self.global_state = self.trainer.read_state(self.owner)
         self.store = make_client_store(cfg.fed.client_state, cfg.run_dir / "clients" / f"rank{env.rank}")
         self.holders = StateHolders(cfg.fed.num_clients, env.world_size, self.group.size)
         self.strategy = build_strategy(cfg, self.anatomy, self.store)
-        self.comm = Communicator(env.rank, env.world_size, env.device)  # aggregation traffic (counted)
-        self.side = Communicator(env.rank, env.world_size, env.device)  # metrics bookkeeping
-        # client groups: rank i of every group aggregates shard i
-        self.sharded = (ShardedAggregation(self.global_state, self.group, env.device, self.comm.bytes)
-                        if self.group.size > 1 else None)
         self.privacy = ClientLevelDP.start(cfg, self.strategy, self.side)  # None unless privacy.enabled
         self.clients = ClientRound(cfg, env.device, data, tokenizer.vocab_size, self.trainer, self.strategy,
-                                   self.anatomy, self.store, self.privacy)
-        self.trainable_bytes = sum(t.numel() * 4 for t in self.global_state.values())
+                                   self.anatomy, self.store, self.privacy, self.sharded)
+        self.trainable_bytes = sum(shape.numel() * 4 for shape in self.trainer.shapes().values())
         self.lifecycle = RunLifecycle(cfg, env, self.side, self.strategy, self.store, self.privacy)
         self.start_round, self.global_state, self.past_records = self.lifecycle.resume(self.global_state)
         self.lifecycle.open(describe_model(cfg, self.trainer, self.anatomy), data.describe(cfg.data.name),
@@ -80,7 +81,9 @@ class Runner:
                 bar.write(console_line(records[-1], self.data.task.metrics[0]))
         inits = self.side.all_gather_json(LocalTrainer.engines_built - self.engines_before)
         last = records[-1]
-        self.lifecycle.finish(self.trainer, self.tokenizer, self.global_state, {
+        if self.sharded is not None:  # the export's module: every rank's slices from the shards' owners
+            self.trainer.load_state(self.global_state, self.owner)
+        self.lifecycle.finish(self.trainer, self.tokenizer, self.state_for_writing(), {
             "rounds": len(records), "wall_s": time.perf_counter() - t0, "engine_inits_per_rank": inits,
             "world_size": self.env.world_size, "trainable_bytes": self.trainable_bytes,
             **{f"final_{scope}_{metric}": last[f"{scope}_{metric}"]
@@ -110,7 +113,8 @@ class Runner:
         clock["synced"] = time.perf_counter()
         diagnostics = self.aggregate(round_idx, accepted_here, anyone_accepted)
         if self.sharded is not None:  # personal experts: each shard's entries from the rank that aggregated it
-            share_within_group(my_clients, self.store, self.group, self.sharded.owner, self.env.device)
+            self.sharded.within_group.sent += share_within_group(my_clients, self.store, self.group, self.owner,
+                                                                 self.env.device)
         if self.privacy is not None:
             clip_used = self.privacy.clip_norm
             diagnostics.update(self.privacy.adapt_clip(round_idx, sum(r.within_clip for r in results if
@@ -127,7 +131,8 @@ class Runner:
         # The round's metrics line before its checkpoint: a crash between the two re-runs the
         # round from the previous checkpoint, and resume cuts the metrics back to it.
         self.lifecycle.log(record)
-        self.lifecycle.checkpoint(round_idx, self.global_state)
+        if self.lifecycle.checkpoint_due(round_idx):
+            self.lifecycle.checkpoint(round_idx, self.state_for_writing())
         return record
 
     def place_round(self, round_idx: int, score_personal: bool) -> dict[int, int]:
@@ -186,7 +191,7 @@ class Runner:
     def evaluate_global(self) -> torch.Tensor:
         """The aggregated global model on the pooled test data, split over ranks (over client
         groups: a group's ranks run the same examples together, its first rank reports)."""
-        self.trainer.load_state(self.global_state)
+        self.trainer.load_state(self.global_state, self.owner)
         self.strategy.prepare_global_model(self.trainer.module)
         pooled = self.data.pooled(self.cfg.eval.split)
         limit = self.cfg.eval.global_examples
@@ -207,7 +212,8 @@ class Runner:
                      personal=sum((r.sums for r in results), self.data.task.empty_sums()).tolist(),
                      clipped=sum(r.verdict.clipped for r in results),
                      global_=global_sums.tolist(), sent=self.comm.bytes.sent, received=self.comm.bytes.received,
-                     within_group=self.sharded.within_group.reset()[0] if self.sharded is not None else 0,
+                     within_group=(self.sharded.within_group.reset()[0] + self.trainer.state_bytes.reset()[0]
+                                   if self.sharded is not None else 0),
                      time_comm=self.comm.bytes.seconds, time_stats=time_stats,
                      time_eval=personal_eval + clock["evaluated"] - clock["aggregated"],
                      time_local=clock["trained"] - clock["start"] - personal_eval - time_stats,
@@ -223,9 +229,22 @@ class Runner:
     def check_same_start(self) -> None:
         """Every rank must start from the same finite global state: a model built differently
         on one rank would silently train another experiment there."""
-        bad = nonfinite_names(self.global_state)
-        if bad:
-            raise DivergedError(f"the starting global state has non-finite values in {len(bad)} tensors "
-                                f"(first: {bad[0]}); nothing to train from")
+        with all_ranks_agree("checking the starting global state"):  # under client groups each rank checks its shard
+            bad = nonfinite_names(self.global_state)
+            if bad:
+                raise DivergedError(f"the starting global state has non-finite values in {len(bad)} tensors "
+                                    f"(first: {bad[0]}); nothing to train from")
+        if self.sharded is not None:
+            self.sharded.check_same_start(self.global_state)
+            return
         check_identical_on_all_ranks(self.global_state, "starting global states: every rank must build the same "
                                      "model (same model.path contents, seed and library versions)")
+
+    def state_for_writing(self) -> dict:
+        """The global state as the run's first rank writes it (a checkpoint, the export): whole
+        there; under client groups gathered from its group's shards (elsewhere: this rank's shard,
+        not written)."""
+        if self.sharded is None or self.group.index != 0:
+            return self.global_state
+        whole = self.sharded.whole_on_first(self.global_state)
+        return whole if whole is not None else self.global_state

@@ -31,21 +31,33 @@ def nonfinite_names(tensors: dict[str, torch.Tensor | None]) -> list[str]:
             if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
-def update_norm(delta: NamedTensors) -> float:
+def squared_norm(delta: NamedTensors) -> float:
     """In float64: a float32 sum of squares overflows long before the update itself does."""
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
+    return sum(float(t.double().pow(2).sum()) for t in delta.values())
 
 
-def screen_update(delta: NamedTensors, stats: dict, max_norm: float | None, action: str) -> Verdict:
+def update_norm(delta: NamedTensors) -> float:
+    return math.sqrt(squared_norm(delta))
+
+
+def screen_update(delta: NamedTensors, stats: dict, max_norm: float | None, action: str,
+                  over_shards=None) -> Verdict:
     """Reject an update or statistics with non-finite values; bound the update's norm by
-    `max_norm` (None: no bound) by rejecting it or scaling it down (action 'reject' | 'clip')."""
+    `max_norm` (None: no bound) by rejecting it or scaling it down (action 'reject' | 'clip').
+    `delta` may be one shard of the update (client groups): `over_shards(values)` then sums a
+    list of floats over the shards, so every shard reaches the same verdict on the whole."""
     bad = nonfinite_names(delta)
-    if bad:
-        return Verdict(delta, f"non-finite update in {len(bad)} of {len(delta)} tensors (first: {bad[0]})")
+    squares = squared_norm(delta) if not bad else 0.0
+    counts = [len(bad), len(delta), squares]
+    if over_shards is not None:
+        counts = over_shards(counts)
+    if counts[0]:
+        first = bad[0] if bad else "in another shard"
+        return Verdict(delta, f"non-finite update in {int(counts[0])} of {int(counts[1])} tensors (first: {first})")
     bad = nonfinite_names(stats)
     if bad:
         return Verdict(delta, f"non-finite statistics: {', '.join(bad)}")
-    norm = update_norm(delta)
+    norm = math.sqrt(counts[2])
     if max_norm is None or norm <= max_norm:
         return Verdict(delta, norm=norm)
     if action == "reject":

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from fedalign_dist import faults
-from fedalign_dist.aggregation.guard import Verdict, screen_update
+from fedalign_dist.aggregation.guard import Verdict, screen_update, squared_norm
 from fedalign_dist.clients.context import ClientContext
+from fedalign_dist.clients.state import ShardView
 from fedalign_dist.clients.trainer import LocalTrainer, client_batches
 from fedalign_dist.models.router_tap import RouterTap
 from fedalign_dist.strategies import ClientUpdate, Strategy
@@ -32,23 +33,28 @@ class ClientResult:
 
 class ClientRound:
     def __init__(self, cfg, device: torch.device, data, vocab_size: int, trainer: LocalTrainer,
-                 strategy: Strategy, anatomy, store, privacy=None):
+                 strategy: Strategy, anatomy, store, privacy=None, shards=None):
         self.cfg, self.device, self.data, self.vocab_size = cfg, device, data, vocab_size
         self.privacy = privacy
+        # client groups: the global state and the client's update are this rank's shard
+        # (dist/sharded_aggregation.py); None: whole
+        self.shards = shards
+        self.owner = shards.owner if shards is not None else None
         self.trainer, self.strategy, self.anatomy, self.store = trainer, strategy, anatomy, store
         self.aux_coef = float(getattr(trainer.module.config, "router_aux_loss_coef", 0.0))
 
     def run(self, round_idx: int, client_id: int, global_state: dict, evaluate: bool = True) -> ClientResult:
         cfg, data, module = self.cfg, self.data, self.trainer.module
-        start = self.strategy.client_start_state(client_id, global_state, self.store)
-        self.trainer.load_state(start)
+        store = self.store if self.shards is None else ShardView(self.store, self.shards.owned)
+        start = self.strategy.client_start_state(client_id, global_state, store)
+        self.trainer.load_state(start, self.owner)
         self.strategy.prepare_client_model(module, client_id)
         self.trainer.reset_optimizer()  # no client inherits another's moments
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, round_idx, client_id]).generate_state(1)[0]))
         batches = lambda steps: client_batches(data, data.clients[client_id]["train"], steps,  # noqa: E731
                                                cfg.local.batch_size, cfg.seed, round_idx, client_id)
         loss = self.train(client_id, batches(cfg.local.steps_for(data.num_train(client_id))), start)
-        trained = self.trainer.read_state()
+        trained = self.trainer.read_state(self.owner)
         delta = {n: trained[n] - global_state[n].float() for n in trained}
         if faults.client_fault("huge_delta_client", client_id):
             delta = {n: torch.full_like(t, 1e38) for n, t in delta.items()}
@@ -58,7 +64,8 @@ class ClientRound:
                                 batches)
         stats = self.strategy.client_statistics(module, context)
         t_stats_done = time.perf_counter()
-        verdict = screen_update(delta, stats, cfg.guard.max_update_norm, cfg.guard.on_large_update)
+        over_shards = self.shards.over_group if self.shards is not None else None
+        verdict = screen_update(delta, stats, cfg.guard.max_update_norm, cfg.guard.on_large_update, over_shards)
         sums = data.task.empty_sums()
         if verdict.rejected is None:  # a rejected client keeps its previous personal state
             self.strategy.after_local_training(client_id, trained, self.store)
@@ -78,7 +85,9 @@ class ClientRound:
             verdict = Verdict(update.delta)
         if self.privacy is not None and verdict.rejected is None:  # before anything leaves the client
             update.own_delta = update.delta
-            update.delta, update.stats, within = self.privacy.privatize_client(round_idx, client_id, update.delta, stats)
+            norm = None if over_shards is None else over_shards([squared_norm(update.delta)])[0] ** 0.5
+            update.delta, update.stats, within = self.privacy.privatize_client(round_idx, client_id, update.delta,
+                                                                               stats, norm)
         return ClientResult(update, verdict, sums, {"stats": t_stats_done - t_stats, "eval": time.perf_counter() - t_eval},
                             within)
 

@@ -103,6 +103,18 @@ def scan_entries(folder: Path) -> list[tuple[int, str, Path]]:
             for path in sorted(folder.glob("client_*/*.safetensors"))]
 
 
+class ShardView:
+    """What a client's start state reads under client groups, where this rank holds one shard of
+    the global state: each record's entries of that shard (`keep(entries)`), read-only."""
+
+    def __init__(self, store: ClientStore, keep):
+        self.store, self.keep = store, keep
+
+    def get(self, client_id: int, key: str) -> NamedTensors | None:
+        entries = self.store.get(client_id, key)
+        return None if entries is None else self.keep(entries)
+
+
 class MemoryClientStore(ClientStore):
     def __init__(self):
         self._data: dict[tuple[int, str], NamedTensors] = {}

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from fedalign_dist.clients.group_mpu import GroupMPU
-from fedalign_dist.dist.collectives import group_mean
+from fedalign_dist.clients.zero3_slices import gather_to_owners, scatter_from_owners, slice_of
+from fedalign_dist.dist.collectives import ByteCounter, group_mean
 
 NamedTensors = dict[str, torch.Tensor]
 
@@ -129,6 +130,7 @@ class LocalTrainer:
         self.cfg, self.device = cfg, device
         self.group = group or GroupMPU(1)
         self.sharded = self.group.size > 1
+        self.state_bytes = ByteCounter()  # client groups: bytes sent moving a state kept by shard in and out
         self.path = StepPath.full() if self.sharded else path or StepPath.lean(cfg)
         config = deepspeed_config(cfg, model.config.hidden_size, self.path, self.group.size)
         _skip_shared_memory_comm_op()
@@ -155,12 +157,14 @@ class LocalTrainer:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def load_state(self, state: NamedTensors) -> None:
+    def load_state(self, state: NamedTensors, owner: dict[str, int] | None = None) -> None:
         """The module's parameters get `state` (rounded to bf16 under deepspeed.bf16); the
-        optimizer's fp32 master weights get it exactly, so no update is lost to rounding."""
+        optimizer's fp32 master weights get it exactly, so no update is lost to rounding.
+        In a client group, `owner` (tensor name -> group rank) says that `state` is kept by
+        shard: this rank holds its own tensors only, and the owners scatter the slices."""
         from deepspeed.utils import safe_set_full_fp32_param
         if self.sharded:
-            self._load_shards(state)
+            self._load_slices(state, owner)
             return
         with torch.no_grad():
             for name, param in self.params.items():
@@ -179,16 +183,7 @@ class LocalTrainer:
         if refresh is not None:
             refresh()
 
-    def _shard_of(self, full: torch.Tensor, param) -> torch.Tensor:
-        """This rank's ZeRO-3 slice of a full tensor: the flat elements [r*n, (r+1)*n), zero past
-        the end (the last slice is padded)."""
-        n = param.ds_tensor.numel()
-        flat = full.reshape(-1)
-        start = min(self.group.group_rank * n, flat.numel())
-        piece = flat[start:start + n]
-        return torch.cat([piece, piece.new_zeros(n - piece.numel())]) if piece.numel() < n else piece
-
-    def _load_shards(self, state: NamedTensors) -> None:
+    def _load_slices(self, state: NamedTensors, owner: dict[str, int] | None) -> None:
         """Each rank writes only its own slice: no rank gathers the full model to load it. A
         parameter left gathered (whole) by an evaluation that called submodules directly would
         keep computing with its old value: it is released first."""
@@ -197,9 +192,12 @@ class LocalTrainer:
         whole = [p for p in self.module.parameters() if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE]
         if whole:
             whole[0].partition(param_list=whole, has_been_updated=False)
+        rank = self.group.group_rank
+        slices = (((n, p, slice_of(state[n], p, rank)) for n, p in self.params.items()) if owner is None
+                  else scatter_from_owners(self.params, state, owner, self.group, self.device, self.state_bytes))
         with torch.no_grad():
-            for name, param in self.params.items():
-                shard = self._shard_of(state[name], param).to(param.ds_tensor.device, torch.float32)
+            for name, param, shard in slices:
+                shard = shard.to(param.ds_tensor.device, torch.float32)
                 param.ds_tensor.copy_(shard)
                 if self.cfg.deepspeed.bf16:
                     safe_set_local_fp32_param(param, shard)
@@ -214,7 +212,7 @@ class LocalTrainer:
         if not self.sharded:
             return None
         import deepspeed
-        frozen = {n: p for n, p in self.module.named_parameters() if n not in state}
+        frozen = {n: p for n, p in self.module.named_parameters() if n not in self.params}
         with deepspeed.zero.GatheredParameters(list(frozen.values())):
             frozen = {n: p.detach().clone() for n, p in frozen.items()}
         persistent = {f"{owner}.{name}".lstrip("."): buffer for owner, sub in self.module.named_modules()
@@ -235,11 +233,20 @@ class LocalTrainer:
         for group in self._torch_optimizer().param_groups:
             group["lr"] = lr
 
-    def read_state(self) -> NamedTensors:
+    def shapes(self) -> dict[str, torch.Size]:
+        """The trainable parameters' whole shapes (a ZeRO-3 parameter holds a slice)."""
+        return {n: p.ds_shape if self.sharded else p.shape for n, p in self.params.items()}
+
+    def read_state(self, owner: dict[str, int] | None = None) -> NamedTensors:
         """fp32 trainable weights: under deepspeed.bf16 the optimizer's fp32 masters (the bf16
-        module parameters would quantise every update smaller than one bf16 step away)."""
-        from deepspeed.utils import safe_get_full_fp32_param
-        if self.sharded:  # a collective over the group: every rank of it calls, in the same order
+        module parameters would quantise every update smaller than one bf16 step away). In a
+        client group a collective over the group; with `owner` (tensor name -> group rank) each
+        rank gets the tensors it owns only."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+        if self.sharded and owner is not None:
+            return gather_to_owners(self.params, safe_get_local_fp32_param, owner, self.group, self.device,
+                                    self.state_bytes)
+        if self.sharded:  # every rank of the group calls, in the same order
             return {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in self.params.items()}
         if not self.cfg.deepspeed.bf16:
             return {n: p.detach().float().cpu().clone() for n, p in self.params.items()}
@@ -257,7 +264,11 @@ class LocalTrainer:
         on one rank; in a client group this rank's flat fp32 slices."""
         if not self.sharded:
             return state
-        return {n: self._shard_of(state[n], p).to(p.ds_tensor.device, torch.float32) for n, p in self.params.items()}
+        if not all(n in state for n in self.params):  # kept by shard: the slices load_state just wrote
+            from deepspeed.utils import safe_get_local_fp32_param
+            return {n: safe_get_local_fp32_param(p).detach().float().clone() for n, p in self.params.items()}
+        rank = self.group.group_rank
+        return {n: slice_of(state[n], p, rank).to(p.ds_tensor.device, torch.float32) for n, p in self.params.items()}
 
     def _add_slice_regularizer_gradient(self, regularizer: Callable[[dict], torch.Tensor | None]) -> None:
         """Client groups: a parameter-space term must be a sum over elements (a proximal term is); each

@@ -1,28 +1,30 @@
-"""Aggregation split by shard under client groups (fed.ranks_per_client=G > 1).
+"""The global state kept by shard under client groups (fed.ranks_per_client=G > 1).
 
-Every rank of a group holds the same round results (all of them trained each client), so rank
-i of each group aggregates shard i alone: the strategy runs unchanged on that shard's tensors,
-over the process group of "rank i of every group", and sends 1/G of the state across groups.
-The group's ranks then exchange their new shards so each holds the whole global state, which
-evaluation, checkpoints and the next round's clients read. Bytes between groups are counted
-in the round's comm counter, bytes within a group in `within_group`."""
+The federated tensors are split into G shards of whole tensors (aggregation/shards.py); rank i
+of every group holds shard i of the global state and of each client's update, and aggregates
+it alone: the strategy runs unchanged on that shard, over the process group of "rank i of
+every group", and sends 1/G of the state across groups. A client's start state reaches the
+ZeRO-3 slices from the tensors' owners (clients/zero3_slices.py), so no rank holds the whole
+model; only checkpoints and the final export gather it, on the run's first rank."""
 from __future__ import annotations
 
 import dataclasses
 import json
 
 import torch
+import torch.distributed as dist
 
-from fedalign_dist.aggregation.shards import assign_shards, shard_of
+from fedalign_dist.aggregation.shards import assign_shards, owned_entries, shard_of
 from fedalign_dist.dist import collectives
+from fedalign_dist.dist.agreement import state_digest
 from fedalign_dist.dist.communicator import Communicator
 
 
 class ShardedAggregation:
-    def __init__(self, like: dict[str, torch.Tensor], group, device: torch.device,
+    def __init__(self, shapes: dict[str, torch.Size], group, device: torch.device,
                  counter: collectives.ByteCounter):
-        self.group, self.device = group, device
-        self.owner = assign_shards({n: t.numel() for n, t in like.items()}, group.size)
+        self.group, self.device, self.shapes = group, device, dict(shapes)
+        self.owner = assign_shards({n: shape.numel() for n, shape in shapes.items()}, group.size)
         self.names = [shard_of(self.owner, part) for part in range(group.size)]
         self.mine = self.names[group.group_rank]
         self.comm = Communicator(group.rank, len(group.shard_ranks), device, group=group.shard_group,
@@ -30,29 +32,62 @@ class ShardedAggregation:
         self.client_group = group.get_data_parallel_group()
         self.within_group = collectives.ByteCounter()
 
-    def aggregate(self, strategy, global_state: dict, updates: list) -> tuple[dict, dict]:
-        """The strategy's aggregation of this rank's shard over the shard group, then the whole
-        new state from the group's shards. Every shard group must reach the same plan (the same
-        statistics, gathered in the same order): checked, since differing plans would each be
-        applied to some tensors only."""
-        shard = {n: global_state[n] for n in self.mine}
-        mine = [self._restricted(u) for u in updates]
-        new_shard, diagnostics = strategy.aggregate(shard, mine, self.comm)
+    def mine_of(self, state: dict) -> dict:
+        """This rank's shard of a whole state."""
+        return {n: state[n] for n in self.mine}
+
+    def aggregate(self, strategy, shard: dict, updates: list) -> tuple[dict, dict]:
+        """The strategy's aggregation of this rank's shard over the shard group. Every shard group
+        must reach the same plan (the same statistics, gathered in the same order): checked,
+        since differing plans would each be applied to some tensors only."""
+        new_shard, diagnostics = strategy.aggregate(shard, [self._restricted(u) for u in updates], self.comm)
         self._check_same_plan(diagnostics)
-        return self._assemble(new_shard, global_state), diagnostics
+        return new_shard, diagnostics
 
     def _restricted(self, update):
         keep = lambda d: None if d is None else {n: d[n] for n in self.mine}  # noqa: E731
         return dataclasses.replace(update, delta=keep(update.delta), own_delta=keep(update.own_delta))
 
-    def _assemble(self, new_shard: dict, like: dict) -> dict:
-        """Every group rank's new shard, gathered within the group, in the state's order."""
-        flat = collectives.flatten({n: new_shard[n].float() for n in self.mine})
-        blocks = collectives.all_gather_rows(flat[:, None], self.within_group, self._wire(), self.client_group)
+    def over_group(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the group's ranks (float64): a whole update's norm from its shards."""
+        summed = torch.tensor(values, dtype=torch.float64, device=self._wire())
+        dist.all_reduce(summed, group=self.client_group)
+        return summed.cpu().tolist()
+
+    def owned(self, entries: dict) -> dict:
+        """The entries of a client-state record that belong to this rank's shard."""
+        return owned_entries(entries, self.owner, self.group.group_rank)
+
+    def whole_on_first(self, shard: dict) -> dict | None:
+        """The whole state on the group's first rank (None elsewhere), gathered within the group:
+        for a checkpoint or the export, which the run's first rank writes."""
+        flat = collectives.flatten({n: shard[n].float() for n in self.mine})
+        counts = collectives.all_gather_json(flat.numel(), self.within_group, self._wire(), self.client_group)
+        first = self.group.get_data_parallel_group_ranks()[0]
+        padded = torch.zeros(max(counts), dtype=torch.float32)
+        padded[:flat.numel()] = flat
+        padded = padded.to(self._wire()) if self._wire() is not None else padded
+        bucket = [torch.empty_like(padded) for _ in counts] if self.group.group_rank == 0 else None
+        dist.gather(padded, bucket, dst=first, group=self.client_group)
+        if self.group.group_rank:
+            self.within_group.sent += padded.numel() * 4
+            return None
         out = {}
-        for names, block in zip(self.names, blocks):
-            out.update(collectives.unflatten(block.flatten(), {n: like[n] for n in names}))
-        return {n: out[n].to(like[n].dtype).clone() for n in like}
+        for names, block in zip(self.names, bucket):
+            offset = 0
+            for name in names:
+                size = self.shapes[name].numel()
+                out[name] = block[offset:offset + size].cpu().view(self.shapes[name]).clone()
+                offset += size
+        return {n: out[n] for n in self.shapes}
+
+    def check_same_start(self, shard: dict) -> None:
+        """Rank i of every group must start from the same shard (see Runner.check_same_start)."""
+        digests = collectives.all_gather_json(state_digest(shard), None, self._wire(), self.group.shard_group)
+        if len(set(digests)) > 1:
+            raise RuntimeError("ranks hold different starting global states: every rank must build the same model "
+                               "(same model.path contents, seed and library versions); shard digests: "
+                               + ", ".join(d[:12] for d in digests))
 
     def _check_same_plan(self, diagnostics: dict) -> None:
         text = json.dumps(diagnostics, sort_keys=True, default=str)

@@ -12,10 +12,11 @@ from fedalign_dist.aggregation.guard import update_norm
 NamedTensors = dict[str, torch.Tensor]
 
 
-def clip_update(delta: NamedTensors, bound: float) -> tuple[NamedTensors, float]:
+def clip_update(delta: NamedTensors, bound: float, norm: float | None = None) -> tuple[NamedTensors, float]:
     """(delta scaled to norm <= bound, its norm before). A delta within the bound is returned
-    as it is (the same tensors), so clipping that does not bite changes no bit."""
-    norm = update_norm(delta)
+    as it is (the same tensors), so clipping that does not bite changes no bit. `norm`: the
+    whole update's, when `delta` is one shard of it (client groups)."""
+    norm = update_norm(delta) if norm is None else norm
     if norm <= bound:
         return delta, norm
     scale = bound / norm

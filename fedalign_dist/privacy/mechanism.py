@@ -55,10 +55,11 @@ class ClientLevelDP:
         return cls(cfg, strategy, int(side.all_gather_json(mine)[0]))
 
     # -- on the client's rank, before anything leaves it ---------------------------------
-    def privatize_client(self, round_idx: int, client_id: int, delta: dict, stats: dict):
+    def privatize_client(self, round_idx: int, client_id: int, delta: dict, stats: dict, norm: float | None = None):
         """(update clipped to C, statistics bounded and noised, whether the update was within C).
-        The client counts as one example: its example count is private, so weights are uniform."""
-        clipped, norm = clip_update(delta, self.clip_norm)
+        The client counts as one example: its example count is private, so weights are uniform.
+        `norm`: the whole update's, when `delta` is one shard of it (client groups)."""
+        clipped, norm = clip_update(delta, self.clip_norm, norm)
         if self.strategy.shares_statistics and not self.statistics_in_clear and stats:
             gen = noise.generator(self.secret, round_idx, noise.STATISTICS, client_id)
             stats = privatize(stats, self.p.statistics_noise_multiplier, gen, self.token_budget)
@@ -67,13 +68,13 @@ class ClientLevelDP:
     # -- every rank, after the strategy's aggregate ---------------------------------------
     def noise_aggregate(self, round_idx: int, new_state: dict, comm) -> tuple[dict, dict]:
         """new_state + N(0, (z C w)^2), w = the largest client weight per parameter: one draw
-        from the secret, the same on every rank."""
+        from the secret per tensor, the same on every rank (and for a shard of the state)."""
         if not self.strategy.shares_updates or self.p.noise_multiplier == 0:
             return new_state, {}
         largest = self.strategy.max_client_weight(new_state, comm)
         std = {name: self.p.noise_multiplier * self.clip_norm * (w.float() if torch.is_tensor(w) else w)
                for name, w in largest.items()}
-        draw = noise.gaussian_like(new_state, std, noise.generator(self.secret, round_idx, noise.MODEL))
+        draw = noise.gaussian_like(new_state, std, lambda name: noise.tensor_generator(self.secret, round_idx, name))
         noised = {name: (t.float() + draw[name]).to(t.dtype) for name, t in new_state.items()}
         return noised, {"dp_noise_std_max": max((float(torch.as_tensor(s).max()) for s in std.values()), default=0.0)}
 

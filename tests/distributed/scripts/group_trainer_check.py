@@ -2,13 +2,16 @@
 holding half of every parameter and taking half of every batch) ends where the same client
 trained on one rank ends, with and without FedProx's proximal term (each rank adds its
 gradient on its own slices); loading a state writes only each rank's own slice; the whole model
-is never moved to the device (each parameter is cut into slices one at a time)."""
+is never moved to the device (each parameter is cut into slices one at a time); a state kept by
+shard (each tensor on one rank) loads, reads back and trains exactly as a whole one."""
 import sys
 
 import torch
 
+from fedalign_dist.aggregation.shards import assign_shards
 from fedalign_dist.clients.group_mpu import GroupMPU
 from fedalign_dist.clients.trainer import LocalTrainer, client_batches
+from fedalign_dist.clients.zero3_slices import slice_of
 from fedalign_dist.config import load_config
 from fedalign_dist.data.federated import build_federated_data
 from fedalign_dist.data.tokenizer import ByteTokenizer
@@ -86,6 +89,24 @@ with torch.no_grad():
         trainer.module.eval()
     want, got = (data.task.loss(t.engine, probe, 0.0) for t in (solo, group))
 assert abs(float(want) - float(got)) < 1e-5 * abs(float(want)), f"forward after load: {float(got)} != {float(want)}"
+# the global state kept by shard (aggregation/shards.py): a rank holds its own tensors only; loading
+# scatters each tensor's slices from its owner, reading gathers each whole tensor on its owner only
+owner = assign_shards({n: t.numel() for n, t in start.items()}, 2)
+rank_in_group = GroupMPU(2).group_rank
+assert 0 < sum(p == rank_in_group for p in owner.values()) < len(owner)
+own = lambda state: {n: t for n, t in state.items() if owner[n] == rank_in_group}  # noqa: E731
+group.load_state(own(shifted), owner)
+back = group.read_state(owner)
+assert back.keys() == own(shifted).keys(), "a rank got tensors it does not own"
+assert all(torch.equal(back[n], shifted[n]) for n in back), "a shard did not load or read back exactly"
+assert all(torch.equal(t, shifted[n]) for n, t in group.read_state().items()), "a slice was not written"
+reference = group.regularizer_view(own(shifted))
+assert all(torch.equal(reference[n], slice_of(shifted[n], p, rank_in_group)) for n, p in group.params.items())
+group.load_state(own(start), owner)  # the same client from a start kept by shard ends where it did
+group.reset_optimizer()
+group.train(client_batches(data, data.clients[0]["train"], 3, 4, 0, 0, 0),
+            lambda m, b: (data.task.loss(m, b, aux),) * 2, lambda p: None, data.task.targets_in)
+assert all(torch.equal(t, together[n]) for n, t in group.read_state(owner).items()), "training from shards differs"
 try:
     GroupMPU(3)
     raise AssertionError("a group of 3 in a world of 2 was accepted")
