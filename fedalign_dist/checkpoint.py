@@ -220,11 +220,18 @@ def load_strategy_state(folder: Path) -> dict:
     return {**json.loads((folder / "strategy.json").read_text()), **load_file(str(folder / "strategy.safetensors"))}
 
 
-def load_checkpoint(folder: Path) -> tuple[int, dict, dict]:
-    """(round, global state, strategy state) of a committed checkpoint."""
-    from safetensors.torch import load_file
+def load_checkpoint(folder: Path, names=None) -> tuple[int, dict, dict]:
+    """(round, global state, strategy state) of a committed checkpoint; with `names`, only those
+    tensors of the global state are read (client groups keep it by shard)."""
+    from safetensors import safe_open
     meta = json.loads((folder / "meta.json").read_text())
-    return meta["round"], load_file(str(folder / "global.safetensors")), load_strategy_state(folder)
+    with safe_open(str(folder / "global.safetensors"), framework="pt") as saved:
+        missing = [n for n in (names or []) if n not in saved.keys()]
+        if missing:
+            raise ValueError(f"{folder} has no global tensor {missing[0]} ({len(missing)} missing): it was written "
+                             f"for another model; resume it with the model it was written with")
+        state = {n: saved.get_tensor(n) for n in (names if names is not None else saved.keys())}
+    return meta["round"], state, load_strategy_state(folder)
 
 
 def write_json(path: Path, value) -> None:

@@ -42,8 +42,7 @@ class RunLifecycle:
             return 0, global_state, []
         folder = Path(folder)
         with all_ranks_agree(f"restoring {folder}"):
-            done, saved, strategy_state = checkpoint.load_checkpoint(folder)
-            global_state = {n: saved[n] for n in global_state}
+            done, global_state, strategy_state = checkpoint.load_checkpoint(folder, list(global_state))
             privacy_state = {k: strategy_state.pop(k) for k in list(strategy_state) if k.startswith("privacy.")}
             if self.privacy is not None:
                 if not privacy_state:
