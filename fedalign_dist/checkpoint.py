@@ -83,11 +83,21 @@ def stage_client_part(run_dir: Path, round_idx: int, rank: int, entries: dict[st
         os.fsync(f.fileno())
 
 
-def commit_checkpoint(run_dir: Path, round_idx: int, global_state: dict, strategy_state: dict,
+def stage_global_part(run_dir: Path, round_idx: int, index: int, parts: int, shard: dict) -> None:
+    """One shard of the global state, written by the rank that holds it (client groups: rank i of
+    the first group writes shard i), so no rank gathers the whole state to checkpoint it."""
+    from safetensors.torch import save_file
+    path = staging_dir(run_dir, round_idx) / f"global.part{index:03d}-of-{parts:03d}.safetensors"
+    save_file({n: t.contiguous() for n, t in shard.items()}, str(path))
+
+
+def commit_checkpoint(run_dir: Path, round_idx: int, global_state: dict | None, strategy_state: dict,
                       keep: int) -> Path:
+    """`global_state` None: its shards are staged already (stage_global_part)."""
     from safetensors.torch import save_file
     tmp, target = staging_dir(run_dir, round_idx), checkpoint_dir(run_dir, round_idx)
-    save_file({n: t.contiguous() for n, t in global_state.items()}, str(tmp / "global.safetensors"))
+    if global_state is not None:
+        save_file({n: t.contiguous() for n, t in global_state.items()}, str(tmp / "global.safetensors"))
     save_strategy_state(tmp, strategy_state)
     faults.maybe_raise("checkpoint_commit")
     # The manifest is written last: a checkpoint without it, or whose files do not match
@@ -222,15 +232,20 @@ def load_strategy_state(folder: Path) -> dict:
 
 def load_checkpoint(folder: Path, names=None) -> tuple[int, dict, dict]:
     """(round, global state, strategy state) of a committed checkpoint; with `names`, only those
-    tensors of the global state are read (client groups keep it by shard)."""
+    tensors of the global state are read (client groups keep it by shard). The global state is
+    one file, or one file per shard (written by a client group of any size: any G reads it)."""
     from safetensors import safe_open
     meta = json.loads((folder / "meta.json").read_text())
-    with safe_open(str(folder / "global.safetensors"), framework="pt") as saved:
-        missing = [n for n in (names or []) if n not in saved.keys()]
-        if missing:
-            raise ValueError(f"{folder} has no global tensor {missing[0]} ({len(missing)} missing): it was written "
-                             f"for another model; resume it with the model it was written with")
-        state = {n: saved.get_tensor(n) for n in (names if names is not None else saved.keys())}
+    state = {}
+    for path in sorted(folder.glob("global*.safetensors")):
+        with safe_open(str(path), framework="pt") as saved:
+            state.update({n: saved.get_tensor(n) for n in saved.keys() if names is None or n in names})
+    missing = [n for n in (names or []) if n not in state]
+    if missing:
+        raise ValueError(f"{folder} has no global tensor {missing[0]} ({len(missing)} missing): it was written "
+                         f"for another model; resume it with the model it was written with")
+    if names is not None:  # in the order asked for (a file lists its tensors sorted)
+        state = {n: state[n] for n in names}
     return meta["round"], state, load_strategy_state(folder)
 
 

@@ -78,16 +78,20 @@ class RunLifecycle:
     def checkpoint_due(self, round_idx: int) -> bool:
         return bool(self.cfg.checkpoint.every and (round_idx + 1) % self.cfg.checkpoint.every == 0)
 
-    def checkpoint(self, round_idx: int, global_state: dict) -> None:
-        """Global and strategy state from the coordinator, client states from every rank."""
+    def checkpoint(self, round_idx: int, global_state: dict | None, part: tuple[int, int] | None = None) -> None:
+        """Global and strategy state from the coordinator, client states from every rank. Under
+        client groups `global_state` is this rank's shard `part` = (index, parts), which it writes
+        itself (the first group's ranks; None elsewhere)."""
         if not self.checkpoint_due(round_idx):
             return
         on_coordinator("starting the checkpoint", checkpoint.begin_checkpoint, self.run_dir, round_idx)
         with all_ranks_agree("staging the client states"):
             entries = self.store.export_to(checkpoint.blob_dir(self.run_dir))
             checkpoint.stage_client_part(self.run_dir, round_idx, self.env.rank, entries)
+            if part is not None:
+                checkpoint.stage_global_part(self.run_dir, round_idx, *part, global_state)
         on_coordinator("committing the checkpoint", checkpoint.commit_checkpoint, self.run_dir, round_idx,
-                       global_state, {**self.strategy.state_dict(),
+                       None if part is not None else global_state, {**self.strategy.state_dict(),
                        **(self.privacy.state_dict() if self.privacy is not None else {})}, self.cfg.checkpoint.keep)
 
     def finish(self, trainer, tokenizer, global_state: dict, summary: dict) -> None:

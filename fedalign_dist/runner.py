@@ -131,8 +131,12 @@ class Runner:
         # The round's metrics line before its checkpoint: a crash between the two re-runs the
         # round from the previous checkpoint, and resume cuts the metrics back to it.
         self.lifecycle.log(record)
-        if self.lifecycle.checkpoint_due(round_idx):
-            self.lifecycle.checkpoint(round_idx, self.state_for_writing())
+        if self.sharded is None:
+            self.lifecycle.checkpoint(round_idx, self.global_state)
+        elif self.group.index == 0:  # the first group's ranks write one shard each
+            self.lifecycle.checkpoint(round_idx, self.global_state, (self.group.group_rank, self.group.size))
+        else:
+            self.lifecycle.checkpoint(round_idx, None)
         return record
 
     def place_round(self, round_idx: int, score_personal: bool) -> dict[int, int]:
@@ -241,9 +245,8 @@ class Runner:
                                      "model (same model.path contents, seed and library versions)")
 
     def state_for_writing(self) -> dict:
-        """The global state as the run's first rank writes it (a checkpoint, the export): whole
-        there; under client groups gathered from its group's shards (elsewhere: this rank's shard,
-        not written)."""
+        """The global state as the run's first rank writes it for the export: whole there; under
+        client groups gathered from its group's shards (elsewhere: this rank's shard, not written)."""
         if self.sharded is None or self.group.index != 0:
             return self.global_state
         whole = self.sharded.whole_on_first(self.global_state)

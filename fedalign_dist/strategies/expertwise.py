@@ -227,7 +227,8 @@ class ExpertwiseStrategy(Strategy):
 
     @staticmethod
     def _gather_deltas(updates, like, comm) -> dict[int, NamedTensors]:
-        rows = torch.stack([flatten(u.delta) for u in updates]) if updates else torch.zeros(0, len(flatten(like)))
+        rows = (torch.stack([flatten({n: u.delta[n] for n in like}) for u in updates]) if updates  # in like's order
+                else torch.zeros(0, len(flatten(like))))
         ids = comm.all_gather_json([u.client_id for u in updates])
         blocks = comm.all_gather_rows(rows)
         return {cid: unflatten(row, like) for part_ids, block in zip(ids, blocks)
