@@ -164,6 +164,20 @@ def all_gather_tensor_items(items: list[dict[str, torch.Tensor]], counter: ByteC
     return out
 
 
+def broadcast_bytes(blob: bytes, src: int, group, device: torch.device | None = None,
+                    counter: ByteCounter | None = None) -> bytes:
+    """`src`'s bytes on every rank of `group` (others pass b""): its length, then its bytes."""
+    size = torch.tensor([len(blob)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src, group=group)
+    data = (torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device) if blob
+            else torch.empty(int(size), dtype=torch.uint8, device=device))
+    if int(size):
+        dist.broadcast(data, src, group=group)
+    if counter is not None and dist.get_rank() == src:
+        counter.sent += (dist.get_world_size(group) - 1) * (int(size) + 8)
+    return blob if dist.get_rank() == src else data.cpu().numpy().tobytes()
+
+
 def group_mean(values: list[float], group, device: torch.device | None = None) -> list[float]:
     """Element-wise mean of `values` over the ranks of `group` (float64)."""
     summed = torch.tensor(values, dtype=torch.float64, device=device)

@@ -38,6 +38,12 @@ class Communicator:
     def all_gather_tensor_items(self, items):
         return collectives.all_gather_tensor_items(items, self.bytes, self._wire_device(), self.group)
 
+    def all_gather_client_items(self, items):
+        """Per-client items that every rank of a client group holds alike (routing statistics),
+        per host in rank order: as all_gather_tensor_items, except that under client groups
+        they are gathered once, not once per shard (see dist/sharded_aggregation.py)."""
+        return self.all_gather_tensor_items(items)
+
     def on_coordinator(self, what: str, fn, *args, **kwargs):
         """fn on this communicator's coordinator only; every rank of the world fails together if
         it raised (see dist/agreement.py)."""

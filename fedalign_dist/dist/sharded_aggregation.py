@@ -27,10 +27,9 @@ class ShardedAggregation:
         self.owner = assign_shards({n: shape.numel() for n, shape in shapes.items()}, group.size)
         self.names = [shard_of(self.owner, part) for part in range(group.size)]
         self.mine = self.names[group.group_rank]
-        self.comm = Communicator(group.rank, len(group.shard_ranks), device, group=group.shard_group,
-                                 ranks=group.shard_ranks, counter=counter)
         self.client_group = group.get_data_parallel_group()
         self.within_group = collectives.ByteCounter()
+        self.comm = ShardCommunicator(group, device, counter, self.within_group)
 
     def mine_of(self, state: dict) -> dict:
         """This rank's shard of a whole state."""
@@ -98,3 +97,43 @@ class ShardedAggregation:
 
     def _wire(self):
         return self.device if self.device.type == "cuda" else None
+
+
+class ShardCommunicator(Communicator):
+    """What shard i's aggregation talks through: the process group of "rank i of every client
+    group". Per-client statistics are the same on every rank of a group, so only the groups'
+    first ranks gather them (over shard 0's group), and each passes them on within its group:
+    they cross between groups once, not once per shard."""
+
+    def __init__(self, group, device: torch.device, counter: collectives.ByteCounter,
+                 within_group: collectives.ByteCounter):
+        super().__init__(group.rank, len(group.shard_ranks), device, group=group.shard_group,
+                         ranks=group.shard_ranks, counter=counter)
+        self.client_group, self.within_group = group, within_group
+
+    def all_gather_client_items(self, items):
+        first = self.client_group.group_rank == 0
+        parts = self.all_gather_tensor_items(items) if first else None  # this rank's shard group is shard 0's
+        blob = _item_bytes(parts) if first else b""
+        raw = collectives.broadcast_bytes(blob, self.client_group.get_data_parallel_group_ranks()[0],
+                                          self.client_group.get_data_parallel_group(), self._wire_device(),
+                                          self.within_group)
+        return parts if first else _items_from_bytes(raw)
+
+
+def _item_bytes(parts: list[list[dict]]) -> bytes:
+    """Gathered items as bytes: a JSON layout (each item's names), then their tensors (safetensors)."""
+    from safetensors.torch import save
+    tensors = {f"{p}/{i}/{k}": t.contiguous().clone() for p, part in enumerate(parts)
+               for i, item in enumerate(part) for k, t in item.items()}
+    head = json.dumps([[list(item) for item in part] for part in parts]).encode()
+    return len(head).to_bytes(8, "little") + head + (save(tensors) if tensors else b"")
+
+
+def _items_from_bytes(raw: bytes) -> list[list[dict]]:
+    from safetensors.torch import load
+    size = int.from_bytes(raw[:8], "little")
+    layout = json.loads(raw[8:8 + size])
+    tensors = load(raw[8 + size:]) if len(raw) > 8 + size else {}
+    return [[{k: tensors[f"{p}/{i}/{k}"] for k in names} for i, names in enumerate(part)]
+            for p, part in enumerate(layout)]

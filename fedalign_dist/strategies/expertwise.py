@@ -201,7 +201,7 @@ class ExpertwiseStrategy(Strategy):
         items = [{"client_id": torch.tensor(u.client_id), "num_examples": torch.tensor(u.num_examples),
                   **{k: v for k, v in u.stats.items() if v is not None}} for u in updates]
         return [(int(item.pop("client_id")), int(item.pop("num_examples")), item)
-                for part in comm.all_gather_tensor_items(items) for item in part]
+                for part in comm.all_gather_client_items(items) for item in part]
 
     def synced_state(self) -> NamedTensors:
         """Strategy state that the plan sets and every rank uses (FedAlign: the routing prior)."""

@@ -68,3 +68,20 @@ def test_each_shard_aggregated_alone_equals_the_whole_aggregation(layout, parts,
         expected = whole_store.get(client, key)
         assert entries.keys() == expected.keys()
         assert all(torch.equal(entries[k], expected[k]) for k in expected)
+
+
+def test_gathered_statistics_pass_within_a_group_exactly():
+    """Under client groups a group's first rank passes the gathered statistics to its partners
+    as bytes: every item comes back with its names, dtypes and values, empty hosts included."""
+    from fedalign_dist.dist.sharded_aggregation import _item_bytes, _items_from_bytes
+    gen = torch.Generator().manual_seed(0)
+    parts = [[{"client_id": torch.tensor(3), "usage": torch.rand(2, 4, generator=gen), "held": torch.tensor([True, False])}],
+             [], [{"client_id": torch.tensor(5), "usage": torch.rand(2, 4, generator=gen).double(),
+                   "held": torch.tensor([False, True])}]]
+    back = _items_from_bytes(_item_bytes(parts))
+    assert [len(part) for part in back] == [1, 0, 1]
+    for part, again in zip(parts, back):
+        for item, copy in zip(part, again):
+            assert list(copy) == list(item)
+            assert all(copy[k].dtype == item[k].dtype and torch.equal(copy[k], item[k]) for k in item)
+    assert _items_from_bytes(_item_bytes([[], []])) == [[], []]
