@@ -172,7 +172,8 @@ class Runner:
 
     def aggregate(self, round_idx: int, accepted, anyone_accepted: bool) -> dict:
         """The strategy's aggregation of this host's accepted updates (skipped when the guard
-        rejected every sampled client; by shard under client groups), then the check that the new global state is finite, on every rank."""
+        rejected every sampled client; by shard under client groups), then the check that the
+        new global state is finite, on every rank."""
         if anyone_accepted:
             if self.sharded is not None:
                 self.global_state, diagnostics = self.sharded.aggregate(self.strategy, self.global_state, accepted)
