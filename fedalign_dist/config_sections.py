@@ -319,8 +319,9 @@ class Config(ConfigSection):
              f"strategy.name={self.strategy.name} (not built for client groups: fedavg, fedprox, fedmoe and "
              f"fedalign are)"),
             (self.model.finetune != "full",
-             "model.finetune=lora (the PEFT adapter is read and written from whole parameters; client groups "
-             "hold slices: full fine-tuning, model.freeze allowed)")] if bad]
+             "model.finetune=lora (the PEFT adapter on the fused expert tensors is computed outside ZeRO-3's "
+             "hooks, so its gradients reach ZeRO-3 empty; client groups run full fine-tuning, model.freeze "
+             "allowed)")] if bad]
         if unsupported:
             raise ValueError(f"fed.ranks_per_client={group} cannot run with {'; '.join(unsupported)}. "
                              f"Set fed.ranks_per_client=1 for these")

@@ -133,7 +133,7 @@ def test_a_bf16_grouped_run_with_frozen_projections_follows_two_bf16_ranks_of_on
 @pytest.mark.parametrize("override, words", [
     ("strategy.name=fedamole", r"strategy.name=fedamole \(its dense base is frozen"),
     ("strategy.name=local_only", r"strategy.name=local_only \(not built for client groups"),
-    ("model.finetune=lora", r"model.finetune=lora \(the PEFT adapter"),
+    ("model.finetune=lora", r"model.finetune=lora \(the PEFT adapter on the fused expert tensors"),
     ("local.batch_size=3", "local.batch_size=3 does not split"),
 ])
 def test_what_client_groups_cannot_run_is_refused_by_name_with_why(override, words):
