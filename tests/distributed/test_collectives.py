@@ -37,6 +37,11 @@ def test_a_bf16_client_group_trains_like_one_bf16_rank_and_keeps_small_updates()
     assert out.stdout.count("bf16 group of 2 OK") == 2, out.stdout[-3000:]
 
 
+def test_a_client_group_runner_holds_its_shard_of_the_global_state_only(tmp_path):
+    out = torchrun([f"{SCRIPTS}/group_runner_check.py", str(tmp_path)], nproc=2, timeout=300)
+    assert out.stdout.count("runner OK") == 2, out.stdout[-3000:]
+
+
 @pytest.mark.parametrize("nproc, group", [(2, 1), (4, 2)])
 def test_personal_state_follows_its_client_to_another_rank_or_client_group(nproc, group):
     out = torchrun([f"{SCRIPTS}/state_moves_check.py", str(group)], nproc=nproc)
