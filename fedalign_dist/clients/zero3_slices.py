@@ -7,7 +7,8 @@ alone assembles the whole tensor. One tensor at a time: no rank ever holds the w
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from fedalign_dist.dist.collectives import gather_to, scatter_to
 
 
 def slice_of(full: torch.Tensor, param, group_rank: int) -> torch.Tensor:
@@ -35,7 +36,7 @@ def scatter_from_owners(params: dict, state: dict, owner: dict[str, int], group,
             pieces = [slice_of(full, param, r).to(wire).contiguous() for r in range(group.size)]
             if counter is not None:
                 counter.sent += (group.size - 1) * mine.numel() * 4
-        dist.scatter(mine, pieces, src=ranks[owner[name]], group=group.get_data_parallel_group())
+        scatter_to(mine, pieces, ranks[owner[name]], group.get_data_parallel_group())
         yield name, param, mine
 
 
@@ -49,7 +50,7 @@ def gather_to_owners(params: dict, local_slice, owner: dict[str, int], group, de
     for name, param in params.items():
         mine = local_slice(param).detach().float().reshape(-1).to(wire).contiguous()
         bucket = [torch.empty_like(mine) for _ in range(group.size)] if owner[name] == me else None
-        dist.gather(mine, bucket, dst=ranks[owner[name]], group=group.get_data_parallel_group())
+        gather_to(mine, bucket, ranks[owner[name]], group.get_data_parallel_group())
         if bucket is not None:
             out[name] = torch.cat(bucket)[:param.ds_numel].view(param.ds_shape).cpu().clone()
         elif counter is not None:

@@ -178,6 +178,16 @@ def broadcast_bytes(blob: bytes, src: int, group, device: torch.device | None = 
     return blob if dist.get_rank() == src else data.cpu().numpy().tobytes()
 
 
+def scatter_to(out: torch.Tensor, pieces: list[torch.Tensor] | None, src: int, group) -> None:
+    """`src`'s pieces[r] into `out` on rank r of `group` (others pass pieces=None)."""
+    dist.scatter(out, pieces, src=src, group=group)
+
+
+def gather_to(tensor: torch.Tensor, bucket: list[torch.Tensor] | None, dst: int, group) -> None:
+    """Every rank's `tensor` into `dst`'s bucket, in the group's rank order (others pass None)."""
+    dist.gather(tensor, bucket, dst=dst, group=group)
+
+
 def group_mean(values: list[float], group, device: torch.device | None = None) -> list[float]:
     """Element-wise mean of `values` over the ranks of `group` (float64)."""
     summed = torch.tensor(values, dtype=torch.float64, device=device)

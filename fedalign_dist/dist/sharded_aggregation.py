@@ -5,7 +5,8 @@ of every group holds shard i of the global state and of each client's update, an
 it alone: the strategy runs unchanged on that shard, over the process group of "rank i of
 every group", and sends 1/G of the state across groups. A client's start state reaches the
 ZeRO-3 slices from the tensors' owners (clients/zero3_slices.py), so no rank holds the whole
-model; only checkpoints and the final export gather it, on the run's first rank."""
+model; checkpoints are written by shard, and only the final export gathers the whole state, on
+the run's first rank. Per-client statistics cross between groups once (ShardCommunicator)."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,10 +31,6 @@ class ShardedAggregation:
         self.client_group = group.get_data_parallel_group()
         self.within_group = collectives.ByteCounter()
         self.comm = ShardCommunicator(group, device, counter, self.within_group)
-
-    def mine_of(self, state: dict) -> dict:
-        """This rank's shard of a whole state."""
-        return {n: state[n] for n in self.mine}
 
     def aggregate(self, strategy, shard: dict, updates: list) -> tuple[dict, dict]:
         """The strategy's aggregation of this rank's shard over the shard group. Every shard group
