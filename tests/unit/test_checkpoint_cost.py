@@ -128,3 +128,22 @@ def test_checkpoints_of_earlier_versions_still_load(tmp_path):
     assert torch.equal(store.get(2, "personal")["e|0"], _state(2)["e|0"])
     digest = hashlib.sha256((folder / "clients/client_000002/personal.safetensors").read_bytes()).hexdigest()
     assert store.export_to(checkpoint.blob_dir(tmp_path)) == {"client_000002/personal": digest}
+
+
+def test_a_global_state_written_by_shards_reads_back_by_name_in_the_order_asked(tmp_path):
+    """Client groups write one file per shard; a rank of any group size reads the tensors it
+    holds, in its own order (a file lists them sorted), and another model's names are refused."""
+    from safetensors.torch import save_file
+    folder = checkpoint.checkpoint_dir(tmp_path, 0)
+    folder.mkdir(parents=True)
+    whole = {"z.weight": torch.arange(6.0).view(2, 3), "a.weight": torch.ones(4), "m.bias": torch.full((2,), 7.0)}
+    save_file({"z.weight": whole["z.weight"]}, str(folder / "global.part000-of-002.safetensors"))
+    save_file({"a.weight": whole["a.weight"], "m.bias": whole["m.bias"]}, str(folder / "global.part001-of-002.safetensors"))
+    checkpoint.save_strategy_state(folder, {})
+    (folder / "meta.json").write_text(json.dumps({"round": 4, "files": {}}))
+    done, state, _ = checkpoint.load_checkpoint(folder, ["z.weight", "m.bias"])
+    assert done == 4 and list(state) == ["z.weight", "m.bias"]
+    assert all(torch.equal(state[n], whole[n]) for n in state)
+    assert checkpoint.load_checkpoint(folder)[1].keys() == whole.keys()
+    with pytest.raises(ValueError, match="written for another model"):
+        checkpoint.load_checkpoint(folder, ["z.weight", "lm_head.weight"])
