@@ -23,7 +23,7 @@ from fedalign_dist.dist.env import DistEnv
 from fedalign_dist.dist.placement import balanced_placement, block_placement, client_cost, sample_clients
 from fedalign_dist.dist.sharded_aggregation import ShardedAggregation
 from fedalign_dist.metrics import console_line, peak_gpu_mb, peak_rss_mb, round_record
-from fedalign_dist.models.build import describe_model
+from fedalign_dist.models.build import describe_model, structure_only
 from fedalign_dist.privacy.mechanism import ClientLevelDP
 from fedalign_dist.run_lifecycle import RunLifecycle
 from fedalign_dist.strategies import build_strategy, strategy_class
@@ -33,7 +33,10 @@ class Runner:
     def __init__(self, cfg: Config, env: DistEnv, data, tokenizer):
         self.cfg, self.env, self.data, self.tokenizer = cfg, env, data, tokenizer
         self.engines_before = LocalTrainer.engines_built  # engines built by this run = the difference
-        model, self.anatomy = strategy_class(cfg.strategy.name).build_model(cfg, tokenizer)
+        # a client group's other ranks build the structure only: ZeRO-3 fills their slices from its first rank
+        partner = cfg.fed.ranks_per_client > 1 and env.rank % cfg.fed.ranks_per_client != 0
+        with structure_only(cfg) if partner else nullcontext():
+            model, self.anatomy = strategy_class(cfg.strategy.name).build_model(cfg, tokenizer)
         # client groups (fed.ranks_per_client): a group's ranks train the same clients in
         # lockstep, each holding a ZeRO-3 shard; only the group's first rank reports them
         self.group = GroupMPU(cfg.fed.ranks_per_client)

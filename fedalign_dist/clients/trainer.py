@@ -114,10 +114,25 @@ def partition_over_group(model: torch.nn.Module, group: GroupMPU, config: dict, 
         for param in model.parameters():
             param.data = param.data.to(torch.bfloat16)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
-    deepspeed.zero.Init(module=model, mpu=group, data_parallel_group=group.get_data_parallel_group(),
-                        config_dict_or_path=config, mem_efficient_linear=False)
-    for buffer in model.buffers():
+    # one module's own parameters at a time, children first: a rank that built only the structure
+    # (models/build.py: structure_only) gives them storage just before ZeRO-3 fills it with the
+    # group's first rank's values and keeps this rank's slice
+    given = {}  # id(meta parameter) -> its replacement (a tied parameter is one object in two modules)
+    for module in reversed(list(model.modules())):
+        if not module._parameters:
+            continue
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                if id(param) not in given:
+                    given[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=param.dtype),
+                                                          requires_grad=param.requires_grad)
+                module._parameters[name] = given[id(param)]
+        deepspeed.zero.Init(module=module, mpu=group, data_parallel_group=group.get_data_parallel_group(),
+                            config_dict_or_path=config, mem_efficient_linear=False)
+    first = group.get_data_parallel_group_ranks()[0]
+    for buffer in model.buffers():  # the first rank's (loaded with the weights), on every rank
         buffer.data = buffer.data.to(device)
+        dist.broadcast(buffer.data, first, group=group.get_data_parallel_group())
 
 
 class LocalTrainer:

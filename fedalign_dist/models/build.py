@@ -3,6 +3,8 @@ federated parameters trainable: `full` (experts, routers and the rest unless fro
 `lora` (a PEFT LoRA per expert on the fused expert tensors; routers trained in full)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import transformers as tf
 
@@ -43,6 +45,30 @@ def check_model_path(path: str) -> None:
     if model_type not in FAMILIES:
         raise ValueError(f"model.path '{path}' is a '{model_type}' model; supported MoE families: "
                          f"{', '.join(FAMILIES)}")
+
+
+_structure_only = False
+
+
+@contextmanager
+def structure_only(cfg):
+    """Build the MoE model's structure without its weights: parameters on the meta device,
+    buffers real. A client group's other ranks
+    build so, since ZeRO-3 gives every rank its slice of the group's first rank's values: one
+    whole model per group on the host, not one per rank. Presets only: dense (llama) bases and
+    checkpoints (model.path) build whole; a 2-group run from a checkpoint, its partners building
+    the structure only, hung before its first round (not diagnosed further)."""
+    global _structure_only
+    if cfg.model.family == "llama" or cfg.model.path is not None:
+        yield
+        return
+    from accelerate import init_empty_weights
+    _structure_only = True
+    try:
+        with init_empty_weights(include_buffers=False):
+            yield
+    finally:
+        _structure_only = False
 
 
 def build_base_model(model_cfg, tokenizer, max_length: int, seed: int) -> tuple[torch.nn.Module, str, int]:

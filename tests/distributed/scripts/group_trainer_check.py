@@ -5,6 +5,7 @@ gradient on its own slices); loading a state writes only each rank's own slice; 
 is never moved to the device (each parameter is cut into slices one at a time); a state kept by
 shard (each tensor on one rank) loads, reads back and trains exactly as a whole one."""
 import sys
+from contextlib import nullcontext
 
 import torch
 
@@ -16,7 +17,7 @@ from fedalign_dist.config import load_config
 from fedalign_dist.data.federated import build_federated_data
 from fedalign_dist.data.tokenizer import ByteTokenizer
 from fedalign_dist.dist.env import end_checked_rank, init_distributed
-from fedalign_dist.models.build import build_model
+from fedalign_dist.models.build import build_model, structure_only
 from fedalign_dist.train import quiet_libraries
 
 quiet_libraries()
@@ -107,6 +108,13 @@ group.reset_optimizer()
 group.train(client_batches(data, data.clients[0]["train"], 3, 4, 0, 0, 0),
             lambda m, b: (data.task.loss(m, b, aux),) * 2, lambda p: None, data.task.targets_in)
 assert all(torch.equal(t, together[n]) for n, t in group.read_state(owner).items()), "training from shards differs"
+# a group's other ranks may build the structure only (parameters on the meta device): ZeRO-3 fills
+# every rank's slices with the first rank's values, so the whole model is on one rank's host only
+with structure_only(cfg) if rank_in_group else nullcontext():
+    outline = build_model(cfg, tok)[0]
+assert all(p.is_meta for p in outline.parameters()) == bool(rank_in_group), "the structure-only build has weights"
+light = LocalTrainer(outline, cfg, env.device, group=GroupMPU(2))
+assert all(torch.equal(t, start[n]) for n, t in light.read_state().items()), "a partner's slices differ"
 try:
     GroupMPU(3)
     raise AssertionError("a group of 3 in a world of 2 was accepted")
