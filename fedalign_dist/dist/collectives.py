@@ -188,8 +188,14 @@ def gather_to(tensor: torch.Tensor, bucket: list[torch.Tensor] | None, dst: int,
     dist.gather(tensor, bucket, dst=dst, group=group)
 
 
-def group_mean(values: list[float], group, device: torch.device | None = None) -> list[float]:
-    """Element-wise mean of `values` over the ranks of `group` (float64)."""
+def group_sum(values: list[float], group, device: torch.device | None = None) -> list[float]:
+    """Element-wise sum of `values` over the ranks of `group` (float64)."""
     summed = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(summed, group=group)
-    return (summed / dist.get_world_size(group)).tolist()
+    return summed.cpu().tolist()
+
+
+def group_mean(values: list[float], group, device: torch.device | None = None) -> list[float]:
+    """Element-wise mean of `values` over the ranks of `group` (float64)."""
+    size = dist.get_world_size(group)
+    return [v / size for v in group_sum(values, group, device)]

@@ -13,7 +13,6 @@ import dataclasses
 import json
 
 import torch
-import torch.distributed as dist
 
 from fedalign_dist.aggregation.shards import assign_shards, owned_entries, shard_of
 from fedalign_dist.dist import collectives
@@ -46,9 +45,7 @@ class ShardedAggregation:
 
     def over_group(self, values: list[float]) -> list[float]:
         """Element-wise sums over the group's ranks (float64): a whole update's norm from its shards."""
-        summed = torch.tensor(values, dtype=torch.float64, device=self._wire())
-        dist.all_reduce(summed, group=self.client_group)
-        return summed.cpu().tolist()
+        return collectives.group_sum(values, self.client_group, self._wire())
 
     def owned(self, entries: dict) -> dict:
         """The entries of a client-state record that belong to this rank's shard."""
@@ -56,7 +53,7 @@ class ShardedAggregation:
 
     def whole_on_first(self, shard: dict) -> dict | None:
         """The whole state on the group's first rank (None elsewhere), gathered within the group:
-        for a checkpoint or the export, which the run's first rank writes."""
+        for the final export, which the run's first rank writes."""
         flat = collectives.flatten({n: shard[n].float() for n in self.mine})
         counts = collectives.all_gather_json(flat.numel(), self.within_group, self._wire(), self.client_group)
         first = self.group.get_data_parallel_group_ranks()[0]
@@ -64,7 +61,7 @@ class ShardedAggregation:
         padded[:flat.numel()] = flat
         padded = padded.to(self._wire()) if self._wire() is not None else padded
         bucket = [torch.empty_like(padded) for _ in counts] if self.group.group_rank == 0 else None
-        dist.gather(padded, bucket, dst=first, group=self.client_group)
+        collectives.gather_to(padded, bucket, first, self.client_group)
         if self.group.group_rank:
             self.within_group.sent += padded.numel() * 4
             return None
