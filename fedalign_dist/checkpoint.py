@@ -275,7 +275,8 @@ def save_final(run_dir: Path, global_state: dict, module: torch.nn.Module, finet
     """final/global.safetensors always; then the strategy's own `export(folder)` if it has one
     (FedAMoLE), else LoRA: a PEFT adapter directory (final/adapter) plus, when given, the base
     model it belongs to (final/base_model); full fine-tuning: a Hugging Face checkpoint of the
-    global model (final/model), from `module_state` when given (a ZeRO-3 module holds slices)."""
+    global model (final/model); either from `module_state` when given (a ZeRO-3 module holds
+    slices)."""
     from safetensors.torch import save_file
 
     def fill(folder: Path):
@@ -283,7 +284,7 @@ def save_final(run_dir: Path, global_state: dict, module: torch.nn.Module, finet
         if export is not None and export(folder):
             return
         if finetune == "lora":
-            module.save_pretrained(str(folder / "adapter"))
+            module.save_pretrained(str(folder / "adapter"), state_dict=module_state)
             if base_model is not None:
                 base_model.save_pretrained(str(folder / "base_model"))
         else:

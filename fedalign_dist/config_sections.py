@@ -317,11 +317,7 @@ class Config(ConfigSection):
              "writes the base and every client's experts from the whole module; client groups hold slices)"),
             (self.strategy.name not in ("fedavg", "fedprox", "fedmoe", "fedalign", "fedamole"),
              f"strategy.name={self.strategy.name} (not built for client groups: fedavg, fedprox, fedmoe and "
-             f"fedalign are)"),
-            (self.model.finetune != "full",
-             "model.finetune=lora (the PEFT adapter on the fused expert tensors is computed outside ZeRO-3's "
-             "hooks, so its gradients reach ZeRO-3 empty; client groups run full fine-tuning, model.freeze "
-             "allowed)")] if bad]
+             f"fedalign are)")] if bad]
         if unsupported:
             raise ValueError(f"fed.ranks_per_client={group} cannot run with {'; '.join(unsupported)}. "
                              f"Set fed.ranks_per_client=1 for these")

@@ -48,9 +48,14 @@ def zero3_sizes(hidden_size: int) -> dict:
     """ZeRO-3's buffer sizes scaled to the model, as Hugging Face's DeepSpeed integration sets
     them ("auto"): DeepSpeed's fixed defaults (a 5e8-element reduce bucket: 2 GB in fp32 on every
     rank) would outweigh the model slice a group exists to make small. No parameter is kept
-    whole ("persistent"): a state loaded by writing each rank's slice would not reach it."""
+    whole ("persistent"): a state loaded by writing each rank's slice would not reach it.
+    DeepSpeed's default leaf modules (the Mixtral and Qwen MoE blocks, gathered whole, their
+    gradients reduced when the block's backward ends) are off: under a PEFT adapter that hook ran
+    before the router's gradient was made and reduced an empty one ("0 != 256 Cannot reduce
+    scatter gradients"). Leaves exist for experts called in a varying order; fused expert
+    tensors are one module, called once."""
     return {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": hidden_size ** 2,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size ** 2)}
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size ** 2), "leaf_module": {"classes": []}}
 
 
 def deepspeed_config(cfg, hidden_size: int, path: StepPath | None = None, group_size: int = 1) -> dict:
@@ -222,10 +227,12 @@ class LocalTrainer:
     def module_state(self, state: NamedTensors) -> NamedTensors | None:
         """What save_pretrained should write for a sharded module (its parameters hold slices):
         `state`, the frozen parameters (gathered whole: a collective over the group, so every
-        rank of it calls) and the persistent buffers; None when the module is whole (it writes
-        its own)."""
+        rank of it calls) and the persistent buffers; a LoRA adapter is `state` alone. None when
+        the module is whole (it writes its own)."""
         if not self.sharded:
             return None
+        if self.cfg.model.finetune == "lora":  # the adapter is the trainable state; the base stays sliced
+            return dict(state)
         import deepspeed
         frozen = {n: p for n, p in self.module.named_parameters() if n not in self.params}
         with deepspeed.zero.GatheredParameters(list(frozen.values())):
