@@ -49,7 +49,7 @@ def zero3_sizes(hidden_size: int) -> dict:
     them ("auto"): DeepSpeed's fixed defaults (a 5e8-element reduce bucket: 2 GB in fp32 on every
     rank) would outweigh the model slice a group exists to make small. No parameter is kept
     whole ("persistent"): a state loaded by writing each rank's slice would not reach it.
-    DeepSpeed's default leaf modules (the Mixtral and Qwen MoE blocks, gathered whole, their
+    DeepSpeed's default leaf modules (three transformers MoE blocks, gathered whole, their
     gradients reduced when the block's backward ends) are off: under a PEFT adapter that hook ran
     before the router's gradient was made and reduced an empty one ("0 != 256 Cannot reduce
     scatter gradients"). Leaves exist for experts called in a varying order; fused expert
