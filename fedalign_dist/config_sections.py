@@ -67,7 +67,9 @@ class ModelConfig(ConfigSection):
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
     num_experts: int = Field(4, ge=2)
     top_k: int = Field(2, ge=1)
-    router_aux_loss_coef: float = Field(0.01, ge=0)
+    router_aux_loss_coef: Optional[float] = Field(None, ge=0)
+    """The router load-balancing loss's weight; unset: 0.01 for a preset, the checkpoint's own
+    (its config.json) for model.path."""
     experts_implementation: Literal["grouped_mm", "batched_mm", "eager"] = "grouped_mm"
 
     @model_validator(mode="after")

@@ -11,7 +11,8 @@ import transformers as tf
 from fedalign_dist.models.amole import amole_modules, wrap_linear_layers
 from fedalign_dist.models.anatomy import MoEAnatomy, ParamRole
 from fedalign_dist.models.families import FAMILIES, dense_preset_config, family_of, preset_config
-from fedalign_dist.models.packaged import NUM_EXPERTS_ATTRS, check_exists, load_causal_lm
+from fedalign_dist.models.packaged import (NUM_EXPERTS_ATTRS, causal_lm_structure, check_exists,
+                                          load_causal_lm, resolve)
 
 
 def _numel(param) -> int:
@@ -48,18 +49,18 @@ def check_model_path(path: str) -> None:
 
 
 _structure_only = False
+PRESET_AUX_LOSS_COEF = 0.01  # a preset's router load-balancing weight unless model.router_aux_loss_coef says
 
 
 @contextmanager
 def structure_only(cfg):
     """Build the MoE model's structure without its weights: parameters on the meta device,
-    buffers real. A client group's other ranks
-    build so, since ZeRO-3 gives every rank its slice of the group's first rank's values: one
-    whole model per group on the host, not one per rank. Presets only: dense (llama) bases and
-    checkpoints (model.path) build whole; a 2-group run from a checkpoint, its partners building
-    the structure only, hung before its first round (not diagnosed further)."""
+    buffers real. A client group's other ranks build so, since ZeRO-3 gives every rank its
+    slice of the group's first rank's values: one whole model per group on the host, not one
+    per rank. A checkpoint (model.path) is read for its config alone. Dense (llama) bases and
+    GGUF files, FedAMoLE's, build whole (groups refuse FedAMoLE)."""
     global _structure_only
-    if cfg.model.family == "llama" or cfg.model.path is not None:
+    if cfg.model.family == "llama" or (cfg.model.path is not None and resolve(cfg.model.path)[1] is not None):
         yield
         return
     from accelerate import init_empty_weights
@@ -69,19 +70,24 @@ def structure_only(cfg):
             yield
     finally:
         _structure_only = False
+PRESET_AUX_LOSS_COEF = 0.01  # a preset's router load-balancing weight unless model.router_aux_loss_coef says
 
 
 def build_base_model(model_cfg, tokenizer, max_length: int, seed: int) -> tuple[torch.nn.Module, str, int]:
     """Returns (model, family name, number of experts). Same seed -> same weights on every rank."""
     torch.manual_seed(seed)
     if model_cfg.path is not None:
-        model = load_causal_lm(model_cfg.path)  # a folder, a GGUF file, or package:NAME
+        # a folder, a GGUF file, or package:NAME; a group partner reads its config alone
+        model = causal_lm_structure(model_cfg.path) if _structure_only else load_causal_lm(model_cfg.path)
         family = model.config.model_type
+        if model_cfg.router_aux_loss_coef is not None:  # a training choice, not the architecture
+            model.config.router_aux_loss_coef = model_cfg.router_aux_loss_coef
     else:
         family = model_cfg.family
         config = preset_config(family, model_cfg.preset, model_cfg.num_experts, model_cfg.top_k,
                                tokenizer.vocab_size, max_length, tokenizer.pad_id, tokenizer.bos_id,
-                               tokenizer.eos_id, model_cfg.router_aux_loss_coef)
+                               tokenizer.eos_id, PRESET_AUX_LOSS_COEF if model_cfg.router_aux_loss_coef is None
+                               else model_cfg.router_aux_loss_coef)
         model = tf.AutoModelForCausalLM.from_config(config)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has "

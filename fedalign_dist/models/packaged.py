@@ -62,6 +62,22 @@ def load_causal_lm(path: str) -> torch.nn.Module:
     return plain
 
 
+def causal_lm_structure(path: str) -> torch.nn.Module:
+    """A checkpoint folder's model without its weights, read from config.json alone: the class
+    and config `load_causal_lm` builds, in the same (eval) mode. Built under accelerate's
+    init_empty_weights (parameters on the meta device), where transformers leaves tied output
+    embeddings untied: tied here, or the model would hold one parameter more than the loaded
+    one and ZeRO-3's partitioning over a client group would wait for it forever."""
+    directory, _ = resolve(path)
+    config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    output = model.get_output_embeddings()
+    if config.get_text_config().tie_word_embeddings and output is not None:
+        # into the dict: init_empty_weights' register_parameter would store a new meta copy
+        output._parameters["weight"] = model.get_input_embeddings().weight
+    return model
+
+
 def load_tokenizer(path: str):
     directory, gguf = resolve(path)
     return tf.AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf, local_files_only=True)

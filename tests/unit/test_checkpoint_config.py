@@ -44,3 +44,22 @@ def test_dense_checkpoint_with_an_moe_strategy_is_refused(checkpoints):
 def test_tokenizer_from_a_checkpoint_without_one_is_refused(checkpoints):
     with pytest.raises(ConfigError, match="data.tokenizer=model but model.path .* holds no tokenizer"):
         load_config(None, [f"model.path={checkpoints / 'qwen3'}", "data.tokenizer=model"])
+
+
+def test_the_router_loss_weight_is_the_checkpoints_unless_set(checkpoints):
+    """model.router_aux_loss_coef is a training choice: it applies to a checkpoint too (it was
+    silently the checkpoint's own, so a grouped run asked to turn it off kept it), and unset it
+    leaves the checkpoint's value (a preset's is 0.01)."""
+    import json
+
+    from fedalign_dist.models.build import build_base_model
+    path = checkpoints / "qwen3"
+    saved = json.loads((path / "config.json").read_text())["router_aux_loss_coef"]
+    weight = lambda overrides: build_base_model(  # noqa: E731
+        load_config(None, [f"model.path={path}", "data.tokenizer=byte", *overrides]).model,
+        ByteTokenizer(), 32, 0)[0].config.router_aux_loss_coef
+    assert weight([]) == saved
+    assert weight(["model.router_aux_loss_coef=0"]) == 0.0
+    assert weight(["model.router_aux_loss_coef=0.25"]) == 0.25
+    preset = load_config(None, ["data.tokenizer=byte", "data.max_length=32"])
+    assert build_base_model(preset.model, ByteTokenizer(), 32, 0)[0].config.router_aux_loss_coef == 0.01

@@ -4,7 +4,7 @@ trained on one rank ends, with and without FedProx's proximal term (each rank ad
 gradient on its own slices); loading a state writes only each rank's own slice; the whole model
 is never moved to the device (each parameter is cut into slices one at a time); a state kept by
 shard (each tensor on one rank) loads, reads back and trains exactly as a whole one; a PEFT
-LoRA client trains as on one rank."""
+LoRA client trains as on one rank; a partner builds a preset's or a checkpoint's structure only."""
 import sys
 from contextlib import nullcontext
 
@@ -116,6 +116,21 @@ with structure_only(cfg) if rank_in_group else nullcontext():
 assert all(p.is_meta for p in outline.parameters()) == bool(rank_in_group), "the structure-only build has weights"
 light = LocalTrainer(outline, cfg, env.device, group=GroupMPU(2))
 assert all(torch.equal(t, start[n]) for n, t in light.read_state().items()), "a partner's slices differ"
+# so may they from a checkpoint (model.path, read for its config alone): this one ties its output
+# embeddings, which transformers leaves untied when it builds on the meta device, and a partner
+# holding one parameter more waited forever in ZeRO-3's partitioning
+pretrained = load_config(None, ["model.path=package:public-moe-8x2", "model.num_experts=8",
+                                "data.max_length=48", "model.router_aux_loss_coef=0"])
+loaded = build_model(pretrained, tok)[0]
+assert loaded.config.tie_word_embeddings, "the packaged base no longer ties its embeddings: pick one that does"
+with structure_only(pretrained) if rank_in_group else nullcontext():
+    outline = build_model(pretrained, tok)[0]
+assert all(p.is_meta for p in outline.parameters()) == bool(rank_in_group), "the checkpoint's structure has weights"
+assert [n for n, _ in outline.named_parameters()] == [n for n, _ in loaded.named_parameters()]
+want = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+from_checkpoint = LocalTrainer(outline, pretrained, env.device, group=GroupMPU(2)).read_state()
+assert from_checkpoint.keys() == want.keys()
+assert all(torch.equal(t, want[n]) for n, t in from_checkpoint.items()), "a partner's checkpoint slices differ"
 # PEFT LoRA on the fused expert tensors (a parametrization applied inside the experts' forward) and
 # on the router (modules_to_save): one client trained by the group, its partner built as structure
 # only, ends where one rank ends (DeepSpeed's default MoE leaf modules reduced the router's
