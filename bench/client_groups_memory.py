@@ -48,7 +48,9 @@ def held_bytes(trainer: LocalTrainer) -> dict[str, int]:
     # ZeRO-3's flat fp32 slices; under bf16 on one rank, DeepSpeed's fp32 copy of every parameter
     masters = getattr(opt, "fp32_partitioned_groups_flat", None) or [t for group in getattr(opt, "fp32_groups", [])
                                                                      for t in group]
-    out["fp32 masters"] = sum(size(t) for t in masters)
+    # a master slice that is the parameters' own slice (fp32 ZeRO-3, trainer.share_fp32_masters) adds nothing
+    shared = {p.ds_tensor.untyped_storage().data_ptr() for p in params if hasattr(p, "ds_tensor")}
+    out["fp32 masters"] = sum(size(t) for t in masters if t.untyped_storage().data_ptr() not in shared)
     out["gradients"] = sum(size(safe_get_local_grad(p)) if trainer.sharded else size(p.grad) for p in params
                            if trainer.sharded or p.grad is not None)
     return out

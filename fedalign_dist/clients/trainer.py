@@ -140,6 +140,22 @@ def partition_over_group(model: torch.nn.Module, group: GroupMPU, config: dict, 
         dist.broadcast(buffer.data, first, group=group.get_data_parallel_group())
 
 
+def share_fp32_masters(optimizer) -> int:
+    """ZeRO-3 in fp32: make the optimizer's fp32 master slices the parameters' own slices, and
+    return the bytes freed. ZeRO-3 means to share them when the dtypes agree, but compares a
+    torch.device with the device's name (a str), which never holds, so it keeps a second fp32
+    copy: 1.25x the parameters, gradients and moments a rank needs. Shared, its step's copy from
+    masters to parameters copies a slice onto itself."""
+    freed = 0
+    for low, master in zip(getattr(optimizer, "fp16_partitioned_groups_flat", []),
+                           getattr(optimizer, "fp32_partitioned_groups_flat", [])):
+        if (low is not None and low.dtype == master.dtype and low.device == master.device
+                and low.shape == master.shape and low.data_ptr() != master.data_ptr()):
+            freed += master.numel() * master.element_size()
+            master.data = low.data
+    return freed
+
+
 class LocalTrainer:
     engines_built = 0
     """DeepSpeed engines built in this process (a run reports how many it built: one per rank)."""
@@ -164,6 +180,8 @@ class LocalTrainer:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                      mpu=self.group, config=config)
         self.engine.enable_backward_allreduce = self.path.backward_allreduce
+        if self.sharded:
+            share_fp32_masters(self.engine.optimizer)
         LocalTrainer.engines_built += 1
         self.params = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
         # ZeRO-0 + bf16 keeps its fp32 masters in lists parallel to the bf16 parameters

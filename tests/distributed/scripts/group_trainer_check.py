@@ -62,6 +62,9 @@ assert not moves, f"the whole model was moved to the device before ZeRO-3 partit
 held = sum(p.ds_tensor.numel() for p in group.params.values())
 total = sum(t.numel() for t in start.values())
 assert held <= total / 2 + 64 * len(start), f"rank {env.rank} holds {held} of {total} elements"
+opt = group.engine.optimizer  # fp32: the masters are the parameters' slices, not a second copy
+assert all(m.data_ptr() == p.data_ptr() for p, m in zip(opt.fp16_partitioned_groups_flat,
+                                                         opt.fp32_partitioned_groups_flat)), "fp32 masters copied"
 together, _ = train(group, start)
 worst = max(float((together[n] - alone[n]).abs().max()) for n in alone)
 assert any(not torch.equal(alone[n], start[n]) for n in start), "training changed nothing"
