@@ -140,20 +140,17 @@ def partition_over_group(model: torch.nn.Module, group: GroupMPU, config: dict, 
         dist.broadcast(buffer.data, first, group=group.get_data_parallel_group())
 
 
-def share_fp32_masters(optimizer) -> int:
-    """ZeRO-3 in fp32: make the optimizer's fp32 master slices the parameters' own slices, and
-    return the bytes freed. ZeRO-3 means to share them when the dtypes agree, but compares a
-    torch.device with the device's name (a str), which never holds, so it keeps a second fp32
-    copy: 1.25x the parameters, gradients and moments a rank needs. Shared, its step's copy from
-    masters to parameters copies a slice onto itself."""
-    freed = 0
+def share_fp32_masters(optimizer) -> None:
+    """ZeRO-3 in fp32: make the optimizer's fp32 master slices the parameters' own slices.
+    ZeRO-3 means to share them when the dtypes agree, but compares a torch.device with the
+    device's name (a str), which never holds, so it keeps a second fp32 copy: 1.25x the
+    parameters, gradients and moments a rank needs. Shared, its step's copy from masters to
+    parameters copies a slice onto itself."""
     for low, master in zip(getattr(optimizer, "fp16_partitioned_groups_flat", []),
                            getattr(optimizer, "fp32_partitioned_groups_flat", [])):
         if (low is not None and low.dtype == master.dtype and low.device == master.device
                 and low.shape == master.shape and low.data_ptr() != master.data_ptr()):
-            freed += master.numel() * master.element_size()
             master.data = low.data
-    return freed
 
 
 class LocalTrainer:

@@ -58,7 +58,7 @@ def structure_only(cfg):
     buffers real. A client group's other ranks build so, since ZeRO-3 gives every rank its
     slice of the group's first rank's values: one whole model per group on the host, not one
     per rank. A checkpoint (model.path) is read for its config alone. Dense (llama) bases and
-    GGUF files, FedAMoLE's, build whole (groups refuse FedAMoLE)."""
+    GGUF files build whole."""
     global _structure_only
     if cfg.model.family == "llama" or (cfg.model.path is not None and resolve(cfg.model.path)[1] is not None):
         yield
@@ -70,7 +70,6 @@ def structure_only(cfg):
             yield
     finally:
         _structure_only = False
-PRESET_AUX_LOSS_COEF = 0.01  # a preset's router load-balancing weight unless model.router_aux_loss_coef says
 
 
 def build_base_model(model_cfg, tokenizer, max_length: int, seed: int) -> tuple[torch.nn.Module, str, int]:
