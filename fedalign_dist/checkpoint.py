@@ -28,6 +28,23 @@ def _publish(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
+def final_staging(run_dir: Path) -> Path:
+    """Where final/ is assembled before it is published whole (a rename)."""
+    return run_dir / "final.tmp"
+
+
+def begin_final(run_dir: Path) -> Path:
+    """An empty staging folder for final/, which several ranks then fill (client groups)."""
+    tmp = final_staging(run_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_final(run_dir: Path) -> None:
+    _publish(final_staging(run_dir), run_dir / "final")
+
+
 def _atomic_write_dir(target: Path, fill) -> None:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -275,8 +292,9 @@ def save_final(run_dir: Path, global_state: dict, module: torch.nn.Module, finet
     """final/global.safetensors always; then the strategy's own `export(folder)` if it has one
     (FedAMoLE), else LoRA: a PEFT adapter directory (final/adapter) plus, when given, the base
     model it belongs to (final/base_model); full fine-tuning: a Hugging Face checkpoint of the
-    global model (final/model); either from `module_state` when given (a ZeRO-3 module holds
-    slices)."""
+    global model (final/model); either from `module_state` when given (a LoRA adapter under
+    client groups, whose module holds slices; a full model there is written by part, see
+    RunLifecycle._export_by_part)."""
     from safetensors.torch import save_file
 
     def fill(folder: Path):

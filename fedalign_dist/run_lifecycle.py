@@ -11,6 +11,8 @@ from fedalign_dist.dist.agreement import all_ranks_agree, on_coordinator
 from fedalign_dist.dist.placement import clients_of_rank
 from fedalign_dist.metrics import MetricsWriter
 from fedalign_dist.models.build import lora_base_model
+from fedalign_dist.models.hf_parts import write_model_index, write_model_part
+from fedalign_dist.safetensors_parts import check_complete, layout_of, spec_of, write_part
 
 
 def prepare(cfg) -> None:
@@ -94,10 +96,16 @@ class RunLifecycle:
                        None if part is not None else global_state, {**self.strategy.state_dict(),
                        **(self.privacy.state_dict() if self.privacy is not None else {})}, self.cfg.checkpoint.keep)
 
-    def finish(self, trainer, tokenizer, global_state: dict, summary: dict) -> None:
+    def finish(self, trainer, tokenizer, global_state: dict, summary: dict, shards=None) -> None:
         """The final model, then summary.json (a finished run's marker, written last and
-        atomically); every rank waits for them before it tears down."""
-        module_state = trainer.module_state(global_state)  # under client groups a collective: every rank
+        atomically); every rank waits for them before it tears down. Under client groups
+        (`shards`, the ShardedAggregation) a full model is written by part, from `global_state`
+        as this rank's shard, and no rank gathers the whole model."""
+        if shards is not None and self.cfg.model.finetune != "lora":
+            self._export_by_part(trainer, global_state, shards)
+            on_coordinator("writing the summary", self._write_summary, summary)
+            return
+        module_state = trainer.module_state(global_state)
 
         def write():
             trainer.load_state(global_state)
@@ -105,9 +113,43 @@ class RunLifecycle:
             export = lambda folder: self.strategy.export_final(folder, trainer.module, global_state)  # noqa: E731
             checkpoint.save_final(self.run_dir, global_state, trainer.module, self.cfg.model.finetune,
                                   lora_base_model(self.cfg, tokenizer), export, module_state)
-            self.writer.close()
-            checkpoint.write_json(self.run_dir / "summary.json", summary)
-            print(f"results in {self.run_dir}: metrics.jsonl, summary.json, final/ (tensorboard --logdir "
-                  f"{self.run_dir / 'tb'}); `fedalign-dist report {self.run_dir}` writes summary.md and plots",
-                  flush=True)
+            self._write_summary(summary)
         on_coordinator("writing the final model and summary", write)
+
+    def _export_by_part(self, trainer, shard: dict, shards) -> None:
+        """final/ as a whole run writes it (global.safetensors, model/ that from_pretrained loads),
+        written by the first client group: its rank i writes shard i of the global state at its
+        offsets in global.safetensors and the model's file i (shard i with the frozen parameters
+        it was given, see LocalTrainer.untrained_part); the coordinator (its rank 0) adds the
+        header, the index and config.json, then publishes the folder. Strategies with an export
+        of their own (FedAMoLE) do not run under client groups."""
+        folder = checkpoint.final_staging(self.run_dir)
+        on_coordinator("preparing the final folder", checkpoint.begin_final, self.run_dir)
+        writer = shards.group.index == 0
+        if writer:  # collectives within the first group only
+            extra = trainer.untrained_part()
+            specs = shards.within_group_json([{n: spec_of(t) for n, t in part.items()} for part in (shard, extra)])
+            global_specs = {n: s for rank_specs in specs for n, s in rank_specs[0].items()}
+            model_specs = {n: s for rank_specs in specs for part in rank_specs for n, s in part.items()}
+        info = None
+        with all_ranks_agree("writing the final model by part"):
+            if writer:
+                index, parts = shards.group.group_rank, shards.group.size
+                write_part(folder / "global.safetensors", layout_of(global_specs), shard, header=index == 0)
+                (folder / "model").mkdir(exist_ok=True)
+                info = write_model_part(folder / "model", trainer.module, {**extra, **shard}, index, parts)
+        if writer:
+            infos = shards.within_group_json(info)
+
+        def index_and_publish():
+            check_complete(folder / "global.safetensors", layout_of(global_specs))
+            write_model_index(folder / "model", trainer.module, infos, model_specs)
+            checkpoint.publish_final(self.run_dir)
+        on_coordinator("indexing the final model", index_and_publish)
+
+    def _write_summary(self, summary: dict) -> None:
+        self.writer.close()
+        checkpoint.write_json(self.run_dir / "summary.json", summary)
+        print(f"results in {self.run_dir}: metrics.jsonl, summary.json, final/ (tensorboard --logdir "
+              f"{self.run_dir / 'tb'}); `fedalign-dist report {self.run_dir}` writes summary.md and plots",
+              flush=True)

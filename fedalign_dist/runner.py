@@ -84,9 +84,7 @@ class Runner:
                 bar.write(console_line(records[-1], self.data.task.metrics[0]))
         inits = self.side.all_gather_json(LocalTrainer.engines_built - self.engines_before)
         last = records[-1]
-        if self.sharded is not None:  # the export's module: every rank's slices from the shards' owners
-            self.trainer.load_state(self.global_state, self.owner)
-        self.lifecycle.finish(self.trainer, self.tokenizer, self.state_for_writing(), {
+        self.lifecycle.finish(self.trainer, self.tokenizer, self.state_for_writing(), shards=self.sharded, summary={
             "rounds": len(records), "wall_s": time.perf_counter() - t0, "engine_inits_per_rank": inits,
             "world_size": self.env.world_size, "trainable_bytes": self.trainable_bytes,
             **{f"final_{scope}_{metric}": last[f"{scope}_{metric}"]
@@ -249,9 +247,10 @@ class Runner:
                                      "model (same model.path contents, seed and library versions)")
 
     def state_for_writing(self) -> dict:
-        """The global state as the run's first rank writes it for the export: whole there; under
-        client groups gathered from its group's shards (elsewhere: this rank's shard, not written)."""
-        if self.sharded is None or self.group.index != 0:
+        """The global state as the export takes it: whole; under client groups this rank's shard
+        (the first group's ranks each write theirs), but a LoRA adapter (adapter-sized, saved by
+        PEFT) gathered whole on the run's first rank."""
+        if self.sharded is None or self.cfg.model.finetune != "lora" or self.group.index != 0:
             return self.global_state
         whole = self.sharded.whole_on_first(self.global_state)
         return whole if whole is not None else self.global_state

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fedalign_dist.aggregation.shards import assign_shards
 from fedalign_dist.clients.group_mpu import GroupMPU
 from fedalign_dist.clients.zero3_slices import gather_to_owners, scatter_from_owners, slice_of
 from fedalign_dist.dist.collectives import ByteCounter, group_mean
@@ -240,22 +241,30 @@ class LocalTrainer:
             self.engine.optimizer.refresh_fp32_params()
 
     def module_state(self, state: NamedTensors) -> NamedTensors | None:
-        """What save_pretrained should write for a sharded module (its parameters hold slices):
-        `state`, the frozen parameters (gathered whole: a collective over the group, so every
-        rank of it calls) and the persistent buffers; a LoRA adapter is `state` alone. None when
-        the module is whole (it writes its own)."""
-        if not self.sharded:
-            return None
-        if self.cfg.model.finetune == "lora":  # the adapter is the trainable state; the base stays sliced
-            return dict(state)
+        """What a LoRA adapter's save_pretrained should write: `state` (whole) under client groups,
+        whose module holds slices; None when the module is whole (it writes its own). A full
+        model under client groups is written by part (see untrained_part)."""
+        return dict(state) if self.sharded else None
+
+    def untrained_part(self) -> NamedTensors:
+        """Client groups, for the final export by part: the frozen parameters (outside the
+        federated state) that this rank writes, balanced over the group by size and each
+        gathered whole one at a time (a collective over the group: every rank of it calls, in
+        the same order), and on the group's first rank the persistent buffers (whole on every
+        rank): with the global state's shards, all that a whole module's save writes."""
         import deepspeed
         frozen = {n: p for n, p in self.module.named_parameters() if n not in self.params}
-        with deepspeed.zero.GatheredParameters(list(frozen.values())):
-            frozen = {n: p.detach().clone() for n, p in frozen.items()}
-        persistent = {f"{owner}.{name}".lstrip("."): buffer for owner, sub in self.module.named_modules()
-                      for name, buffer in sub.named_buffers(recurse=False)
-                      if name not in sub._non_persistent_buffers_set}  # what a whole module's save writes
-        return {**persistent, **frozen, **state}
+        owner = assign_shards({n: p.ds_numel for n, p in frozen.items()}, self.group.size)
+        mine = {}
+        for name, param in frozen.items():
+            with deepspeed.zero.GatheredParameters([param]):
+                if owner[name] == self.group.group_rank:
+                    mine[name] = param.detach().clone()
+        if self.group.group_rank == 0:
+            mine.update({f"{prefix}.{name}".lstrip("."): buffer for prefix, sub in self.module.named_modules()
+                         for name, buffer in sub.named_buffers(recurse=False)
+                         if name not in sub._non_persistent_buffers_set})
+        return mine
 
     def _torch_optimizer(self) -> torch.optim.Optimizer:
         inner = self.engine.optimizer

@@ -5,8 +5,8 @@ of every group holds shard i of the global state and of each client's update, an
 it alone: the strategy runs unchanged on that shard, over the process group of "rank i of
 every group", and sends 1/G of the state across groups. A client's start state reaches the
 ZeRO-3 slices from the tensors' owners (clients/zero3_slices.py), so no rank holds the whole
-model; checkpoints are written by shard, and only the final export gathers the whole state, on
-the run's first rank. Per-client statistics cross between groups once (ShardCommunicator)."""
+model; checkpoints and the final export are written by shard (a LoRA adapter, adapter-sized, is
+gathered whole on the run's first rank for PEFT's save). Per-client statistics cross between groups once (ShardCommunicator)."""
 from __future__ import annotations
 
 import dataclasses
@@ -51,9 +51,13 @@ class ShardedAggregation:
         """The entries of a client-state record that belong to this rank's shard."""
         return owned_entries(entries, self.owner, self.group.group_rank)
 
+    def within_group_json(self, value) -> list:
+        """A small JSON-able value from every rank of this rank's group, in group-rank order."""
+        return collectives.all_gather_json(value, self.within_group, self._wire(), self.client_group)
+
     def whole_on_first(self, shard: dict) -> dict | None:
         """The whole state on the group's first rank (None elsewhere), gathered within the group:
-        for the final export, which the run's first rank writes."""
+        for a LoRA adapter's export (adapter-sized), which the run's first rank writes."""
         flat = collectives.flatten({n: shard[n].float() for n in self.mine})
         counts = collectives.all_gather_json(flat.numel(), self.within_group, self._wire(), self.client_group)
         first = self.group.get_data_parallel_group_ranks()[0]

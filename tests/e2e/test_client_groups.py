@@ -69,6 +69,11 @@ def test_two_groups_of_two_equal_two_ranks_of_one_and_the_export_reloads(tmp_pat
         for key in ("aligned_fraction", "state_bytes_moved"):
             assert mine.get(key) == theirs.get(key), key
         assert mine["personalized_accuracy"] == pytest.approx(theirs["personalized_accuracy"], abs=0.02)
+    # written by part: the first group's ranks each wrote a model file, and no rank the whole model
+    written = sorted(p.name for p in (tmp_path / "grouped/final/model").glob("*.safetensors*"))
+    assert written == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                       "model.safetensors.index.json"], written
+    assert not (tmp_path / "grouped/final.tmp").exists()
     import transformers
     reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "grouped/final/model",
                                                                         output_loading_info=True)
