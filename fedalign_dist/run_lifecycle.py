@@ -122,7 +122,7 @@ class RunLifecycle:
         offsets in global.safetensors and the model's file i (shard i with the frozen parameters
         it was given, see LocalTrainer.untrained_part); the coordinator (its rank 0) adds the
         header, the index and config.json, then publishes the folder. Strategies with an export
-        of their own (FedAMoLE) do not run under client groups."""
+        of their own are refused under client groups (config_sections.py)."""
         folder = checkpoint.final_staging(self.run_dir)
         on_coordinator("preparing the final folder", checkpoint.begin_final, self.run_dir)
         writer = shards.group.index == 0
