@@ -5,7 +5,7 @@ same map of holders, changed only by the placements every rank computes alike, s
 to ask where a client's state is."""
 from __future__ import annotations
 
-import json
+from functools import partial
 
 import numpy as np
 import torch
@@ -36,30 +36,22 @@ class StateHolders:
         moves = [(c, int(self.holder[c])) for c, t in target.items() if self.holder[c] != t]
         if not moves:  # every rank computes the same moves, so every rank skips the collectives
             return 0
-        header, blobs = [], []
+        outgoing = []
         for client, source in moves:
             if source != mine:
                 continue
             for key in store.keys_of(client):
                 if comm.rank % size == 0:  # the holding host's first rank sends; all of its ranks let go
-                    blob = save_bytes({n: t.contiguous() for n, t in store.get(client, key).items()})
-                    header.append([client, key, len(blob)])
-                    blobs.append(blob)
+                    outgoing.append((client, key, store.get(client, key)))
                 store.drop(client, key)
-        headers = comm.all_gather_json(header)
-        if any(headers):
-            rows = (torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)[:, None] if blobs
-                    else torch.zeros(0, 1, dtype=torch.uint8))
-            parts = comm.all_gather_rows(rows)
-            for part_header, part in zip(headers, parts):
-                raw, offset = part.flatten().numpy().tobytes(), 0
-                for client, key, size_bytes in part_header:
-                    if target[client] == mine:
-                        store.put(client, key, load_bytes(raw[offset:offset + size_bytes]))
-                    offset += size_bytes
+        header, blobs = packed(outgoing)
+        for part in all_gather_entries(header, blobs, comm.all_gather_json, comm.all_gather_rows):
+            for client, key, entries in part:
+                if target[client] == mine:
+                    store.put(client, key, entries())
         for client, _ in moves:
             self.holder[client] = target[client]
-        return sum(len(b) for b in blobs)
+        return sum(map(len, blobs))
 
 
 def share_within_group(clients: list[int], store: ClientStore, group, owner: dict[str, int],
@@ -71,33 +63,49 @@ def share_within_group(clients: list[int], store: ClientStore, group, owner: dic
     dropped is gone), so all of them load the same start state next time. The bytes this rank sent."""
     if group.size == 1 or not clients:
         return 0
-    header, parts = [], []
-    for client in clients:
-        for key in store.keys_of(client):
-            entries = {n: t.contiguous() for n, t in owned_entries(store.get(client, key), owner,
-                                                                     group.group_rank).items()}
-            part = save_bytes(entries) if entries else b""
-            header.append([client, key, len(part)])
-            parts.append(part)
-    counter = ByteCounter()
-    wire = device if device.type == "cuda" else None
-    headers = all_gather_json(header, counter, wire, group.get_data_parallel_group())
-    blob = b"".join(parts)
-    rows = (torch.frombuffer(bytearray(blob), dtype=torch.uint8)[:, None] if blob
-            else torch.zeros(0, 1, dtype=torch.uint8))
-    blocks = all_gather_rows(rows, counter, wire, group.get_data_parallel_group())
+    outgoing = [(client, key, owned_entries(store.get(client, key), owner, group.group_rank))
+                for client in clients for key in store.keys_of(client)]
+    over_group = dict(counter=ByteCounter(), device=device if device.type == "cuda" else None,
+                      group=group.get_data_parallel_group())
     merged: dict[tuple[int, str], dict] = {}
-    for part_header, block in zip(headers, blocks):
-        raw, offset = block.flatten().numpy().tobytes(), 0
-        for client, key, size in part_header:
-            entries = merged.setdefault((client, key), {})
-            if size:
-                entries.update(load_bytes(raw[offset:offset + size]))
-            offset += size
+    for part in all_gather_entries(*packed(outgoing), partial(all_gather_json, **over_group),
+                                   partial(all_gather_rows, **over_group)):
+        for client, key, entries in part:
+            merged.setdefault((client, key), {}).update(entries())
     for client in clients:
         for key in store.keys_of(client):
             store.drop(client, key)
     for (client, key), entries in merged.items():
         if entries:
             store.put(client, key, entries)
-    return counter.sent
+    return over_group["counter"].sent
+
+
+def packed(entries: list[tuple[int, str, dict]]) -> tuple[list, list[bytes]]:
+    """Client-state entries (client, key, tensors) as a header of [client, key, bytes] and one
+    safetensors blob each (exact, and no pickle crosses ranks; no tensors: no bytes)."""
+    blobs = [save_bytes({n: t.contiguous() for n, t in tensors.items()}) if tensors else b""
+             for _, _, tensors in entries]
+    return [[client, key, len(blob)] for (client, key, _), blob in zip(entries, blobs)], blobs
+
+
+def all_gather_entries(header: list, blobs: list[bytes], gather_json, gather_rows) -> list[list[tuple]]:
+    """Every rank's packed entries, in rank order, as (client, key, load) where load() reads the
+    tensors: a receiver reads only those it keeps. Two collectives (`gather_json`, then
+    `gather_rows` of the bytes as one uint8 column), the second skipped on every rank alike
+    when no rank has entries."""
+    headers = gather_json(header)
+    if not any(headers):
+        return [[] for _ in headers]
+    blob = b"".join(blobs)
+    rows = (torch.frombuffer(bytearray(blob), dtype=torch.uint8)[:, None] if blob
+            else torch.zeros(0, 1, dtype=torch.uint8))
+    out = []
+    for part_header, block in zip(headers, gather_rows(rows)):
+        raw, offset, part = memoryview(block.flatten().numpy()), 0, []
+        for client, key, size in part_header:
+            piece = raw[offset:offset + size]
+            part.append((client, key, lambda piece=piece: load_bytes(bytes(piece)) if len(piece) else {}))
+            offset += size
+        out.append(part)
+    return out
