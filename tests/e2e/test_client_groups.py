@@ -74,6 +74,8 @@ def test_two_groups_of_two_equal_two_ranks_of_one_and_the_export_reloads(tmp_pat
     assert written == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
                        "model.safetensors.index.json"], written
     assert not (tmp_path / "grouped/final.tmp").exists()
+    for name in ("config.json", "generation_config.json"):  # as a whole save writes them
+        assert (tmp_path / "grouped/final/model" / name).read_text() == (tmp_path / "alone/final/model" / name).read_text()
     import transformers
     reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "grouped/final/model",
                                                                         output_loading_info=True)
