@@ -126,9 +126,13 @@ class RunLifecycle:
         folder = checkpoint.final_staging(self.run_dir)
         on_coordinator("preparing the final folder", checkpoint.begin_final, self.run_dir)
         writer = shards.group.index == 0
-        if writer:  # collectives within the first group only
-            extra = trainer.untrained_part()
-            specs = shards.within_group_json([{n: spec_of(t) for n, t in part.items()} for part in (shard, extra)])
+        extra = trainer.untrained_part() if writer else None  # a collective within the first group
+        mine = None
+        with all_ranks_agree("describing the final model's parts"):
+            if writer:
+                mine = [{n: spec_of(t) for n, t in part.items()} for part in (shard, extra)]
+        if writer:
+            specs = shards.within_group_json(mine)
             global_specs = {n: s for rank_specs in specs for n, s in rank_specs[0].items()}
             model_specs = {n: s for rank_specs in specs for part in rank_specs for n, s in part.items()}
         info = None

@@ -24,6 +24,7 @@ from fedalign_dist.dist.placement import balanced_placement, block_placement, cl
 from fedalign_dist.dist.sharded_aggregation import ShardedAggregation
 from fedalign_dist.metrics import console_line, peak_gpu_mb, peak_rss_mb, round_record
 from fedalign_dist.models.build import describe_model, structure_only
+from fedalign_dist.models.hf_parts import check_plan
 from fedalign_dist.privacy.mechanism import ClientLevelDP
 from fedalign_dist.run_lifecycle import RunLifecycle
 from fedalign_dist.strategies import build_strategy, strategy_class
@@ -49,6 +50,8 @@ class Runner:
         self.sharded = (ShardedAggregation(self.trainer.shapes(), self.group, env.device, self.comm.bytes)
                         if self.group.size > 1 else None)
         self.owner = self.sharded.owner if self.sharded is not None else None
+        if self.sharded is not None and cfg.model.finetune != "lora":  # the export by part must be possible
+            check_plan(self.trainer.module, self.trainer.export_plan(self.owner))
         self.global_state = self.trainer.read_state(self.owner)
         self.store = make_client_store(cfg.fed.client_state, cfg.run_dir / "clients" / f"rank{env.rank}")
         self.holders = StateHolders(cfg.fed.num_clients, env.world_size, self.group.size)

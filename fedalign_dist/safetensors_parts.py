@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-# safetensors' names for the dtypes a state may hold
+# safetensors' names for torch's dtypes (those its own writer takes)
 DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-               torch.bool: "BOOL"}
+               torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+               torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint64: "U64", torch.uint32: "U32",
+               torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL"}
 
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
@@ -43,9 +44,11 @@ class Layout:
 
 
 def layout_of(specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None) -> Layout:
-    """The file holding tensors of these specs, in name order (pure: the same on every process)."""
+    """The file holding tensors of these specs (pure: the same on every process). As safetensors'
+    own writer orders them, wider dtypes first, then by name: every tensor's data is aligned
+    to its element size."""
     entries, end = {}, 0
-    for name in sorted(specs):
+    for name in sorted(specs, key=lambda n: (-DTYPES[specs[n][0]].itemsize, n)):
         dtype, shape = specs[name]
         size = math.prod(shape) * DTYPES[dtype].itemsize
         entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [end, end + size]}

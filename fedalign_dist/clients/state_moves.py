@@ -36,15 +36,14 @@ class StateHolders:
         moves = [(c, int(self.holder[c])) for c, t in target.items() if self.holder[c] != t]
         if not moves:  # every rank computes the same moves, so every rank skips the collectives
             return 0
-        outgoing = []
+        header, blobs = [], []
         for client, source in moves:
             if source != mine:
                 continue
             for key in store.keys_of(client):
                 if comm.rank % size == 0:  # the holding host's first rank sends; all of its ranks let go
-                    outgoing.append((client, key, store.get(client, key)))
+                    pack(header, blobs, client, key, store.get(client, key))  # one entry in memory at a time
                 store.drop(client, key)
-        header, blobs = packed(outgoing)
         for part in all_gather_entries(header, blobs, comm.all_gather_json, comm.all_gather_rows):
             for client, key, entries in part:
                 if target[client] == mine:
@@ -63,12 +62,14 @@ def share_within_group(clients: list[int], store: ClientStore, group, owner: dic
     dropped is gone), so all of them load the same start state next time. The bytes this rank sent."""
     if group.size == 1 or not clients:
         return 0
-    outgoing = [(client, key, owned_entries(store.get(client, key), owner, group.group_rank))
-                for client in clients for key in store.keys_of(client)]
+    header, blobs = [], []
+    for client in clients:
+        for key in store.keys_of(client):
+            pack(header, blobs, client, key, owned_entries(store.get(client, key), owner, group.group_rank))
     over_group = dict(counter=ByteCounter(), device=device if device.type == "cuda" else None,
                       group=group.get_data_parallel_group())
     merged: dict[tuple[int, str], dict] = {}
-    for part in all_gather_entries(*packed(outgoing), partial(all_gather_json, **over_group),
+    for part in all_gather_entries(header, blobs, partial(all_gather_json, **over_group),
                                    partial(all_gather_rows, **over_group)):
         for client, key, entries in part:
             merged.setdefault((client, key), {}).update(entries())
@@ -81,16 +82,16 @@ def share_within_group(clients: list[int], store: ClientStore, group, owner: dic
     return over_group["counter"].sent
 
 
-def packed(entries: list[tuple[int, str, dict]]) -> tuple[list, list[bytes]]:
-    """Client-state entries (client, key, tensors) as a header of [client, key, bytes] and one
-    safetensors blob each (exact, and no pickle crosses ranks; no tensors: no bytes)."""
-    blobs = [save_bytes({n: t.contiguous() for n, t in tensors.items()}) if tensors else b""
-             for _, _, tensors in entries]
-    return [[client, key, len(blob)] for (client, key, _), blob in zip(entries, blobs)], blobs
+def pack(header: list, blobs: list[bytes], client: int, key: str, tensors: dict) -> None:
+    """Append a client-state entry to a header of [client, key, bytes] rows and its safetensors
+    blob (exact, and no pickle crosses ranks; no tensors: no bytes)."""
+    blob = save_bytes({n: t.contiguous() for n, t in tensors.items()}) if tensors else b""
+    header.append([client, key, len(blob)])
+    blobs.append(blob)
 
 
 def all_gather_entries(header: list, blobs: list[bytes], gather_json, gather_rows) -> list[list[tuple]]:
-    """Every rank's packed entries, in rank order, as (client, key, load) where load() reads the
+    """Every rank's entries (`pack`), in rank order, as (client, key, load) where load() reads the
     tensors: a receiver reads only those it keeps. Two collectives (`gather_json`, then
     `gather_rows` of the bytes as one uint8 column), the second skipped on every rank alike
     when no rank has entries."""

@@ -19,6 +19,7 @@ from fedalign_dist.aggregation.shards import assign_shards
 from fedalign_dist.clients.group_mpu import GroupMPU
 from fedalign_dist.clients.zero3_slices import gather_to_owners, scatter_from_owners, slice_of
 from fedalign_dist.dist.collectives import ByteCounter, group_mean
+from fedalign_dist.safetensors_parts import DTYPE_NAMES, TensorSpec, spec_of
 
 NamedTensors = dict[str, torch.Tensor]
 
@@ -246,25 +247,47 @@ class LocalTrainer:
         model under client groups is written by part (see untrained_part)."""
         return dict(state) if self.sharded else None
 
+    def export_plan(self, owner: dict[str, int]) -> list[dict[str, TensorSpec]]:
+        """Client groups: what each group rank writes in the final export by part (see
+        untrained_part), as specs: its shard of the fp32 global state (`owner`), the frozen
+        parameters it is given, and on the first rank the persistent buffers."""
+        plan = [{} for _ in range(self.group.size)]
+        for name, shape in self.shapes().items():
+            plan[owner[name]][name] = ("F32", list(shape))
+        frozen = self._frozen()
+        for name, rank in self._frozen_owner(frozen).items():
+            plan[rank][name] = (DTYPE_NAMES[frozen[name].dtype], list(frozen[name].ds_shape))
+        plan[0].update({n: spec_of(b) for n, b in self._persistent_buffers().items()})
+        return plan
+
     def untrained_part(self) -> NamedTensors:
         """Client groups, for the final export by part: the frozen parameters (outside the
-        federated state) that this rank writes, balanced over the group by size and each
-        gathered whole one at a time (a collective over the group: every rank of it calls, in
-        the same order), and on the group's first rank the persistent buffers (whole on every
-        rank): with the global state's shards, all that a whole module's save writes."""
+        federated state) that this rank writes, balanced over the group by size, each
+        all-gathered one at a time (a collective over the group: every rank of it calls, in the
+        same order) and kept, on the host, by this rank only; and on the group's first rank the
+        persistent buffers (whole on every rank): with the global state's shards, all that a
+        whole module's save writes."""
         import deepspeed
-        frozen = {n: p for n, p in self.module.named_parameters() if n not in self.params}
-        owner = assign_shards({n: p.ds_numel for n, p in frozen.items()}, self.group.size)
-        mine = {}
+        frozen = self._frozen()
+        owner, mine = self._frozen_owner(frozen), {}
         for name, param in frozen.items():
             with deepspeed.zero.GatheredParameters([param]):
                 if owner[name] == self.group.group_rank:
-                    mine[name] = param.detach().clone()
+                    mine[name] = param.detach().to("cpu", copy=True)
         if self.group.group_rank == 0:
-            mine.update({f"{prefix}.{name}".lstrip("."): buffer for prefix, sub in self.module.named_modules()
-                         for name, buffer in sub.named_buffers(recurse=False)
-                         if name not in sub._non_persistent_buffers_set})
+            mine.update(self._persistent_buffers())
         return mine
+
+    def _frozen(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.module.named_parameters() if n not in self.params}
+
+    def _frozen_owner(self, frozen: dict[str, torch.nn.Parameter]) -> dict[str, int]:
+        return assign_shards({n: p.ds_numel for n, p in frozen.items()}, self.group.size)
+
+    def _persistent_buffers(self) -> NamedTensors:
+        """What a whole module's save writes of its buffers (a rotary table is not persistent)."""
+        return {f"{prefix}.{name}".lstrip("."): buffer for prefix, sub in self.module.named_modules()
+                for name, buffer in sub.named_buffers(recurse=False) if name not in sub._non_persistent_buffers_set}
 
     def _torch_optimizer(self) -> torch.optim.Optimizer:
         inner = self.engine.optimizer

@@ -60,6 +60,7 @@ def test_a_model_written_in_parts_loads_with_from_pretrained_as_the_whole_save(t
     parts = _parts(state, 2)
     assert all(any("experts" in n for n in part) for part in parts), "fused expert tensors in one part only"
     infos = [write_model_part(tmp_path, model, part, i, 2) for i, part in reversed(list(enumerate(parts)))][::-1]
+    infos = json.loads(json.dumps(infos))  # as the ranks send them to the coordinator
     write_model_index(tmp_path, model, infos, {n: spec_of(t) for n, t in state.items()})
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     # on disk as a whole save writes it: fused experts split per expert (transformers' own reversal)
@@ -75,12 +76,49 @@ def test_a_model_written_in_parts_loads_with_from_pretrained_as_the_whole_save(t
     assert set(load_file(whole / "model.safetensors")) == set(index["weight_map"])
 
 
-def test_parts_that_miss_a_tensor_are_refused_by_the_index(tmp_path):
+@pytest.mark.parametrize("damage, words", [
+    ("missing", r"\['.*'\] differ: a whole save writes \[\['F32'"),
+    ("twice", "written by parts model-00001-of-00002.safetensors and model-00002-of-00002.safetensors"),
+    ("half", r"differ: a whole save writes \[\['F32', \[(\d+), (\d+)\]\]\], the parts \[\['F32', \[\d+, \2\]\]\]"),
+])
+def test_parts_that_do_not_make_the_whole_save_are_refused_by_the_index(tmp_path, damage, words):
+    """A tensor no part wrote; one that two parts each wrote (the halves of a tensor a conversion
+    joins, when its sources lie in two parts); one of the wrong shape."""
     cfg = load_config(None, ["model.family=mixtral"])
     model = build_model(cfg, ByteTokenizer())[0]
     state = {n: p.detach() for n, p in model.named_parameters()}
-    parts = _parts(state, 2)
-    infos = [write_model_part(tmp_path, model, part, i, 2) for i, part in enumerate(parts)]
-    infos[1]["names"] = infos[1]["names"][1:]
-    with pytest.raises(RuntimeError, match="does not match a whole save"):
+    infos = [write_model_part(tmp_path, model, part, i, 2) for i, part in enumerate(_parts(state, 2))]
+    infos = json.loads(json.dumps(infos))  # what the ranks send each other
+    name = next(iter(infos[0]["specs"]))
+    if damage == "missing":
+        del infos[0]["specs"][name]
+    elif damage == "twice":
+        infos[1]["specs"][name] = infos[0]["specs"][name]
+    else:
+        dtype, shape = infos[0]["specs"][name]
+        infos[0]["specs"][name] = [dtype, [shape[0] // 2, *shape[1:]]]
+    with pytest.raises(RuntimeError, match=words):
         write_model_index(tmp_path, model, infos, {n: spec_of(t) for n, t in state.items()})
+
+
+def test_a_conversion_that_joins_tensors_of_two_parts_is_refused_before_training(monkeypatch):
+    """No family the project builds has one (each on-disk tensor comes from one in memory), so a
+    checkpoint format is made up whose one on-disk tensor is two in memory: split over two
+    parts, each would write half of it under the same name."""
+    import transformers
+    from transformers import conversion_mapping
+    from transformers.core_model_loading import Chunk, WeightConverter
+
+    from fedalign_dist.models.families import dense_preset_config
+    from fedalign_dist.models.hf_parts import check_plan
+    conversion_mapping.get_checkpoint_conversion_mapping("llama")  # builds the registry, restored after the test
+    monkeypatch.setitem(conversion_mapping._checkpoint_conversion_mapping_cache, "llama", [WeightConverter(
+        source_patterns="mlp.gate_up_proj.weight", target_patterns=["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+        operations=[Chunk(dim=0)])])
+    model = transformers.AutoModelForCausalLM.from_config(dense_preset_config("tiny", 100, 64, 0, 1, 2))
+    specs = {n: spec_of(p.detach()) for n, p in model.named_parameters()}
+    apart = [{n: s for n, s in specs.items() if "up_proj" not in n}, {n: s for n, s in specs.items() if "up_proj" in n}]
+    with pytest.raises(RuntimeError, match="gate_up_proj.weight written by parts .* run with fed.ranks_per_client=1"):
+        check_plan(model, apart)
+    together = [{n: s for n, s in specs.items() if ".mlp." not in n}, {n: s for n, s in specs.items() if ".mlp." in n}]
+    check_plan(model, together)
