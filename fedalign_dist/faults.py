@@ -3,6 +3,7 @@ FEDALIGN_DIST_FAULT holds comma-separated faults, each active on one rank (defau
 
     rsea_solve[@RANK]          raise inside FedAMoLE's reverse-selection solve
     checkpoint_commit[@RANK]   raise inside the checkpoint commit
+    final_export_part[@RANK]   raise while a client group's rank writes its part of final/
     local_training[@RANK]      raise in a client's local training
     diverge_client=ID          train client ID with a learning rate of 1e20 (a real divergence)
     huge_delta_client=ID       replace client ID's update by finite values of 1e38 (an overflow)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedalign_dist import checkpoint
+from fedalign_dist import checkpoint, faults
 from fedalign_dist.dist.agreement import all_ranks_agree, on_coordinator
 from fedalign_dist.dist.placement import clients_of_rank
 from fedalign_dist.metrics import MetricsWriter
@@ -140,6 +140,7 @@ class RunLifecycle:
             if writer:
                 index, parts = shards.group.group_rank, shards.group.size
                 write_part(folder / "global.safetensors", layout_of(global_specs), shard, header=index == 0)
+                faults.maybe_raise("final_export_part")
                 (folder / "model").mkdir(exist_ok=True)
                 info = write_model_part(folder / "model", trainer.module, {**extra, **shard}, index, parts)
         if writer:

@@ -86,11 +86,13 @@ class Runner:
             if self.env.is_coordinator:
                 bar.write(console_line(records[-1], self.data.task.metrics[0]))
         inits = self.side.all_gather_json(LocalTrainer.engines_built - self.engines_before)
-        last = records[-1]
+        # resumed with no round left to run (the export failed), only the coordinator, which writes
+        # the summary, holds the past records
+        last = records[-1] if records else {}
         self.lifecycle.finish(self.trainer, self.tokenizer, self.state_for_writing(), shards=self.sharded, summary={
             "rounds": len(records), "wall_s": time.perf_counter() - t0, "engine_inits_per_rank": inits,
             "world_size": self.env.world_size, "trainable_bytes": self.trainable_bytes,
-            **{f"final_{scope}_{metric}": last[f"{scope}_{metric}"]
+            **{f"final_{scope}_{metric}": last.get(f"{scope}_{metric}")
                for scope in ("global", "personalized") for metric in self.data.task.metrics},
             **(self.privacy.summary(len(records), stopped_at_target) if self.privacy is not None else {})})
         return records
