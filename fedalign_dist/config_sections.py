@@ -137,8 +137,9 @@ class FedConfig(ConfigSection):
     ranks_per_client: int = Field(1, ge=1)
     """Client groups: G consecutive ranks train one client at a time, its model, gradients and
     optimizer state sharded over them by ZeRO-3 (for models that do not fit one device); a
-    round's clients are placed on groups as on ranks. Runs fedavg, fedprox, fedmoe and fedalign
-    (both comm paths), with or without client-level DP; full fine-tuning, fp32."""
+    round's clients are placed on groups as on ranks. Runs fedavg, fedprox, fedmoe, fedalign
+    (both comm paths) and fedamole, with or without client-level DP; full fine-tuning or LoRA,
+    fp32 or bf16."""
     groups_across_nodes: bool = False
     """Let a client group span nodes under NCCL (its ZeRO-3 collectives then cross the slower
     inter-node links every step). Off: a group that would span nodes is refused; start a
@@ -314,12 +315,9 @@ class Config(ConfigSection):
         group = self.fed.ranks_per_client
         # what client groups cannot run, each with why (one line before anything starts)
         unsupported = [why for bad, why in [
-            (self.strategy.name == "fedamole",
-             "strategy.name=fedamole (its dense base is frozen, outside the federated state, and its export "
-             "writes the base and every client's experts from the whole module; client groups hold slices)"),
             (self.strategy.name not in ("fedavg", "fedprox", "fedmoe", "fedalign", "fedamole"),
-             f"strategy.name={self.strategy.name} (not built for client groups: fedavg, fedprox, fedmoe and "
-             f"fedalign are)")] if bad]
+             f"strategy.name={self.strategy.name} (not built for client groups: fedavg, fedprox, fedmoe, fedalign "
+             f"and fedamole are)")] if bad]
         if unsupported:
             raise ValueError(f"fed.ranks_per_client={group} cannot run with {'; '.join(unsupported)}. "
                              f"Set fed.ranks_per_client=1 for these")

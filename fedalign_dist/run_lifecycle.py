@@ -23,6 +23,18 @@ def prepare(cfg) -> None:
     check_shared_run_folder(cfg.run_dir, token)
 
 
+def whole_module(cfg, tokenizer, strategy, global_state: dict):
+    """The run's model built whole again, as every ungrouped rank built it (the same seed: the
+    same frozen weights), with the global state loaded: for a strategy that exports a format
+    of its own under client groups, where the trained module holds ZeRO-3 slices."""
+    module, _ = type(strategy).build_model(cfg, tokenizer)
+    missing = set(global_state) - {n for n, _ in module.named_parameters()}
+    if missing:
+        raise RuntimeError(f"the rebuilt model lacks {sorted(missing)[:3]} of the global state")
+    module.load_state_dict(global_state, strict=False)
+    return module
+
+
 class RunLifecycle:
     def __init__(self, cfg, env, side, strategy, store, privacy=None):
         self.cfg, self.env, self.side, self.strategy, self.store = cfg, env, side, strategy, store
@@ -101,17 +113,22 @@ class RunLifecycle:
         atomically); every rank waits for them before it tears down. Under client groups
         (`shards`, the ShardedAggregation) a full model is written by part, from `global_state`
         as this rank's shard, and no rank gathers the whole model."""
-        if shards is not None and self.cfg.model.finetune != "lora":
+        own_format = self.strategy.exports_own_format
+        if shards is not None and self.cfg.model.finetune != "lora" and not own_format:
             self._export_by_part(trainer, global_state, shards)
             on_coordinator("writing the summary", self._write_summary, summary)
             return
         module_state = trainer.module_state(global_state)
 
         def write():
-            trainer.load_state(global_state)
-            self.strategy.prepare_global_model(trainer.module)
-            export = lambda folder: self.strategy.export_final(folder, trainer.module, global_state)  # noqa: E731
-            checkpoint.save_final(self.run_dir, global_state, trainer.module, self.cfg.model.finetune,
+            module = trainer.module
+            if shards is not None and own_format:  # the strategy's export reads a whole module
+                module = whole_module(self.cfg, tokenizer, self.strategy, global_state)
+            else:
+                trainer.load_state(global_state)
+            self.strategy.prepare_global_model(module)
+            export = lambda folder: self.strategy.export_final(folder, module, global_state)  # noqa: E731
+            checkpoint.save_final(self.run_dir, global_state, module, self.cfg.model.finetune,
                                   lora_base_model(self.cfg, tokenizer), export, module_state)
             self._write_summary(summary)
         on_coordinator("writing the final model and summary", write)

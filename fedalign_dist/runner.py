@@ -50,8 +50,9 @@ class Runner:
         self.sharded = (ShardedAggregation(self.trainer.shapes(), self.group, env.device, self.comm.bytes)
                         if self.group.size > 1 else None)
         self.owner = self.sharded.owner if self.sharded is not None else None
-        if self.sharded is not None and cfg.model.finetune != "lora":  # the export by part must be possible
-            check_plan(self.trainer.module, self.trainer.export_plan(self.owner))
+        self.own_export_format = strategy_class(cfg.strategy.name).exports_own_format
+        if self.sharded is not None and cfg.model.finetune != "lora" and not self.own_export_format:
+            check_plan(self.trainer.module, self.trainer.export_plan(self.owner))  # the export by part will work
         self.global_state = self.trainer.read_state(self.owner)
         self.store = make_client_store(cfg.fed.client_state, cfg.run_dir / "clients" / f"rank{env.rank}")
         self.holders = StateHolders(cfg.fed.num_clients, env.world_size, self.group.size)
@@ -254,8 +255,10 @@ class Runner:
     def state_for_writing(self) -> dict:
         """The global state as the export takes it: whole; under client groups this rank's shard
         (the first group's ranks each write theirs), but a LoRA adapter (adapter-sized, saved by
-        PEFT) gathered whole on the run's first rank."""
-        if self.sharded is None or self.cfg.model.finetune != "lora" or self.group.index != 0:
+        PEFT) or a state that a strategy exports in a format of its own gathered whole on the
+        run's first rank."""
+        whole = self.cfg.model.finetune == "lora" or self.own_export_format
+        if self.sharded is None or not whole or self.group.index != 0:
             return self.global_state
         whole = self.sharded.whole_on_first(self.global_state)
         return whole if whole is not None else self.global_state

@@ -38,6 +38,11 @@ class Communicator:
     def all_gather_tensor_items(self, items):
         return collectives.all_gather_tensor_items(items, self.bytes, self._wire_device(), self.group)
 
+    def sum_over_shards(self, values: list[float]) -> list[float]:
+        """Element-wise sums of `values` computed on each shard of the global state (client
+        groups, dist/sharded_aggregation.py) into the whole state's; the state is whole here."""
+        return list(values)
+
     def all_gather_client_items(self, items):
         """Per-client items that every rank of a client group holds alike (routing statistics),
         per host in rank order: as all_gather_tensor_items, except that under client groups

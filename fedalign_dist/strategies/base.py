@@ -91,6 +91,10 @@ class Strategy(ABC):
     shares_statistics: bool = False
     """Whether clients send statistics computed from their data with their update; under
     privacy.enabled they are bounded and noised (privacy/statistics.py)."""
+    exports_own_format: bool = False
+    """Whether export_final writes the final model (a format of its own) instead of the default
+    export. Under client groups such a strategy is given a whole module, built on the run's
+    first rank, with the global state loaded (its module elsewhere holds ZeRO-3 slices)."""
     model_reveals_sample: bool = False
     """Whether the published model shows which clients a round sampled (FedAMoLE: only the
     experts a sampled client holds change, and the assignment is public); the accountant then

@@ -62,6 +62,7 @@ class EmbeddingTable:
 class FedAMoLE(ExpertwiseStrategy):
     config_section = FedAMoLEConfig
     model_kind = "dense"
+    exports_own_format = True
     model_reveals_sample = True
 
     @classmethod
@@ -138,7 +139,7 @@ class FedAMoLE(ExpertwiseStrategy):
             k.max_experts)) for layer in range(self.expert_emb.shape[0])])
 
     def aggregate(self, global_state, updates, comm):
-        self._sizes = self._param_sizes(global_state)
+        self._sizes = self._param_sizes(global_state, comm)
         new_state, diagnostics = super().aggregate(global_state, updates, comm)
         t0 = time.perf_counter()
         solved = comm.on_coordinator("the reverse-selection (RSEA) solve", self.reverse_selection)
@@ -149,16 +150,18 @@ class FedAMoLE(ExpertwiseStrategy):
         diagnostics["rsea_time_s"] = time.perf_counter() - t0
         return new_state, diagnostics
 
-    def _param_sizes(self, state) -> tuple[torch.Tensor, int]:
-        """Values per routed expert in each adapted layer, and values shared by everyone."""
-        per_expert, common = torch.zeros(len(self.layer_pos)), 0
+    def _param_sizes(self, state, comm) -> tuple[torch.Tensor, int]:
+        """Values per routed expert in each adapted layer, and values shared by everyone (of the
+        whole state, where `state` is one shard of it under client groups)."""
+        per_expert, common = [0.0] * len(self.layer_pos), 0
         for name, tensor in state.items():
             role = self.anatomy.role(name)
             if role.kind == "expert":
                 per_expert[self.layer_pos[role.layer]] += tensor[0].numel()
             else:
                 common += tensor.numel()
-        return per_expert, common
+        *per_expert, common = comm.sum_over_shards([*per_expert, common])
+        return torch.tensor(per_expert, dtype=torch.float32), int(common)
 
     def _bytes_per_client(self, held: torch.Tensor) -> dict:
         """What a client downloads (its experts, the shared experts, W_t) and uploads (the same
