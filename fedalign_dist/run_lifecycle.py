@@ -138,8 +138,8 @@ class RunLifecycle:
         written by the first client group: its rank i writes shard i of the global state at its
         offsets in global.safetensors and the model's file i (shard i with the frozen parameters
         it was given, see LocalTrainer.untrained_part); the coordinator (its rank 0) adds the
-        header, the index and config.json, then publishes the folder. Strategies with an export
-        of their own are refused under client groups (config_sections.py)."""
+        header, the index and config.json, then publishes the folder. A strategy that exports a
+        format of its own is given a whole module instead (whole_module, in finish)."""
         folder = checkpoint.final_staging(self.run_dir)
         on_coordinator("preparing the final folder", checkpoint.begin_final, self.run_dir)
         writer = shards.group.index == 0

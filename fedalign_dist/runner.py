@@ -257,8 +257,8 @@ class Runner:
         (the first group's ranks each write theirs), but a LoRA adapter (adapter-sized, saved by
         PEFT) or a state that a strategy exports in a format of its own gathered whole on the
         run's first rank."""
-        whole = self.cfg.model.finetune == "lora" or self.own_export_format
-        if self.sharded is None or not whole or self.group.index != 0:
+        gathered = self.cfg.model.finetune == "lora" or self.own_export_format
+        if self.sharded is None or not gathered or self.group.index != 0:
             return self.global_state
         whole = self.sharded.whole_on_first(self.global_state)
         return whole if whole is not None else self.global_state
