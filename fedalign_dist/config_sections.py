@@ -313,14 +313,11 @@ class Config(ConfigSection):
 
     def _check_client_groups(self):
         group = self.fed.ranks_per_client
-        # what client groups cannot run, each with why (one line before anything starts)
-        unsupported = [why for bad, why in [
-            (self.strategy.name not in ("fedavg", "fedprox", "fedmoe", "fedalign", "fedamole"),
-             f"strategy.name={self.strategy.name} (not built for client groups: fedavg, fedprox, fedmoe, fedalign "
-             f"and fedamole are)")] if bad]
-        if unsupported:
-            raise ValueError(f"fed.ranks_per_client={group} cannot run with {'; '.join(unsupported)}. "
-                             f"Set fed.ranks_per_client=1 for these")
+        # what client groups cannot run, with why (one line before anything starts)
+        if self.strategy.name not in ("fedavg", "fedprox", "fedmoe", "fedalign", "fedamole"):
+            raise ValueError(f"fed.ranks_per_client={group} cannot run with strategy.name={self.strategy.name} (not "
+                             f"built for client groups: fedavg, fedprox, fedmoe, fedalign and fedamole are). Set "
+                             f"fed.ranks_per_client=1 for these")
         if self.local.batch_size % group:
             raise ValueError(f"local.batch_size={self.local.batch_size} does not split over client groups of {group} "
                              f"ranks: use a multiple of {group}")

@@ -6,7 +6,8 @@ it alone: the strategy runs unchanged on that shard, over the process group of "
 every group", and sends 1/G of the state across groups. A client's start state reaches the
 ZeRO-3 slices from the tensors' owners (clients/zero3_slices.py), so no rank holds the whole
 model; checkpoints and the final export are written by shard (a LoRA adapter, adapter-sized, is
-gathered whole on the run's first rank for PEFT's save). Per-client statistics cross between groups once (ShardCommunicator)."""
+gathered whole on the run's first rank for PEFT's save). Per-client statistics cross between
+groups once (ShardCommunicator)."""
 from __future__ import annotations
 
 import dataclasses
@@ -59,7 +60,7 @@ class ShardedAggregation:
         """The whole state on the group's first rank (None elsewhere), gathered within the group:
         for a LoRA adapter's export (adapter-sized), which the run's first rank writes."""
         flat = collectives.flatten({n: shard[n].float() for n in self.mine})
-        counts = collectives.all_gather_json(flat.numel(), self.within_group, self._wire(), self.client_group)
+        counts = self.within_group_json(flat.numel())
         first = self.group.get_data_parallel_group_ranks()[0]
         padded = torch.zeros(max(counts), dtype=torch.float32)
         padded[:flat.numel()] = flat
@@ -89,7 +90,7 @@ class ShardedAggregation:
     def _check_same_plan(self, diagnostics: dict) -> None:
         plan = {k: v for k, v in diagnostics.items() if not k.endswith("_time_s")}  # a time measured on each rank
         text = json.dumps(plan, sort_keys=True, default=str)
-        seen = collectives.all_gather_json(text, self.within_group, self._wire(), self.client_group)
+        seen = self.within_group_json(text)
         if len(set(seen)) > 1:
             raise RuntimeError("the shards of one aggregation reached different plans (their diagnostics differ: "
                                + " | ".join(seen) + "); run with fed.ranks_per_client=1 and report this")
