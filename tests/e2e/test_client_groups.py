@@ -52,7 +52,9 @@ def test_two_groups_of_two_equal_two_ranks_of_one_and_the_export_reloads(tmp_pat
     # How many depends on the CPU's kernels (fedavg after 3 rounds, measured: relative 4.9e-5 with
     # 2.1e-4 apart on one machine, 7.2e-5 with 4.6e-3 apart on an AVX-512 one, same code). A stale
     # or misplaced slice moves every element (relative 0.09, 51 % apart), and personal states
-    # left on a group's first rank only: relative 5.7e-2.
+    # left on a group's first rank only: relative 5.7e-2. The ungrouped path itself, with every
+    # client on 1 rank instead of 2, lands 3.5e-5 from 2 ranks of 1 after 3 fedavg rounds
+    # (bench/client_groups_equality.py), so no bound near 1e-5 could hold.
     assert relative < 5e-4 and apart < 2e-2
     # what a round reports is the group's, not its first rank's half of each batch
     records = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
