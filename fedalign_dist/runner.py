@@ -24,6 +24,7 @@ from fedalign_dist.dist.placement import balanced_placement, block_placement, cl
 from fedalign_dist.dist.sharded_aggregation import ShardedAggregation
 from fedalign_dist.metrics import console_line, peak_gpu_mb, peak_rss_mb, round_record
 from fedalign_dist.models.build import describe_model, structure_only
+from fedalign_dist.models.checkpoint_by_part import loads_by_part
 from fedalign_dist.models.hf_parts import check_plan
 from fedalign_dist.privacy.mechanism import ClientLevelDP
 from fedalign_dist.run_lifecycle import RunLifecycle
@@ -34,16 +35,19 @@ class Runner:
     def __init__(self, cfg: Config, env: DistEnv, data, tokenizer):
         self.cfg, self.env, self.data, self.tokenizer = cfg, env, data, tokenizer
         self.engines_before = LocalTrainer.engines_built  # engines built by this run = the difference
-        # a client group's other ranks build the structure only: ZeRO-3 fills their slices from its first rank
+        # a client group's other ranks build the structure only: ZeRO-3 fills their slices from its
+        # first rank, which builds the whole model, unless it reads a checkpoint into the slices
+        by_part = loads_by_part(cfg)
         partner = cfg.fed.ranks_per_client > 1 and env.rank % cfg.fed.ranks_per_client != 0
-        with structure_only(cfg) if partner else nullcontext():
+        with structure_only(cfg) if partner or by_part else nullcontext():
             model, self.anatomy = strategy_class(cfg.strategy.name).build_model(cfg, tokenizer)
         # client groups (fed.ranks_per_client): a group's ranks train the same clients in
         # lockstep, each holding a ZeRO-3 shard; only the group's first rank reports them
         self.group = GroupMPU(cfg.fed.ranks_per_client)
         self.hosts_count = env.world_size // self.group.size
         self.reports = self.group.group_rank == 0
-        self.trainer = LocalTrainer(model, cfg, env.device, group=self.group)
+        self.trainer = LocalTrainer(model, cfg, env.device, group=self.group,
+                                    checkpoint=cfg.model.path if by_part else None)
         self.comm = Communicator(env.rank, env.world_size, env.device)  # aggregation traffic (counted)
         self.side = Communicator(env.rank, env.world_size, env.device)  # metrics bookkeeping
         # client groups: rank i of every group holds and aggregates shard i of the global state

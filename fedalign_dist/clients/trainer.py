@@ -105,7 +105,8 @@ def _skip_shared_memory_comm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def partition_over_group(model: torch.nn.Module, group: GroupMPU, config: dict, device: torch.device) -> None:
+def partition_over_group(model: torch.nn.Module, group: GroupMPU, config: dict, device: torch.device,
+                         checkpoint: str | None = None) -> None:
     """Cut a model built on the host into ZeRO-3 slices over the client group, one parameter at a
     time: each goes to the device whole, takes the group's first rank's values and keeps only
     this rank's slice (deepspeed.zero.Init on a built module). The engine then leaves placement
@@ -114,7 +115,9 @@ def partition_over_group(model: torch.nn.Module, group: GroupMPU, config: dict, 
     (building under zero.Init would draw them in another order). Buffers (rotary tables) are
     small and move whole, in fp32; DeepSpeed's replacement for torch's linear stays off
     (process-wide). Under deepspeed.bf16 the parameters are cast first: the fp32 masters are
-    made from them, and load_state then writes the exact fp32 state into both."""
+    made from them, and load_state then writes the exact fp32 state into both. With `checkpoint`
+    (a model.path every rank built as structure only: models/checkpoint_by_part.py), the group's
+    first rank then reads it into the slices, one parameter at a time."""
     import deepspeed
     import torch.distributed as dist
     if config["bf16"]["enabled"]:  # ZeRO-3 takes a partitioned model's dtype as the compute dtype
@@ -136,6 +139,9 @@ def partition_over_group(model: torch.nn.Module, group: GroupMPU, config: dict, 
                 module._parameters[name] = given[id(param)]
         deepspeed.zero.Init(module=module, mpu=group, data_parallel_group=group.get_data_parallel_group(),
                             config_dict_or_path=config, mem_efficient_linear=False)
+    if checkpoint is not None:
+        from fedalign_dist.models.checkpoint_by_part import read_into_slices
+        read_into_slices(model, checkpoint, first=group.group_rank == 0)
     first = group.get_data_parallel_group_ranks()[0]
     for buffer in model.buffers():  # the first rank's (loaded with the weights), on every rank
         buffer.data = buffer.data.to(device)
@@ -160,9 +166,12 @@ class LocalTrainer:
     """DeepSpeed engines built in this process (a run reports how many it built: one per rank)."""
 
     def __init__(self, model: torch.nn.Module, cfg, device: torch.device, path: StepPath | None = None,
-                 group: GroupMPU | None = None):
+                 group: GroupMPU | None = None, checkpoint: str | None = None):
+        """`checkpoint`: a client group whose ranks all built `model` as structure only reads this
+        model.path into its slices (partition_over_group)."""
         import deepspeed
         self.cfg, self.device = cfg, device
+        self.read_into_slices = checkpoint is not None
         self.group = group or GroupMPU(1)
         self.sharded = self.group.size > 1
         self.state_bytes = ByteCounter()  # client groups: bytes sent moving a state kept by shard in and out
@@ -171,7 +180,7 @@ class LocalTrainer:
         _skip_shared_memory_comm_op()
         with _launcher_variables():
             if self.sharded:
-                partition_over_group(model, self.group, config, device)
+                partition_over_group(model, self.group, config, device, checkpoint)
             else:
                 model.to(device)
             trainable = [p for p in model.parameters() if p.requires_grad]

@@ -32,7 +32,9 @@ def describe_model(cfg, trainer, anatomy: MoEAnatomy) -> dict:
             "compute_dtype": "bfloat16" if cfg.deepspeed.bf16 else "float32",
             "federated_state_dtype": "float32", "parameters": sum(_numel(p) for p in module.parameters()),
             "trainable_parameters": sum(_numel(p) for p in trainer.params.values()),
-            "finetune": cfg.model.finetune}
+            "finetune": cfg.model.finetune,
+            # client groups: the checkpoint read into the group's slices, or built whole on its first rank
+            "read_into_slices": trainer.read_into_slices}
 
 
 def check_model_path(path: str) -> None:

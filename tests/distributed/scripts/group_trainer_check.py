@@ -4,8 +4,10 @@ trained on one rank ends, with and without FedProx's proximal term (each rank ad
 gradient on its own slices); loading a state writes only each rank's own slice; the whole model
 is never moved to the device (each parameter is cut into slices one at a time); a state kept by
 shard (each tensor on one rank) loads, reads back and trains exactly as a whole one; a PEFT
-LoRA client trains as on one rank; a partner builds a preset's or a checkpoint's structure only."""
+LoRA client trains as on one rank; a partner builds a preset's or a checkpoint's structure only,
+and so may the first rank, reading a checkpoint into the slices."""
 import sys
+import tempfile
 from contextlib import nullcontext
 
 import torch
@@ -19,6 +21,7 @@ from fedalign_dist.data.federated import build_federated_data
 from fedalign_dist.data.tokenizer import ByteTokenizer
 from fedalign_dist.dist.env import end_checked_rank, init_distributed
 from fedalign_dist.models.build import build_model, structure_only
+from fedalign_dist.models.checkpoint_by_part import loads_by_part
 from fedalign_dist.train import quiet_libraries
 
 quiet_libraries()
@@ -134,6 +137,46 @@ want = {n: p.detach().clone() for n, p in loaded.named_parameters()}
 from_checkpoint = LocalTrainer(outline, pretrained, env.device, group=GroupMPU(2)).read_state()
 assert from_checkpoint.keys() == want.keys()
 assert all(torch.equal(t, want[n]) for n, t in from_checkpoint.items()), "a partner's checkpoint slices differ"
+
+
+def read_by_part(config):
+    """Both ranks build the structure only; the group's first rank reads the checkpoint into the
+    slices (models/checkpoint_by_part.py), so no host holds the whole model."""
+    grouped = config.model_copy(update={"fed": config.fed.model_copy(update={"ranks_per_client": 2})})
+    assert loads_by_part(grouped), f"{config.model.path} is not read by part"
+    with structure_only(config):
+        outline = build_model(config, tok)[0]
+    assert all(p.is_meta for p in outline.parameters()), "the structure-only build has weights"
+    return LocalTrainer(outline, config, env.device, group=GroupMPU(2), checkpoint=config.model.path)
+
+
+# the packaged checkpoint: per-expert tensors on disk, fused by transformers' conversions; tied embeddings
+by_part = read_by_part(pretrained).read_state()
+assert by_part.keys() == want.keys()
+assert all(torch.equal(t, want[n]) for n, t in by_part.items()), "a checkpoint read by part differs from a whole load"
+# another family (DeepSeek-V3: shared experts, a persistent buffer), saved with every buffer drawn
+# at random so that a buffer not read from the file would show
+folder = [tempfile.mkdtemp(prefix="by_part_") if env.rank == 0 else None]
+torch.distributed.broadcast_object_list(folder, src=0)
+deepseek = cfg.model_copy(update={"model": cfg.model.model_copy(update={"family": "deepseek_v3"})})
+if env.rank == 0:
+    saved = build_model(deepseek, tok)[0]
+    persistent = saved.state_dict().keys() - dict(saved.named_parameters()).keys()
+    assert persistent, "DeepSeek-V3 has no persistent buffer any more: pick a family that has one"
+    for name, buffer in saved.named_buffers():
+        if name in persistent:
+            buffer.uniform_(-1, 1)
+    saved.save_pretrained(folder[0])
+torch.distributed.barrier()
+deepseek = deepseek.model_copy(update={"model": deepseek.model.model_copy(update={"path": folder[0]})})
+whole = build_model(deepseek, tok)[0]
+expected = whole.state_dict()
+read = read_by_part(deepseek)
+for name, value in read.read_state().items():
+    assert torch.equal(value, expected[name].float()), f"DeepSeek-V3's {name} read by part differs"
+buffers = dict(read.module.named_buffers())
+for name in expected.keys() - dict(whole.named_parameters()).keys():
+    assert torch.equal(buffers[name].cpu(), expected[name]), f"DeepSeek-V3's buffer {name} read by part differs"
 # PEFT LoRA on the fused expert tensors (a parametrization applied inside the experts' forward) and
 # on the router (modules_to_save): one client trained by the group, its partner built as structure
 # only, ends where one rank ends (DeepSpeed's default MoE leaf modules reduced the router's

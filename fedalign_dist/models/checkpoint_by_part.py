@@ -1,0 +1,112 @@
+"""A Hugging Face checkpoint (model.path) read straight into a client group's ZeRO-3 slices, so
+that no rank builds the whole model on its host: every rank of the group builds the structure
+(parameters on the meta device), ZeRO-3 cuts it into slices, and the group's first rank then
+reads the checkpoint's files (memory-mapped: pages it has read are the file's, not the
+process's) and fills one parameter at a time, gathered whole over the group while it is
+written. Transformers' own conversions turn the files' layout into the model's (per-expert
+tensors fused into one), one fused tensor at a time, as its DeepSpeed ZeRO-3 loader does;
+that loader writes from the world's rank 0 only, where a client group's first rank may be any
+rank, hence this module.
+
+Values equal `from_pretrained(dtype=float32)`'s whenever every parameter is in the checkpoint
+(`covers`); one that is not would be initialised by transformers, so such a checkpoint is read
+whole, as before."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fedalign_dist.models.packaged import causal_lm_structure, resolve
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The checkpoint's safetensors files ([] for another format: read whole by transformers)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        return [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = directory / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def loads_by_part(cfg) -> bool:
+    """Whether a grouped run's model comes from a checkpoint this module can read into slices:
+    full fine-tuning (LoRA's adapters are drawn from the seed on the host that holds the base)
+    of an MoE checkpoint folder in safetensors that holds every parameter."""
+    if cfg.fed.ranks_per_client == 1 or cfg.model.path is None or cfg.model.finetune != "full":
+        return False
+    if cfg.model.family == "llama":
+        return False
+    directory, gguf = resolve(cfg.model.path)
+    if gguf is not None or not checkpoint_files(directory):
+        return False
+    return covers(outline_of(cfg.model.path), directory)
+
+
+def outline_of(path: str) -> torch.nn.Module:
+    """The checkpoint's model with its parameters on the meta device (no memory, no drawing)."""
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):
+        return causal_lm_structure(path)
+
+
+def _read(files: list[Path], values: bool) -> dict[str, torch.Tensor]:
+    """{name: tensor} of every file: memory-mapped with `values`, else on the meta device."""
+    from transformers.modeling_utils import load_state_dict
+    state = {}
+    for file in files:
+        state.update(load_state_dict(str(file), map_location="cpu" if values else "meta"))
+    return state
+
+
+def _converted(outline: torch.nn.Module, state: dict[str, torch.Tensor]):
+    """The checkpoint in the model's names and layout, one group at a time (each fused tensor,
+    then the rest), by transformers' conversions; `outline` is the model on the meta device,
+    which the conversions read for names and shapes (a ZeRO-3 slice's shape is not its own)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.integrations.deepspeed import _apply_weight_conversions_to_state_dict
+    mapping = get_model_conversion_mapping(outline)
+    if not mapping:
+        known, prefix = outline.state_dict().keys(), outline.base_model_prefix
+        named = {(f"{prefix}.{k}" if f"{prefix}.{k}" in known else k): v for k, v in state.items()}
+        yield {k: v for k, v in named.items() if k in known}
+        return
+    yield from _apply_weight_conversions_to_state_dict(outline, state, mapping)
+
+
+def covers(outline: torch.nn.Module, directory: Path) -> bool:
+    """Every parameter of the model is in the checkpoint (under one of its names, if tied),
+    judged from the files' headers and the meta structure alone."""
+    names = set()
+    for group in _converted(outline, _read(checkpoint_files(directory), values=False)):
+        names.update(group)
+    aliases: dict[int, list[str]] = {}
+    for name, param in outline.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    return all(any(n in names for n in group) for group in aliases.values())
+
+
+def read_into_slices(model: torch.nn.Module, path: str, first: bool) -> None:
+    """Fill the ZeRO-3 slices of `model` (partitioned over its client group) from the checkpoint
+    at `path`; only `first` (the group's first rank) reads values, its partners follow the same
+    names from the files' headers. Persistent buffers are written on `first` only (the caller
+    sends them to the group). Every rank gathers one parameter at a time, in the same order."""
+    import deepspeed
+    directory, _ = resolve(path)
+    outline = outline_of(path)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    for group in _converted(outline, _read(checkpoint_files(directory), values=first)):
+        for name in sorted(group):
+            if name in params:
+                with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                    if first:
+                        if group[name].shape != params[name].data.shape:
+                            raise ValueError(f"model.path {path}: {name} is {tuple(group[name].shape)} in the "
+                                             f"checkpoint but {tuple(params[name].data.shape)} in the model")
+                        with torch.no_grad():
+                            params[name].data.copy_(group[name])
+            elif name in buffers and first:
+                buffers[name].data.copy_(group[name])
+        del group
