@@ -41,7 +41,7 @@ def loads_by_part(cfg) -> bool:
     directory, gguf = resolve(cfg.model.path)
     if gguf is not None or not checkpoint_files(directory):
         return False
-    return covers(outline_of(cfg.model.path), directory)
+    return covers(outline_of(cfg.model.path), cfg.model.path)
 
 
 def outline_of(path: str) -> torch.nn.Module:
@@ -75,16 +75,20 @@ def _converted(outline: torch.nn.Module, state: dict[str, torch.Tensor]):
     yield from _apply_weight_conversions_to_state_dict(outline, state, mapping)
 
 
-def covers(outline: torch.nn.Module, directory: Path) -> bool:
-    """Every parameter of the model is in the checkpoint (under one of its names, if tied),
-    judged from the files' headers and the meta structure alone."""
-    names = set()
-    for group in _converted(outline, _read(checkpoint_files(directory), values=False)):
-        names.update(group)
+def covers(model: torch.nn.Module, path: str) -> bool:
+    """Every parameter of `model` is in the checkpoint at `path` with its shape (under one of
+    its names, if tied), judged from the files' headers and meta structures alone: false for a
+    strategy's model that adds parameters of its own, or a checkpoint whose shapes differ
+    (transformers, loading it whole, then says which)."""
+    shapes = {}
+    for group in _converted(outline_of(path), _read(checkpoint_files(resolve(path)[0]), values=False)):
+        shapes.update({name: tensor.shape for name, tensor in group.items()})
     aliases: dict[int, list[str]] = {}
-    for name, param in outline.named_parameters(remove_duplicate=False):
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in shapes and shapes[name] != param.shape:
+            return False
         aliases.setdefault(id(param), []).append(name)
-    return all(any(n in names for n in group) for group in aliases.values())
+    return all(any(n in shapes for n in group) for group in aliases.values())
 
 
 def read_into_slices(model: torch.nn.Module, path: str, first: bool) -> None:
@@ -97,16 +101,21 @@ def read_into_slices(model: torch.nn.Module, path: str, first: bool) -> None:
     outline = outline_of(path)
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers())
+    written = set()
     for group in _converted(outline, _read(checkpoint_files(directory), values=first)):
         for name in sorted(group):
             if name in params:
+                written.add(id(params[name]))
                 with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
                     if first:
-                        if group[name].shape != params[name].data.shape:
-                            raise ValueError(f"model.path {path}: {name} is {tuple(group[name].shape)} in the "
+                        if group[name].shape != params[name].data.shape:  # `covers` compared them
+                            raise RuntimeError(f"model.path {path}: {name} is {tuple(group[name].shape)} in the "
                                              f"checkpoint but {tuple(params[name].data.shape)} in the model")
                         with torch.no_grad():
                             params[name].data.copy_(group[name])
             elif name in buffers and first:
                 buffers[name].data.copy_(group[name])
         del group
+    unwritten = [name for name, param in params.items() if id(param) not in written]
+    if unwritten:  # a strategy's model with parameters the checkpoint lacks: build it whole instead
+        raise RuntimeError(f"model.path {path}: no value was read for {', '.join(unwritten[:5])}")
