@@ -9,8 +9,8 @@ that loader writes from the world's rank 0 only, where a client group's first ra
 rank, hence this module.
 
 Values equal `from_pretrained(dtype=float32)`'s whenever every parameter is in the checkpoint
-(`covers`); one that is not would be initialised by transformers, so such a checkpoint is read
-whole, as before."""
+(`covers`) and nothing is quantized; a checkpoint that lacks a parameter (transformers would
+draw it) or needs a quantizer is read whole, as before."""
 from __future__ import annotations
 
 import json
@@ -20,28 +20,47 @@ import torch
 
 from fedalign_dist.models.packaged import causal_lm_structure, resolve
 
+PLAIN_DTYPES = {"F32", "BF16", "F16"}
+"""What is copied as it is: a quantized checkpoint's tensors need transformers' quantizer."""
+
 
 def checkpoint_files(directory: Path) -> list[Path]:
-    """The checkpoint's safetensors files ([] for another format: read whole by transformers)."""
+    """The checkpoint's safetensors files, chosen as transformers chooses them (one file before
+    an index); [] for another format, which transformers reads whole."""
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         return [directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    single = directory / "model.safetensors"
-    return [single] if single.is_file() else []
+    return []
 
 
 def loads_by_part(cfg) -> bool:
     """Whether a grouped run's model comes from a checkpoint this module can read into slices:
     full fine-tuning (LoRA's adapters are drawn from the seed on the host that holds the base)
-    of an MoE checkpoint folder in safetensors that holds every parameter."""
+    of an MoE checkpoint folder in safetensors, not quantized, that holds every parameter."""
     if cfg.fed.ranks_per_client == 1 or cfg.model.path is None or cfg.model.finetune != "full":
         return False
     if cfg.model.family == "llama":
         return False
     directory, gguf = resolve(cfg.model.path)
-    if gguf is not None or not checkpoint_files(directory):
+    files = checkpoint_files(directory) if gguf is None else []
+    if not files or not _plain(directory, files):
         return False
     return covers(outline_of(cfg.model.path), cfg.model.path)
+
+
+def _plain(directory: Path, files: list[Path]) -> bool:
+    """No quantization: none in config.json, and every tensor a float of a plain dtype."""
+    from safetensors import safe_open
+    if "quantization_config" in json.loads((directory / "config.json").read_text()):
+        return False
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            if any(f.get_slice(key).get_dtype() not in PLAIN_DTYPES for key in f.keys()):
+                return False
+    return True
 
 
 def outline_of(path: str) -> torch.nn.Module:
@@ -63,23 +82,19 @@ def _read(files: list[Path], values: bool) -> dict[str, torch.Tensor]:
 def _converted(outline: torch.nn.Module, state: dict[str, torch.Tensor]):
     """The checkpoint in the model's names and layout, one group at a time (each fused tensor,
     then the rest), by transformers' conversions; `outline` is the model on the meta device,
-    which the conversions read for names and shapes (a ZeRO-3 slice's shape is not its own)."""
+    which the conversions read for names and shapes (a ZeRO-3 slice's shape is not its own).
+    The mapping always holds transformers' legacy renamings; base_model_prefix is added or
+    stripped as from_pretrained does."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.integrations.deepspeed import _apply_weight_conversions_to_state_dict
-    mapping = get_model_conversion_mapping(outline)
-    if not mapping:
-        known, prefix = outline.state_dict().keys(), outline.base_model_prefix
-        named = {(f"{prefix}.{k}" if f"{prefix}.{k}" in known else k): v for k, v in state.items()}
-        yield {k: v for k, v in named.items() if k in known}
-        return
-    yield from _apply_weight_conversions_to_state_dict(outline, state, mapping)
+    yield from _apply_weight_conversions_to_state_dict(outline, state, get_model_conversion_mapping(outline))
 
 
 def covers(model: torch.nn.Module, path: str) -> bool:
-    """Every parameter of `model` is in the checkpoint at `path` with its shape (under one of
-    its names, if tied), judged from the files' headers and meta structures alone: false for a
-    strategy's model that adds parameters of its own, or a checkpoint whose shapes differ
-    (transformers, loading it whole, then says which)."""
+    """Every parameter of `model` (a structure) is in the checkpoint at `path` with its shape
+    (under one of its names, if tied), judged from the files' headers and meta structures
+    alone: false for a checkpoint whose shapes differ (transformers, loading it whole, then
+    says which) or that lacks a parameter (transformers would draw it)."""
     shapes = {}
     for group in _converted(outline_of(path), _read(checkpoint_files(resolve(path)[0]), values=False)):
         shapes.update({name: tensor.shape for name, tensor in group.items()})
@@ -95,7 +110,8 @@ def read_into_slices(model: torch.nn.Module, path: str, first: bool) -> None:
     """Fill the ZeRO-3 slices of `model` (partitioned over its client group) from the checkpoint
     at `path`; only `first` (the group's first rank) reads values, its partners follow the same
     names from the files' headers. Persistent buffers are written on `first` only (the caller
-    sends them to the group). Every rank gathers one parameter at a time, in the same order."""
+    sends them to the group). Every rank gathers one parameter at a time, in the same order,
+    and checks what it can on every rank, so that no rank leaves its partners waiting."""
     import deepspeed
     directory, _ = resolve(path)
     outline = outline_of(path)
@@ -105,17 +121,19 @@ def read_into_slices(model: torch.nn.Module, path: str, first: bool) -> None:
     for group in _converted(outline, _read(checkpoint_files(directory), values=first)):
         for name in sorted(group):
             if name in params:
-                written.add(id(params[name]))
-                with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+                param = params[name]
+                if group[name].shape != param.ds_shape:  # `covers` compared them with the structure's
+                    raise RuntimeError(f"model.path {path}: {name} is {tuple(group[name].shape)} in the "
+                                       f"checkpoint but {tuple(param.ds_shape)} in the model")
+                written.add(id(param))
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                     if first:
-                        if group[name].shape != params[name].data.shape:  # `covers` compared them
-                            raise RuntimeError(f"model.path {path}: {name} is {tuple(group[name].shape)} in the "
-                                             f"checkpoint but {tuple(params[name].data.shape)} in the model")
                         with torch.no_grad():
-                            params[name].data.copy_(group[name])
+                            param.data.copy_(group[name])
             elif name in buffers and first:
                 buffers[name].data.copy_(group[name])
         del group
     unwritten = [name for name, param in params.items() if id(param) not in written]
-    if unwritten:  # a strategy's model with parameters the checkpoint lacks: build it whole instead
+    if unwritten:  # `loads_by_part` judged the checkpoint's own structure: a strategy whose model
+        # adds parameters cannot be read by part
         raise RuntimeError(f"model.path {path}: no value was read for {', '.join(unwritten[:5])}")

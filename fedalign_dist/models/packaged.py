@@ -71,6 +71,9 @@ def causal_lm_structure(path: str) -> torch.nn.Module:
     directory, _ = resolve(path)
     config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if model.can_generate() and (directory / "generation_config.json").is_file():
+        # as from_pretrained: the export by part writes the model's, which from_config leaves default
+        model.generation_config = tf.GenerationConfig.from_pretrained(str(directory))
     output = model.get_output_embeddings()
     if config.get_text_config().tie_word_embeddings and output is not None:
         # into the dict: init_empty_weights' register_parameter would store a new meta copy

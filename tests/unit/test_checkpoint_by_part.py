@@ -46,3 +46,35 @@ def test_a_checkpoint_in_several_files_is_read_from_its_index(tmp_path):
     assert len(files) > 1 and all(f.suffix == ".safetensors" for f in files)
     assert covers(outline_of(str(tmp_path)), str(tmp_path))
     assert checkpoint_files(tmp_path / "missing") == []
+
+
+def _saved_base(folder):
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(resolve(BASE)[0]).save_pretrained(folder)
+    return folder
+
+
+def test_a_quantized_checkpoint_is_read_whole_by_transformers_quantizer(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+    grouped = lambda path: load_config(None, [*GROUPED, f"model.path={path}"])  # noqa: E731
+    folder = _saved_base(tmp_path / "quantized_config")
+    assert loads_by_part(grouped(folder))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    assert not loads_by_part(grouped(folder))
+    folder = _saved_base(tmp_path / "fp8_tensor")  # a scale or weight in a dtype copy_ would misread
+    state = load_file(folder / "model.safetensors")
+    name = next(n for n in state if n.endswith("q_proj.weight"))
+    save_file({**state, name: state[name].to(torch.float8_e4m3fn)}, folder / "model.safetensors", {"format": "pt"})
+    assert not loads_by_part(grouped(folder))
+
+
+def test_the_structure_keeps_the_checkpoints_generation_config(tmp_path):
+    """The export by part writes the structure's generation_config.json, as from_pretrained's."""
+    from transformers import GenerationConfig
+    folder = _saved_base(tmp_path / "base")
+    GenerationConfig(eos_token_id=[1, 3], temperature=0.7, do_sample=True).save_pretrained(folder)
+    kept = outline_of(str(folder)).generation_config
+    assert kept.eos_token_id == [1, 3] and kept.temperature == 0.7
