@@ -10,8 +10,9 @@ difference from the reference, and its largest element difference.
 The second column is the floor of any comparison with that reference: moving clients between
 ranks changes only the order in which their updates are summed, and AdamW's first steps (about
 lr x sign(gradient)) turn last-bit differences into lr-sized ones where a gradient is near zero.
-Defaults: configs/demo.yaml with the tests' tiny settings and the router's aux loss off (a
-group computes it per slice, as data-parallel training does)."""
+Defaults: configs/demo.yaml with the tests' tiny settings, the model's own losses on (the
+router's load-balancing loss, FedAlign-MoE's routing regulariser: a group computes them over its
+whole batch, clients/group_batch.py)."""
 from __future__ import annotations
 
 import argparse
@@ -26,14 +27,14 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.max_examples=400", "data.max_length=64", "data.min_client_examples=5", "local.steps=3",
         "local.batch_size=4", "eval.every=100", "eval.personalized_every=100", "fed.num_clients=4",
-        "model.router_aux_loss_coef=0", "checkpoint.every=0"]
+        "checkpoint.every=0"]
 CASES = {  # name -> (what it is, overrides)
     "fedavg": ("fedavg, 2 clients a round, 3 rounds", ["strategy.name=fedavg", "fed.clients_per_round=2", "fed.rounds=3"]),
     "fedavg4": ("fedavg, 4 clients a round, 3 rounds", ["strategy.name=fedavg", "fed.clients_per_round=4", "fed.rounds=3"]),
-    "fedalign": ("fedalign reduce, mu = 0, 2 clients a round, 2 rounds",
-                 ["strategy.name=fedalign", "strategy.fedalign.mu=0", "fed.clients_per_round=2", "fed.rounds=2"]),
-    "fedalign4": ("fedalign reduce, mu = 0, 4 clients a round, 3 rounds",
-                  ["strategy.name=fedalign", "strategy.fedalign.mu=0", "fed.clients_per_round=4", "fed.rounds=3"]),
+    "fedalign": ("fedalign reduce, 2 clients a round, 2 rounds",
+                 ["strategy.name=fedalign", "fed.clients_per_round=2", "fed.rounds=2"]),
+    "fedalign4": ("fedalign reduce, 4 clients a round, 3 rounds",
+                  ["strategy.name=fedalign", "fed.clients_per_round=4", "fed.rounds=3"]),
 }
 LAYOUTS = {"groups": (4, ["fed.ranks_per_client=2"]), "reference": (2, []), "one_rank": (1, [])}
 

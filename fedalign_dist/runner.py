@@ -107,7 +107,7 @@ class Runner:
         cfg, clock = self.cfg, {"start": time.perf_counter()}
         last = round_idx + 1 == cfg.fed.rounds
         score_personal = (round_idx + 1) % cfg.eval.personalized_every == 0 or last
-        hosts = self.place_round(round_idx, score_personal)
+        hosts = self.place_round(round_idx)
         moved_bytes = self.holders.follow(hosts, self.store, self.side)  # states go where their clients train
         my_clients = [c for c, rank in hosts.items() if rank // self.group.size == self.group.index]
         # a rank that fails here stops the others at once; a client group's ranks meet in ZeRO-3's
@@ -150,13 +150,14 @@ class Runner:
             self.lifecycle.checkpoint(round_idx, None)
         return record
 
-    def place_round(self, round_idx: int, score_personal: bool) -> dict[int, int]:
+    def place_round(self, round_idx: int) -> dict[int, int]:
         """{client: rank} for the round's sampled clients (fed.placement); under client groups
-        the first rank of the client's group."""
-        hosts = self.place_on_hosts(round_idx, score_personal)
+        the first rank of the client's group. A function of the federation (clients, sizes,
+        round, seed) only, never of the evaluation schedule (placement.client_cost)."""
+        hosts = self.place_on_hosts(round_idx)
         return {c: host * self.group.size for c, host in hosts.items()}
 
-    def place_on_hosts(self, round_idx: int, score_personal: bool) -> dict[int, int]:
+    def place_on_hosts(self, round_idx: int) -> dict[int, int]:
         cfg = self.cfg
         # under DP from the secret: the accountant's amplification assumes nobody knows the sample
         seed = self.privacy.secret if self.privacy is not None else cfg.seed
@@ -165,8 +166,8 @@ class Runner:
             return block_placement(sampled, cfg.fed.num_clients, self.hosts_count)
         request = self.strategy.stats_request
         stats = request.batches * cfg.local.batch_size if request is not None else 0
-        costs = [client_cost(cfg.local.steps_for(self.data.num_train(c)) * cfg.local.batch_size, stats,
-                             len(self.data.clients[c][cfg.eval.split]) if score_personal else 0) for c in sampled]
+        costs = [client_cost(cfg.local.steps_for(self.data.num_train(c)) * cfg.local.batch_size, stats)
+                 for c in sampled]
         return balanced_placement(sampled, costs, self.hosts_count)
 
     def exchange_verdicts(self, round_idx: int, results: list[ClientResult]):

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     for round_idx in range(cfg.fed.rounds):
         start = time.perf_counter()
         sampled = sample_clients(cfg.seed, round_idx, cfg.fed.num_clients, cfg.fed.clients_per_round)
-        costs = [client_cost(cfg.local.steps_for(data.num_train(c)) * cfg.local.batch_size, 0, 0) for c in sampled]
+        costs = [client_cost(cfg.local.steps_for(data.num_train(c)) * cfg.local.batch_size, 0) for c in sampled]
         hosts = balanced_placement(sampled, costs, env.world_size)
         summed = torch.zeros(sum(t.numel() for t in global_state.values()) + 1, device=env.device)
         for client in (c for c, rank in hosts.items() if rank == env.rank):

@@ -13,6 +13,7 @@ import torch
 from fedalign_dist import faults
 from fedalign_dist.aggregation.guard import Verdict, screen_update, squared_norm
 from fedalign_dist.clients.context import ClientContext
+from fedalign_dist.clients.group_batch import GroupBatch
 from fedalign_dist.clients.state import ShardView
 from fedalign_dist.clients.trainer import LocalTrainer, client_batches
 from fedalign_dist.models.router_tap import RouterTap
@@ -42,6 +43,7 @@ class ClientRound:
         self.owner = shards.owner if shards is not None else None
         self.trainer, self.strategy, self.anatomy, self.store = trainer, strategy, anatomy, store
         self.aux_coef = float(getattr(trainer.module.config, "router_aux_loss_coef", 0.0))
+        self.whole_batch = GroupBatch(trainer.group)  # batch-level loss terms over a client group's batch
 
     def run(self, round_idx: int, client_id: int, global_state: dict, evaluate: bool = True) -> ClientResult:
         cfg, data, module = self.cfg, self.data, self.trainer.module
@@ -110,7 +112,8 @@ class ClientRound:
     def local_loss(self, model, batch, tap: RouterTap | None):
         """(objective, task loss): the task's loss plus the strategy's routing regulariser and
         any loss the model recorded (Strategy.model_loss)."""
-        loss = self.data.task.loss(model, batch, self.aux_coef)
-        extras = [self.strategy.routing_regularizer(tap.router_probs(batch["attention_mask"])) if tap else None,
-                  self.strategy.model_loss(self.trainer.module)]
+        whole = self.whole_batch
+        loss = self.data.task.loss(model, batch, self.aux_coef, whole.balance(model))
+        extras = [whole.term(self.strategy.routing_regularizer(whole.router_probs(tap, batch["attention_mask"])))
+                  if tap else None, self.strategy.model_loss(self.trainer.module, whole)]
         return loss + sum(e for e in extras if e is not None), loss

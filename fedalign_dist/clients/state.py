@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -66,8 +67,10 @@ def _write_blob(blobs: Path, digest: str, data: bytes) -> None:
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    # the ranks of a client group hold the same personal state and write the same blob: each
+    # through a name of its own, and whichever rename lands last leaves the same bytes
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "xb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

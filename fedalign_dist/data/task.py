@@ -58,10 +58,10 @@ class TaskType(ABC):
         """Encoded examples -> input_ids, attention_mask, position_ids, labels (IGNORE where
         no loss is taken)."""
 
-    def loss(self, model, batch: dict[str, torch.Tensor], aux_coef: float) -> torch.Tensor:
+    def loss(self, model, batch: dict[str, torch.Tensor], aux_coef: float, balance=None) -> torch.Tensor:
         """Mean cross-entropy over the target tokens, plus the model's own router
-        load-balancing loss."""
-        return target_loss(model, batch, self.window, aux_coef)
+        load-balancing loss (`balance`: see target_loss)."""
+        return target_loss(model, batch, self.window, aux_coef, balance)
 
     def targets_in(self, batch: dict[str, torch.Tensor]) -> int:
         """The count `loss` averages over (a client group splits a batch by it)."""
@@ -112,10 +112,12 @@ def target_count(labels: torch.Tensor, window: int) -> int:
     return int((labels[:, -keep:][:, 1:] != IGNORE).sum())
 
 
-def target_loss(model, batch: dict[str, torch.Tensor], window: int, aux_coef: float) -> torch.Tensor:
+def target_loss(model, batch: dict[str, torch.Tensor], window: int, aux_coef: float, balance=None) -> torch.Tensor:
     """Mean over the batch's target tokens; a slice of a client group's batch divides by
     `loss_denominator` instead (its share of the whole batch's count), so that the group's
-    averaged gradient is the whole batch's."""
+    averaged gradient is the whole batch's. `balance(router_logits, attention_mask)`, where
+    given, computes the load-balancing loss in the model's place (a client group's, over its
+    whole batch: clients/group_batch.py)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], logits_to_keep=window, output_router_logits=True)
     ll, count = target_log_likelihood(out.logits, batch["labels"])
@@ -123,5 +125,7 @@ def target_loss(model, batch: dict[str, torch.Tensor], window: int, aux_coef: fl
     loss = -ll.sum() / (count.sum().clamp(min=1) if denominator is None else denominator)
     aux = getattr(out, "aux_loss", None)
     if aux is not None:
+        if balance is not None and aux_coef:
+            aux = balance(out.router_logits, batch["attention_mask"])
         loss = loss + aux_coef * aux.to(loss.dtype)
     return loss

@@ -31,7 +31,7 @@ class AMoLELinear(nn.Module):
         self.experts_B = nn.Parameter(torch.zeros(num_experts, d_out, rank))
         self.token_proj = nn.Parameter(torch.empty(rank, d_in).uniform_(-bound, bound))
         self.register_buffer("held", torch.ones(num_experts, dtype=torch.bool), persistent=False)
-        self.balance_loss: torch.Tensor | None = None
+        self.routing: tuple | None = None  # (probs, top-k slots, k) of the last forward
         self._embeddings: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,6 +40,7 @@ class AMoLELinear(nn.Module):
         y = y + self.scale * (lora_x @ self.shared_A.T) @ self.shared_B.T
         idx = self.held.nonzero().flatten()
         if idx.numel() == 0:
+            self.routing = None
             return y
         a, b = self.experts_A[idx], self.experts_B[idx]                     # (h, r, in), (h, out, r)
         ax = torch.einsum("...d,hrd->...hr", lora_x, a)                      # (..., h, r)
@@ -50,10 +51,8 @@ class AMoLELinear(nn.Module):
         gates = torch.zeros_like(probs).scatter(-1, top_idx, top_val / top_val.sum(-1, keepdim=True))
         expert_out = torch.einsum("...hr,hor->...ho", ax, b)                 # (..., h, out)
         y = y + self.scale * torch.einsum("...h,...ho->...o", gates, expert_out).to(y.dtype)
-        # load balance: |S| * sum_i P_i f_i (mean probability x share of top-k slots)
-        flat_p = probs.reshape(-1, idx.numel())
-        slots = torch.zeros_like(flat_p).scatter(-1, top_idx.reshape(-1, k), 1.0).mean(0) / k
-        self.balance_loss = idx.numel() * (flat_p.mean(0) * slots).sum()
+        # for the load balance (balance_loss): each token's probabilities and its top-k slots
+        self.routing = (probs, torch.zeros_like(probs).scatter(-1, top_idx, 1.0), k)
         if self._embeddings is not None:
             self._accumulate(ax.detach(), tx.detach(), idx)
         return y
@@ -85,9 +84,22 @@ def wrap_linear_layers(model: nn.Module, target_modules: list[str], num_experts:
     return [name for name, _ in targets]
 
 
-def balance_loss(model: nn.Module) -> torch.Tensor | None:
-    losses = [m.balance_loss for m in amole_modules(model).values() if m.balance_loss is not None]
+def balance_loss(model: nn.Module, rows=lambda t: t) -> torch.Tensor | None:
+    """The AMoLE modules' load balances summed (module_balance)."""
+    losses = [loss for m in amole_modules(model).values() if (loss := module_balance(m, rows)) is not None]
     return torch.stack(losses).sum() if losses else None
+
+
+def module_balance(module: "AMoLELinear", rows=lambda t: t) -> torch.Tensor | None:
+    """|S| * sum_i P_i f_i (mean probability x share of top-k slots) over the tokens of the
+    module's last forward; `rows` widens its (B, ...) records to the whole batch (a client
+    group's: clients/group_batch.py)."""
+    if module.routing is None:
+        return None
+    probs, slots, k = module.routing
+    held = probs.shape[-1]
+    flat_p, flat_slots = (rows(t).reshape(-1, held) for t in (probs, slots))
+    return held * (flat_p.mean(0) * (flat_slots.mean(0) / k)).sum()
 
 
 def set_held(model: nn.Module, held: torch.Tensor | None) -> None:

@@ -142,9 +142,10 @@ class Strategy(ABC):
         """An extra local-loss term from each MoE layer's (tokens, E) routing probabilities."""
         return None
 
-    def model_loss(self, model: torch.nn.Module) -> torch.Tensor | None:
+    def model_loss(self, model: torch.nn.Module, whole_batch) -> torch.Tensor | None:
         """An extra local-loss term the model itself recorded in its last forward (FedAMoLE's
-        load balance); None for none."""
+        load balance); None for none. A term that is a function of means over the batch takes
+        them over `whole_batch` (clients/group_batch.py: a client group's whole batch)."""
         return None
 
     def prepare_client_model(self, module: torch.nn.Module, client_id: int) -> None:

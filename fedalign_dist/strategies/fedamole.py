@@ -105,10 +105,12 @@ class FedAMoLE(ExpertwiseStrategy):
                           self.config.seed, client.client_id)
         return amole_embeddings(module, client.batches_of(idx), client.device)
 
-    def model_loss(self, model):
+    def model_loss(self, model, whole_batch):
         from fedalign_dist.models.amole import balance_loss
-        loss = balance_loss(model)
-        return None if loss is None or self.knobs.balance_coef == 0 else self.knobs.balance_coef * loss
+        if self.knobs.balance_coef == 0:
+            return None
+        loss = balance_loss(model, whole_batch.rows)
+        return None if loss is None else self.knobs.balance_coef * whole_batch.term(loss)
 
     def make_table(self, rows):
         ids, n, stats = stack_rows(rows)

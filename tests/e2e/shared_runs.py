@@ -27,6 +27,9 @@ DP_FEDALIGN = ["strategy.name=fedalign", "fed.num_clients=8", "fed.clients_per_r
 AMOLE = ["strategy.name=fedamole", "model.family=llama", *FOUR, "strategy.fedamole.num_experts=6",
          "strategy.fedamole.rank=4", "strategy.fedamole.max_experts=4", "checkpoint.every=1"]
 PLACEMENT = ["fed.num_clients=6", "fed.clients_per_round=3", "fed.rounds=4"]
+SPARSE = ["fed.rounds=4", "eval.every=5", "eval.personalized_every=5"]  # the defaults' cadence: only the last round
+"""test_runs: the demo's FedAlign-MoE scored every round (TINY), at the default cadence, and at
+the default cadence extended by resume from 2 rounds to 4: the same trained weights."""
 KILLED = ["fed.rounds=4", "checkpoint.every=1", "run.resume=auto", *BETA0, "fed.num_clients=6",
           "strategy.fedalign.match=true"]
 """test_resilience: a run whose rank is killed and restarted, and its uninterrupted twin
@@ -72,6 +75,11 @@ def shared_runs(inputs: Path) -> list[dict]:
                                                      "deepspeed.zero_stage=2", "model.family=qwen3_moe"]},
         {"name": "local_model_path", "overrides": [f"model.path={ckpt}", "strategy.name=local", "data.tokenizer=byte",
                                                    "model.family=olmoe", "fed.client_state=disk"]},
+        {"name": "cadence_every_round", "overrides": ["fed.rounds=4"]},
+        {"name": "cadence_default", "overrides": SPARSE},
+        {"name": "cadence_first_half", "overrides": [*SPARSE, "fed.rounds=2", "checkpoint.every=1"]},
+        {"name": "cadence_extended", "overrides": [*SPARSE, "checkpoint.every=1", "run.resume=true"],
+         "copy_from": "cadence_first_half"},
         # test_fedalign_runs
         *({"name": f"fedalign_{comm}", "overrides": ["strategy.name=fedalign", *FOUR, "checkpoint.every=1",
                                                      f"strategy.fedalign.comm={comm}", "strategy.fedalign.match=true"]}

@@ -39,6 +39,26 @@ def test_results_do_not_depend_on_client_placement(tmp_path, batch, one_thread):
     assert r1[-1]["global_accuracy"] == pytest.approx(r2[-1]["global_accuracy"], abs=1e-9)
 
 
+def test_how_often_a_run_evaluates_and_extending_it_by_resume_change_no_trained_weight(batch):
+    """The demo's FedAlign-MoE on 2 ranks, 4 rounds: scored every round, at the default cadence
+    (the last round only), and run for 2 rounds then extended to 4 by resume give bitwise the
+    same weights and losses. Before, the placement counted evaluation work in the rounds that
+    evaluate, so clients paired on ranks otherwise and the sums were taken in another order."""
+    runs = {name: batch.run_dir(name) for name in ("cadence_every_round", "cadence_default", "cadence_extended")}
+    states = {name: load_file(folder / "final/global.safetensors") for name, folder in runs.items()}
+    reference = states.pop("cadence_every_round")
+    for name, state in states.items():
+        assert state.keys() == reference.keys()
+        differ = [n for n in state if not torch.equal(state[n], reference[n])]
+        assert not differ, f"{name}: {len(differ)} of {len(state)} tensors differ from the run scored every round"
+    losses = {name: [r["train_loss"] for r in _records(folder)] for name, folder in runs.items()}
+    assert losses["cadence_default"] == losses["cadence_every_round"] == losses["cadence_extended"]
+    assert len(losses["cadence_extended"]) == 4
+    # placement decided where clients trained (balanced: clients away from home; the same in all three)
+    hosts = {name: [r["clients_per_rank"] for r in _records(folder)] for name, folder in runs.items()}
+    assert hosts["cadence_default"] == hosts["cadence_every_round"]
+
+
 @pytest.mark.parametrize("strategy", ["local", "fedalign"])
 def test_balanced_placement_moves_personal_state_with_its_client(batch, strategy):
     """Balanced placement trains clients away from their home rank; their personal state

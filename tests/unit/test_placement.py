@@ -55,4 +55,4 @@ def test_balanced_placement_is_a_pure_function_of_its_arguments():
 
 
 def test_client_cost_counts_training_three_times():
-    assert client_cost(80, 16, 20) == 3 * 80 + 16 + 20
+    assert client_cost(80, 16) == 3 * 80 + 16
