@@ -90,7 +90,7 @@ def test_two_groups_of_two_equal_two_ranks_of_one_and_the_export_reloads(tmp_pat
 def test_a_grouped_lora_run_follows_two_ranks_of_one_and_exports_an_adapter_that_reloads(tmp_path):
     """PEFT LoRA on the fused expert tensors and the router under client groups: FedAlign-MoE
     over 2 groups of 2 against 2 ranks of 1, and the adapter written from the global state."""
-    common = ["-m", "fedalign_dist", "train", *SAME, "fed.rounds=1", "strategy.name=fedalign", "strategy.fedalign.mu=0",
+    common = ["-m", "fedalign_dist", "train", *SAME, "fed.rounds=1", "strategy.name=fedalign",
               "model.finetune=lora", f"run.output_dir={tmp_path}"]
     torchrun(common + ["run.name=grouped", "fed.ranks_per_client=2"], nproc=4)
     torchrun(common + ["run.name=alone"], nproc=2)
@@ -162,7 +162,7 @@ def test_a_private_grouped_run_equals_two_ranks_of_one(tmp_path):
 
 @pytest.mark.slow  # two runs of 4 and 2 ranks (~25 s), shared by bf16 and model.freeze
 def test_a_bf16_grouped_run_with_frozen_projections_follows_two_bf16_ranks_of_one_and_exports_whole(tmp_path):
-    common = ["-m", "fedalign_dist", "train", *SAME, "fed.rounds=2", "strategy.name=fedalign", "strategy.fedalign.mu=0",
+    common = ["-m", "fedalign_dist", "train", *SAME, "fed.rounds=2", "strategy.name=fedalign",
               "deepspeed.bf16=true", "model.freeze=[q_proj]", f"run.output_dir={tmp_path}"]
     torchrun(common + ["run.name=grouped", "fed.ranks_per_client=2"], nproc=4)
     torchrun(common + ["run.name=alone"], nproc=2)
