@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from fedalign_dist import faults
+from fedalign_dist import faults, json_files
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +95,7 @@ def stage_client_part(run_dir: Path, round_idx: int, rank: int, entries: dict[st
     in the pool, synced."""
     path = staging_dir(run_dir, round_idx) / CLIENT_PARTS / f"rank_{rank:05d}.json"
     with open(path, "w") as f:
-        json.dump(entries, f)
+        f.write(json_files.dumps(entries))
         f.flush()
         os.fsync(f.fileno())
 
@@ -120,7 +120,7 @@ def commit_checkpoint(run_dir: Path, round_idx: int, global_state: dict | None, 
     # The manifest is written last: a checkpoint without it, or whose files do not match
     # it, is incomplete or corrupt.
     files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    (tmp / "meta.json").write_text(json.dumps({"round": round_idx, "files": files}))
+    (tmp / "meta.json").write_text(json_files.dumps({"round": round_idx, "files": files}))
     _publish(tmp, target)
     prune_checkpoints(run_dir, keep)
     return target
@@ -236,7 +236,7 @@ def save_strategy_state(folder: Path, state: dict) -> None:
     from safetensors.torch import save_file
     tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
     save_file(tensors, str(folder / "strategy.safetensors"))
-    (folder / "strategy.json").write_text(json.dumps({k: v for k, v in state.items() if k not in tensors}))
+    (folder / "strategy.json").write_text(json_files.dumps({k: v for k, v in state.items() if k not in tensors}))
 
 
 def load_strategy_state(folder: Path) -> dict:
@@ -269,7 +269,7 @@ def load_checkpoint(folder: Path, names=None) -> tuple[int, dict, dict]:
 def write_json(path: Path, value) -> None:
     """A small JSON file, written atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
+    tmp.write_text(json_files.dumps(value, indent=2))
     tmp.replace(path)
 
 
@@ -281,7 +281,7 @@ def cut_metrics(run_dir: Path, last_round: int) -> list[dict]:
         return []
     records = [r for r in map(json.loads, path.read_text().splitlines()) if r["round"] <= last_round]
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.write_text("".join(json_files.dumps(r) + "\n" for r in records))
     tmp.replace(path)
     return records
 

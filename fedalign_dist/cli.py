@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 
+from fedalign_dist import json_files
 from fedalign_dist.benchmark.cells import BenchmarkFailed
 from fedalign_dist.config import ConfigError, load_config
 from fedalign_dist.dist.rank_exit import end_rank
@@ -51,8 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark (resumable) and write tables (.md, .json) and PNGs")
     suite = bench.add_mutually_exclusive_group(required=True)
     suite.add_argument("--grid", help="learning-quality grid YAML (e.g. configs/bench/quality.yaml)")
+    from fedalign_dist.benchmark.systems import plan as systems_plan  # the help says what the suite runs
+    scale, quick_scale = (max(systems_plan(q).scale_clients) for q in (False, True))
     suite.add_argument("--systems", action="store_true",
-                       help="systems suite: time split per method, bytes per comm path, scale to 1000 clients")
+                       help=f"systems suite: time split per method, bytes per comm path, seconds and memory per "
+                            f"round up to {scale:,} clients ({quick_scale:,} with --quick), framework overhead "
+                            f"against plain torch")
     bench.add_argument("--out", required=True, help="results folder; rerunning resumes a half-finished benchmark")
     bench.add_argument("--quick", action="store_true",
                        help="a few minutes: grid = one seed, no tuning, its quick overrides; systems = tiny sizes")
@@ -190,7 +195,6 @@ def cmd_partition(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    import json
     from pathlib import Path
     from fedalign_dist.diagnose.command import default_out, diagnose_config, diagnose_run, render
     from fedalign_dist.train import quiet_libraries
@@ -204,7 +208,7 @@ def cmd_diagnose(args) -> int:
               else diagnose_config(args.config, overrides, args.clients))
     out = Path(args.out) if args.out else default_out(args.config, overrides, args.run)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json_files.dumps(result, indent=1))
     print(render(result))
     print(f"wrote {out}")
     return 0
@@ -251,20 +255,9 @@ def cmd_pretrain(args) -> int:
 
 def cmd_upcycle(args) -> int:
     from pathlib import Path
-    from fedalign_dist.models.packaged import check_exists, load_causal_lm, load_tokenizer
-    from fedalign_dist.pretrain.upcycle import upcycle
+    from fedalign_dist.pretrain.upcycle_command import write_upcycled
     out = Path(args.out)
-    if out.exists():
-        raise FileExistsError(f"{out} exists: upcycling writes a new checkpoint folder")
-    check_exists(args.dense)
-    dense = load_causal_lm(args.dense)
-    if dense.config.model_type != "llama":
-        raise ValueError(f"--dense {args.dense} is a {dense.config.model_type} model: upcycling takes a Llama-"
-                         f"architecture decoder")
-    if args.perturb < 0:
-        raise ConfigError(f"--perturb must be >= 0 (got {args.perturb})")
-    upcycle(dense, args.experts, args.top_k, args.perturb, args.seed).save_pretrained(str(out))
-    load_tokenizer(args.dense).save_pretrained(str(out))
+    write_upcycled(args.dense, out, args.experts, args.top_k, args.perturb, args.seed)
     print(f"wrote {out}: {args.experts} experts, top-{args.top_k} (model.path={out} data.tokenizer=model)")
     return 0
 

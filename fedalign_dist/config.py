@@ -159,9 +159,11 @@ def read_raw(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(source: str | Path | dict | Config | None, overrides: list[str] | None = None) -> Config:
+def load_config(source: str | Path | dict | Config | None, overrides: list[str] | None = None,
+                world_size: int | None = None) -> Config:
     """A config from a YAML file, a mapping, an existing Config, or the defaults (None); apply
-    dotted overrides, import the config's `imports`, validate; raise ConfigError on any problem."""
+    dotted overrides, import the config's `imports`, validate; raise ConfigError on any problem.
+    `world_size`: the ranks it will run on, when known (the launcher, a rank), checked first."""
     if isinstance(source, Config):
         source = source.model_dump()
     raw: dict[str, Any] = (read_raw(source) if isinstance(source, (str, Path)) else
@@ -174,7 +176,7 @@ def load_config(source: str | Path | dict | Config | None, overrides: list[str] 
     _check_keys(raw, schema)
     _resolve_checkpoint(raw)
     try:
-        return schema.model_validate(raw)
+        return schema.model_validate(raw, context={"world_size": world_size})
     except ValidationError as err:
         lines = []
         for e in err.errors():

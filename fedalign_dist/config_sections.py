@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
 
 class ConfigError(ValueError):
@@ -263,7 +263,9 @@ class PrivacyConfig(ConfigSection):
     """C <- C * exp(-clip_learning_rate * (noised fraction within C - target_quantile))."""
     count_noise_multiplier: Optional[float] = Field(None, gt=0)
     """Std of the Gaussian noise on the count of clients within C (its sensitivity is 1);
-    None: fed.clients_per_round / 20, as Andrew et al. recommend."""
+    None: max(fed.clients_per_round / 20, 2 * privacy.noise_multiplier), that is K/20 as
+    Andrew et al. recommend, but at least twice the updates' noise, so that the count costs
+    less privacy than the updates (its cost is counted)."""
     delta: float = Field(1e-5, gt=0, lt=1)
     """The delta of the (epsilon, delta) statement; below 1 / fed.num_clients."""
     target_epsilon: Optional[float] = Field(None, gt=0)
@@ -279,6 +281,14 @@ class DistConfig(ConfigSection):
     timeout_s: float = Field(1800.0, gt=0)
     """How long a collective may wait for the other ranks before the job fails. Failures the
     project can see end every rank at once; this bounds the rest (a rank that hangs)."""
+
+
+def group_split_error(world_size: int, group: int) -> str | None:
+    if world_size % group == 0:
+        return None
+    return (f"world size {world_size} is not a multiple of fed.ranks_per_client={group} (its ranks do not split into "
+            f"client groups of {group}): start a multiple of {group} processes, or set fed.ranks_per_client to a "
+            f"divisor of {world_size}")
 
 
 class Config(ConfigSection):
@@ -301,8 +311,12 @@ class Config(ConfigSection):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
-    def _check(self):
+    def _check(self, info: ValidationInfo):
         # checks that span sections; those that need the registries are config.py's
+        world_size = (info.context or {}).get("world_size")
+        if world_size is not None and group_split_error(world_size, self.fed.ranks_per_client):
+            # before what else client groups refuse: with the right G those may not apply
+            raise ValueError(group_split_error(world_size, self.fed.ranks_per_client))
         if self.eval.split == "val" and self.data.val_fraction == 0:
             raise ValueError("eval.split=val needs validation data: set data.val_fraction > 0")
         if self.data.tokenizer == "model" and self.model.path is None:

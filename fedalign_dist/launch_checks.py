@@ -10,9 +10,10 @@ config, whose validation imports the strategies and with them torch.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from fedalign_dist import json_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,14 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     from fedalign_dist.config import ConfigError, load_config
     from fedalign_dist.train import check_before_launch, quiet_libraries
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, world_size=args.nproc)
         quiet_libraries()
         check_before_launch(cfg, args.nproc)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"fedalign-dist: error: {err}", file=sys.stderr, flush=True)
         return 2
     if args.tell:
-        Path(args.tell).write_text(json.dumps({"run_dir": str(cfg.run_dir)}))
+        Path(args.tell).write_text(json_files.dumps({"run_dir": str(cfg.run_dir)}))
     return 0
 
 

@@ -2,10 +2,11 @@
 console line. Only the coordinator (rank 0) writes."""
 from __future__ import annotations
 
-import json
 import resource
 import shutil
 from pathlib import Path
+
+from fedalign_dist import json_files
 
 
 def peak_rss_mb() -> float:
@@ -78,7 +79,7 @@ class MetricsWriter:
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_files.dumps(record) + "\n")
         self.log_tensorboard(record)
 
     def log_tensorboard(self, record: dict) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fedalign_dist.markdown import table
 from fedalign_dist.plots import plot_curves, plot_routing_heatmap
+from fedalign_dist.run_manifest import record_written
 
 
 def load_records(run_dir: Path) -> list[dict]:
@@ -88,4 +89,5 @@ def write_report(run_dir: str | Path) -> Path:
     lines += [""] + [f"![{title}](report/{name})" for title, name in plots] + [""]
     summary = run_dir / "summary.md"
     summary.write_text("\n".join(lines))
+    record_written(run_dir, *(out / name for _, name in plots))  # not report/ whole: a user's file may be there
     return summary

@@ -4,7 +4,9 @@ A run folder is `run.output_dir / run.name` (run.name is one plain path componen
 the config). Starting a run creates it with a marker file; replacing it (`run.overwrite=true`,
 or `run.resume=auto` restarting a run that died before it logged anything) removes only the
 artefacts a run writes, never a folder without the marker and never a file the project did not
-write. Rank 0 calls these."""
+write (run_manifest.py proves which those are, inside the run's subfolders): a user's file in
+one of them refuses the replacement, or a resume, which would replace final/, tb/ and old
+checkpoints. Rank 0 calls these."""
 from __future__ import annotations
 
 import json
@@ -13,14 +15,16 @@ import shutil
 import time
 from pathlib import Path
 
-from fedalign_dist import checkpoint
+from fedalign_dist import checkpoint, json_files
 from fedalign_dist.config import Config, dump_config
+from fedalign_dist.run_manifest import FOLDERS, MANIFEST, unproven_files
 
 MARKER = ".fedalign_dist_run.json"
-ARTEFACTS = ("config.yaml", "model.json", "model.json.tmp", "data.json", "data.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "summary.json",
-             "summary.json.tmp", "summary.md", "tb", "checkpoints", "clients", "final", "final.tmp", "report",
-             ".shared_check")
-"""Everything a run (or `fedalign-dist report`) writes in its folder, besides the marker."""
+ARTEFACTS = ("config.yaml", "model.json", "model.json.tmp", "data.json", "data.json.tmp", "metrics.jsonl",
+             "metrics.jsonl.tmp", "summary.json", "summary.json.tmp", "summary.md", ".shared_check", MANIFEST,
+             f"{MANIFEST}.tmp", *FOLDERS)
+"""Everything a run (or `fedalign-dist report`) writes in its folder, besides the marker; inside
+the FOLDERS only what run_manifest.py proves is the project's."""
 
 
 def is_run_folder(run_dir: Path) -> bool:
@@ -29,8 +33,8 @@ def is_run_folder(run_dir: Path) -> bool:
 
 def mark_run_folder(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / MARKER).write_text(json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                              "tool": "fedalign_dist"}))
+    (run_dir / MARKER).write_text(json_files.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                    "tool": "fedalign_dist"}))
 
 
 def progress_of(run_dir: Path) -> list[str]:
@@ -51,6 +55,7 @@ def clear_run_folder(run_dir: Path) -> list[str]:
     """Remove a marked run folder's artefacts; returns the names of other entries, kept."""
     if not is_run_folder(run_dir):
         raise FileExistsError(not_a_run_message(run_dir))
+    check_no_user_files(run_dir, "replacing")
     kept = []
     for entry in sorted(run_dir.iterdir()):
         if entry.name not in ARTEFACTS and entry.name != MARKER:
@@ -60,6 +65,21 @@ def clear_run_folder(run_dir: Path) -> list[str]:
         else:
             entry.unlink()
     return kept
+
+
+def check_no_user_files(run_dir: Path, doing: str) -> None:
+    """Refuse, before anything is deleted, while a run subfolder holds a file the project did
+    not write: `doing` the run would delete it."""
+    foreign = unproven_files(run_dir)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        legacy = (f" (a run folder of a version older than the record of written files, {MANIFEST}, cannot tell "
+                  f"its own final/ and report/ from yours: delete those yourself)"
+                  if not (run_dir / MANIFEST).exists() else "")
+        raise FileExistsError(
+            f"{run_dir / foreign[0]}{more} was not written by fedalign_dist, and {doing} the run in {run_dir} "
+            f"would delete it; nothing was changed: move it out of the run folder, or choose another "
+            f"run.name{legacy}")
 
 
 def not_a_run_message(run_dir: Path) -> str:
@@ -100,6 +120,7 @@ def plan_run_dir(cfg: Config) -> str:
         raise FileExistsError(f"{run_dir} is a file, not a folder: choose another run.name or run.output_dir")
     if cfg.run.resume is not False and checkpoint.latest_checkpoint(run_dir, warn=False) is not None:
         check_resumable(cfg, run_dir / "config.yaml")
+        check_no_user_files(run_dir, "resuming")
         return "resume"
     if cfg.run.resume is True:
         raise FileNotFoundError(f"run.resume=true but {run_dir} has no intact checkpoint to resume from "
@@ -117,6 +138,7 @@ def plan_run_dir(cfg: Config) -> str:
         if cfg.run.resume is False and not cfg.run.overwrite:
             raise FileExistsError(f"run folder {run_dir} already exists: choose another run.name, "
                                   f"or pass run.overwrite=true to replace it")
+        check_no_user_files(run_dir, "replacing")
         return "restart"  # overwrite=true, or auto on a run that died before logging a round
     return "start"
 

@@ -12,6 +12,7 @@ from fedalign_dist.dist.placement import clients_of_rank
 from fedalign_dist.metrics import MetricsWriter
 from fedalign_dist.models.build import lora_base_model
 from fedalign_dist.models.hf_parts import write_model_index, write_model_part
+from fedalign_dist.run_manifest import record_written
 from fedalign_dist.safetensors_parts import check_complete, layout_of, spec_of, write_part
 
 
@@ -171,6 +172,7 @@ class RunLifecycle:
 
     def _write_summary(self, summary: dict) -> None:
         self.writer.close()
+        record_written(self.run_dir, self.run_dir / "final")  # published whole just before
         checkpoint.write_json(self.run_dir / "summary.json", summary)
         print(f"results in {self.run_dir}: metrics.jsonl, summary.json, final/ (tensorboard --logdir "
               f"{self.run_dir / 'tb'}); `fedalign-dist report {self.run_dir}` writes summary.md and plots",

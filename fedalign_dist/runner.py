@@ -183,9 +183,10 @@ class Runner:
         return accepted, rejected, any(part["accepted"] for part in screened)
 
     def aggregate(self, round_idx: int, accepted, anyone_accepted: bool) -> dict:
-        """The strategy's aggregation of this host's accepted updates (skipped when the guard
-        rejected every sampled client; by shard under client groups), then the check that the
-        new global state is finite, on every rank."""
+        """The strategy's aggregation of this host's accepted updates (by shard under client
+        groups), then the check that the new global state is finite, on every rank. A round whose
+        every sampled client the guard rejected stops the run (the same verdict on every rank):
+        going on would train nothing and report the untouched model as the result."""
         if anyone_accepted:
             if self.sharded is not None:
                 self.global_state, diagnostics = self.sharded.aggregate(self.strategy, self.global_state, accepted)
@@ -195,7 +196,10 @@ class Runner:
                 self.global_state, noise_info = self.privacy.noise_aggregate(round_idx, self.global_state, self.comm)
                 diagnostics = {**diagnostics, **noise_info}
         else:
-            diagnostics = {"aggregation_skipped": "every sampled client was rejected"}
+            raise DivergedError(
+                f"the update guard rejected every sampled client in round {round_idx} (reasons in the WARNING "
+                f"lines), so nothing was trained; the run stops without a final model or metrics for it. "
+                f"Lower local.lr")
         with all_ranks_agree("checking the global state"):
             bad = nonfinite_names(self.global_state)
             if bad:

@@ -6,7 +6,6 @@ padded with spaces to 8 bytes, then the data in the header's order, without hole
 safetensors' own readers load it."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -14,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from fedalign_dist import json_files
 
 # safetensors' names for torch's dtypes (those its own writer takes)
 DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -53,7 +54,7 @@ def layout_of(specs: dict[str, TensorSpec], metadata: dict[str, str] | None = No
         size = math.prod(shape) * DTYPES[dtype].itemsize
         entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [end, end + size]}
         end += size
-    text = json.dumps({"__metadata__": metadata or {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    text = json_files.dumps({"__metadata__": metadata or {"format": "pt"}, **entries}, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     start = 8 + len(text)
     spans = {name: (start + e["data_offsets"][0], start + e["data_offsets"][1]) for name, e in entries.items()}

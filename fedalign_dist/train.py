@@ -12,6 +12,7 @@ import os
 import warnings
 
 from fedalign_dist.config import Config, ConfigError, load_config
+from fedalign_dist.config_sections import group_split_error
 
 
 def preflight(cfg: Config, world_size: int, local_world_size: int | None = None) -> None:
@@ -20,9 +21,8 @@ def preflight(cfg: Config, world_size: int, local_world_size: int | None = None)
         from fedalign_dist.models.build import check_model_path
         check_model_path(cfg.model.path)
     group = cfg.fed.ranks_per_client
-    if world_size % group:
-        raise ConfigError(f"world size {world_size} is not a multiple of fed.ranks_per_client={group}: start a "
-                          f"multiple of {group} processes, or set fed.ranks_per_client to a divisor of {world_size}")
+    if group_split_error(world_size, group):
+        raise ConfigError(group_split_error(world_size, group))
     check_groups_within_nodes(cfg, local_world_size)
     if world_size // group > cfg.fed.num_clients:
         hosts = "" if group == 1 else f" ({world_size // group} client groups of {group} ranks)"
@@ -79,15 +79,19 @@ def quiet_libraries() -> None:
 
 def train_main(config_path: str | None, overrides: list[str], progress: bool = True) -> list[dict]:
     """The command line's rank: quiet third-party libraries, then train."""
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides, world_size=launched_world_size())
     quiet_libraries()
     return train(cfg, progress)
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
 
 
 def train(cfg: Config, progress: bool = False) -> list[dict]:
     """One rank of a run of `cfg` in this process (a world of one unless launched as a rank of
     a torchrun/srun job); returns the round records. Changes no global setting of the process."""
-    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    world_size = launched_world_size()
     local = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE"))
     preflight(cfg, world_size, int(local) if local and local.isdigit() else None)
     from fedalign_dist.data.federated import build_federated_data

@@ -9,12 +9,13 @@ metrics, checkpoints or evaluation. The systems suite runs it in the same proces
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from fedalign_dist import json_files
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds.append(time.perf_counter() - start)
     if env.rank == 0:
         with open(args.out, "w") as f:
-            json.dump({"seconds_per_round": seconds, "world_size": env.world_size}, f)
+            f.write(json_files.dumps({"seconds_per_round": seconds, "world_size": env.world_size}))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -22,7 +22,6 @@ A failed cell does not stop the others; the grid reports every failure at the en
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -31,6 +30,7 @@ from typing import Optional
 
 import yaml
 
+from fedalign_dist import json_files
 from fedalign_dist.benchmark.cells import BenchmarkFailed, launch_cell, read_records
 from fedalign_dist.benchmark.environment import environment_line
 from fedalign_dist.benchmark.summary import (fmt, mean_curve, mean_std, paired_difference, rounds_to_reach,
@@ -281,6 +281,6 @@ def write_results(spec: GridSpec, out: Path, chosen: dict, seeds: list[int]) -> 
                           "aligned fraction", "epsilon", "s/round",
                           "local / stats / agg / eval s", "MB sent/rank/round", "chosen"], rows),
                   "", *paired_table(spec, per_method, (glob, pers)), *pictures, ""]
-    (out / "results.json").write_text(json.dumps(results))
+    (out / "results.json").write_text(json_files.dumps(results))
     (out / "results.md").write_text("\n".join(lines))
     return results

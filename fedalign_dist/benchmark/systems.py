@@ -22,6 +22,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedalign_dist import json_files
 from fedalign_dist.benchmark.cells import launch_cell, launch_floor, read_records
 from fedalign_dist.benchmark.environment import environment_line
 from fedalign_dist.config import load_config
@@ -190,7 +191,7 @@ def write_systems(out: Path, results: dict) -> None:
              "(benchmark/floor.py). Median seconds per round after the first, pairs run alternately.", "",
              *table(["pair", "floor s/round", "framework s/round", "waiting for the slower rank", "framework / floor"],
                     overhead_rows_md), ""]
-    (out / "systems.json").write_text(json.dumps(results, indent=1))
+    (out / "systems.json").write_text(json_files.dumps(results, indent=1))
     (out / "systems.md").write_text("\n".join(lines))
     plot_stacked_bars({m: [row[k] for k in SPLIT_KEYS] for m, row in results["time_split"].items()}, SPLIT_KEYS,
                       out / "time_split.png", "seconds per round", "time split per round (2 ranks)")

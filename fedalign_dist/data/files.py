@@ -3,6 +3,7 @@
 The config names the fields; labels and clients are read from the data (any values)."""
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Literal, Optional
@@ -86,8 +87,37 @@ def read_table(path: Path, fmt: str, split: str = "train"):
             table = table[split]
         return table
     reader = {"json": Dataset.from_json, "csv": Dataset.from_csv, "parquet": Dataset.from_parquet}[fmt]
-    with tempfile.TemporaryDirectory() as cache:  # nothing left in the user's datasets cache
-        return reader(str(path), cache_dir=cache, keep_in_memory=True)
+    try:
+        with tempfile.TemporaryDirectory() as cache:  # nothing left in the user's datasets cache
+            return reader(str(path), cache_dir=cache, keep_in_memory=True)
+    except Exception as err:  # datasets' error names neither the file nor the line
+        where = bad_json_line(path) if fmt == "json" else None
+        if where is None:
+            raise
+        raise ValueError(where) from err
+
+
+def bad_json_line(path: Path) -> str | None:
+    """Where a JSON (one document) or JSON Lines file stops being JSON, as a one-line message;
+    None if it parses (the reader failed for another reason)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+        return None  # one whole JSON document
+    except json.JSONDecodeError as err:
+        if text.lstrip().startswith("["):
+            return f"{path}, line {err.lineno}: not valid JSON ({err.msg}: column {err.colno})"
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            return (f"{path}, line {number}: not valid JSON ({err.msg}: column {err.colno}); each line of a JSON "
+                    f"Lines file must be one whole JSON object: fix or remove that line")
+        if not isinstance(record, dict):
+            return f"{path}, line {number}: a JSON {type(record).__name__}, not an object with the data's fields"
+    return None
 
 
 def _required(table, field: str, path: str, key: str) -> list:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fedalign_dist import json_files
 from fedalign_dist.models.amole import AMoLELinear, amole_modules, set_held, wrap_linear_layers
 from fedalign_dist.models.packaged import load_causal_lm
 
@@ -59,7 +60,7 @@ def save_fedamole(folder: Path, model: nn.Module, adapters: dict[str, torch.Tens
             "num_experts": first.num_experts, "rank": first.rank, "alpha": first.scale * first.rank,
             "top_k": first.top_k, "num_clients": int(held.shape[-1]),
             "base_model": base_model_path}
-    (out / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "config.json").write_text(json_files.dumps(meta, indent=2) + "\n")
 
 
 def load_fedamole(final_dir: str | Path, client: int | None = None) -> nn.Module:

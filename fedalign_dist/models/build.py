@@ -23,7 +23,7 @@ def describe_model(cfg, trainer, anatomy: MoEAnatomy) -> dict:
     """What was actually loaded and how it trains (the run folder's model.json)."""
     module = trainer.module
     config = getattr(module, "config", None)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = getattr(config, "dtype", None)  # transformers 5 reads a stored torch_dtype into it; the old name warns
     return {"source": cfg.model.path or f"preset {cfg.model.preset}", "family": cfg.model.family,
             "model_type": getattr(config, "model_type", None),
             "num_experts": anatomy.num_experts or None,

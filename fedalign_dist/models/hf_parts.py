@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from fedalign_dist import json_files
 from fedalign_dist.safetensors_parts import DTYPES, TensorSpec, spec_of
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -96,4 +97,4 @@ def write_model_index(folder: Path, module: torch.nn.Module, parts: list[dict], 
     index = {"metadata": {"total_parameters": sum(p["parameters"] for p in parts),
                           "total_size": sum(p["bytes"] for p in parts)},
              "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / INDEX_NAME).write_text(json_files.dumps(index, indent=2) + "\n")

@@ -101,7 +101,7 @@ def describe_checkpoint(path: str) -> dict:
         return {"family": "llama", "num_experts": None, "top_k": None, "dtype": "gguf", "tokenizer": True}
     config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     experts = next((getattr(config, a) for a in NUM_EXPERTS_ATTRS if getattr(config, a, None)), None)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    dtype = getattr(config, "dtype", None)  # transformers 5 reads a stored torch_dtype into it; the old name warns
     return {"family": config.model_type, "num_experts": experts,
             "top_k": getattr(config, "num_experts_per_tok", None) if experts else None,
             "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,

@@ -7,7 +7,6 @@ perplexity before and after, and the roles check, with the command that made it.
 """
 from __future__ import annotations
 
-import json
 import math
 import platform
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fedalign_dist import json_files
 from fedalign_dist.pretrain.corpus import SOURCES, load_documents, split_documents
 from fedalign_dist.pretrain.roles import KINDS, expert_roles, token_kind
 from fedalign_dist.pretrain.tokenizer import train_tokenizer
@@ -146,6 +146,6 @@ def pretrain(spec: BaseSpec, out: Path, command: str, log=print) -> dict:
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                      "transformers": transformers.__version__},
     }
-    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (out / "card.json").write_text(json_files.dumps(card, indent=2) + "\n")
     log(f"held-out perplexity {ppl:.2f} (at init {ppl_before:.1f}); wrote {out}")
     return card

@@ -3,13 +3,15 @@ same config, and two runs in one process do not interfere (one engine each, same
 no launcher variables left behind); evaluation cadences skip evaluations, nothing else."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import fedalign_dist as fd
-from tests.conftest import torchrun
+from tests.conftest import REPO, TINY, torchrun
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -35,3 +37,12 @@ def test_api_runs_equal_the_cli_and_do_not_interfere(tmp_path, tiny_overrides, o
     torchrun(["-m", "fedalign_dist", "train", "--config", "configs/demo.yaml", *overrides, "run.name=cli"], nproc=1)
     api, cli = (load_file(tmp_path / n / "final/global.safetensors") for n in ("api_a", "cli"))
     assert api.keys() == cli.keys() and all(torch.equal(api[n], cli[n]) for n in api)
+
+
+def test_a_preset_run_prints_no_deprecation_warning_of_transformers(tmp_path):
+    # in a process of its own: transformers warns once per process
+    run = "import sys, fedalign_dist as fd; fd.run('configs/demo.yaml', *sys.argv[1:])"
+    out = subprocess.run([sys.executable, "-c", run, *TINY, "fed.rounds=1", f"run.output_dir={tmp_path}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "is deprecated" not in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]

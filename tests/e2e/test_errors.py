@@ -140,3 +140,57 @@ def test_run_refuses_before_launching_any_process(tmp_path):
         assert message in err and "Traceback" not in err and "ChildFailedError" not in err, err[-2000:]
         assert len([line for line in err.splitlines() if line.startswith("fedalign-dist: error")]) == 1
     assert (run / "notes.txt").read_text() == "mine\n" and not (tmp_path / "new").exists()
+
+
+def test_ranks_that_client_groups_do_not_divide_are_named_first():
+    # batch size 8 does not split over groups of 3 either, but G=3 itself is the mistake here
+    err = _fail(["run", "--nproc", "4", "--config", "configs/demo.yaml", "fed.ranks_per_client=3"])
+    assert "world size 4 is not a multiple of fed.ranks_per_client=3" in err and "batch_size" not in err, err
+
+
+USER_FILES = ["final/notes.txt", "final/model/my_eval.json", "checkpoints/notes.txt",
+              "checkpoints/round_00001/mine.txt", "checkpoints/blobs/ab/notes.txt", "clients/rank0/notes.txt",
+              "tb/notes.txt", "report/my_figure.png"]
+
+
+def test_a_user_file_in_any_run_subfolder_refuses_the_overwrite(tmp_path, tiny_overrides, fail_here, monkeypatch):
+    """run.overwrite=true (and a resume, which replaces final/, tb/ and old checkpoints) deletes
+    only what the run wrote: a user's file inside any of the run's subfolders refuses it in one
+    line naming the file, before anything is deleted; the run's own files, all of them, go."""
+    import fedalign_dist as fd
+    from fedalign_dist.config import load_config
+    from fedalign_dist.report import write_report
+    from fedalign_dist.run_folder import MARKER, prepare_run_dir
+    config = [*tiny_overrides, "run.name=r", "checkpoint.every=1", "fed.client_state=disk"]
+    fd.run(fd.load_config("configs/demo.yaml", config))  # everything a run writes, and the report's plots
+    run = tmp_path / "r"
+    write_report(run)
+
+    def files(but=None):
+        return sorted(rel for p in run.rglob("*") if p.is_file() and (rel := p.relative_to(run).as_posix()) != but)
+    written = files()
+    assert {"final/global.safetensors", "report/accuracy.png", "checkpoints/round_00001/meta.json"} <= set(written)
+    assert any(p.startswith("checkpoints/blobs/") for p in written) and any(p.startswith("tb/") for p in written)
+    train = ["train", "--config", "configs/demo.yaml", *config]
+    for rel in USER_FILES:
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text("mine")
+        for extra in (["run.overwrite=true"], ["run.resume=true"])[:2 if rel.startswith(("final/", "tb/")) else 1]:
+            err = fail_here(train + extra)
+            assert f"{run / rel} was not written by fedalign_dist" in err and "nothing was changed" in err, err
+            assert len(err.strip().splitlines()) == 1, err
+        if rel == "final/notes.txt":  # the user's command refuses before launching any rank
+            err = _fail(["run", "--nproc", "2", "--config", "configs/demo.yaml", *config, "run.overwrite=true"])
+            assert f"{run / rel} was not written by fedalign_dist" in err, err
+        assert (run / rel).read_text() == "mine" and files(but=rel) == written
+        (run / rel).unlink()
+    # with the user's file beside the run's folders only, everything the run wrote goes: the
+    # finished run's, then what a run that crashed in its first checkpoint leaves behind
+    (run / "notes.txt").write_text("mine")
+    monkeypatch.setenv("FEDALIGN_DIST_FAULT", "checkpoint_commit@0")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        fd.run(fd.load_config("configs/demo.yaml", [*config, "run.overwrite=true"]))
+    monkeypatch.delenv("FEDALIGN_DIST_FAULT")
+    assert (run / "checkpoints/round_00000.tmp").is_dir() and not (run / "final").exists()
+    assert prepare_run_dir(load_config("configs/demo.yaml", [*config, "run.overwrite=true"])) == run
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == [MARKER, "config.yaml", "notes.txt"]

@@ -1,8 +1,11 @@
 """One diverged client (a real learning rate of 1e20, for that client only, through the test
 fault hook) is left out on every rank and logged; the global model stays finite, for every
-aggregation path (the shared 2-rank job). A global state that overflows stops the run
-without a final model."""
+aggregation path (the shared 2-rank job). A global state that overflows, or a round whose
+every client is rejected, stops the run without a final model."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from safetensors.torch import load_file
 
 import fedalign_dist as fd
 from fedalign_dist import checkpoint
+from tests.conftest import REPO, TINY
 from tests.e2e.shared_runs import GUARDED
 
 def _records(run):
@@ -57,3 +61,17 @@ def test_overflowing_global_state_stops_the_run_without_a_final_model(tmp_path, 
         r = _records(tmp_path / action)[-1]
         assert (r["num_rejected"], r["num_clipped"]) == ((1, 0) if action == "reject" else (0, 1))
         assert all(torch.isfinite(t).all() for t in load_file(tmp_path / action / "final/global.safetensors").values())
+
+
+def test_a_round_whose_every_client_is_rejected_stops_the_run(tmp_path):
+    # the user's command with a learning rate that diverges every client: the old code went on,
+    # exited 0 with the untrained model as final/ and wrote NaN into summary.json
+    out = subprocess.run([sys.executable, "-m", "fedalign_dist", "run", "--nproc", "2", "--config", "configs/demo.yaml",
+                          "local.lr=1e6", *TINY, f"run.output_dir={tmp_path}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 1, (out.returncode, out.stdout[-2000:], out.stderr[-3000:])
+    assert "the update guard rejected every sampled client in round 0" in out.stderr, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "WARNING: round 0: client" in out.stdout
+    run = tmp_path / "demo"
+    assert not (run / "final").exists() and not (run / "summary.json").exists()
+    assert not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text().strip()

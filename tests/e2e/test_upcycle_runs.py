@@ -37,11 +37,20 @@ def test_upcycle_command_writes_a_model_path_for_moe_runs(tmp_path):
                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                  bos_token_id=gpt2.eos_token_id, eos_token_id=gpt2.eos_token_id)
                      ).save_pretrained(str(dense_dir))
-    gpt2.save_pretrained(str(dense_dir))
     out = tmp_path / "moe"
-    done = subprocess.run([sys.executable, "-m", "fedalign_dist", "upcycle", "--dense", str(dense_dir), "--experts", "4",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "fedalign_dist", "upcycle", "--dense", str(dense_dir), "--experts", "4", "--out",
+               str(out)]
+    # without a tokenizer: one line, and nothing written that would block the rerun
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"fedalign-dist: error: --dense {dense_dir} has no tokenizer (tokenizer.json, tokenizer.model, vocab.json or "
+        f"tokenizer_config.json): the upcycled checkpoint carries the dense model's; save it into that folder first "
+        f"(tokenizer.save_pretrained)"], refused.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+    gpt2.save_pretrained(str(dense_dir))
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "moe"]  # no temporary sibling left
     records = fd.run(fd.load_config("configs/demo.yaml", [
         f"run.output_dir={tmp_path}", "run.name=upcycled", f"model.path={out}", "data.tokenizer=model",
         "data.max_examples=200", "data.max_length=64", "data.min_client_examples=5", "fed.num_clients=4",

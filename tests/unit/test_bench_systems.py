@@ -59,3 +59,15 @@ def test_plot_helpers_write_pngs(tmp_path):
 def test_markdown_table():
     from fedalign_dist.markdown import table
     assert table(["a", "b"], [[1, "x"], [2.5, None]]) == ["| a | b |", "|---|---|", "| 1 | x |", "| 2.5 | None |"]
+
+
+def test_bench_help_names_the_client_counts_the_suite_runs():
+    import subprocess
+    import sys
+
+    from fedalign_dist.benchmark.systems import plan
+    from tests.conftest import REPO
+    shown = " ".join(subprocess.run([sys.executable, "-m", "fedalign_dist", "bench", "--help"], cwd=REPO,
+                                    capture_output=True, text=True, timeout=120, check=True).stdout.split())
+    assert max(plan(False).scale_clients) == 100_000 and max(plan(True).scale_clients) == 2000
+    assert "up to 100,000 clients (2,000 with --quick)" in shown and "1000 clients" not in shown

@@ -65,6 +65,17 @@ def test_field_errors_name_the_file_the_field_and_the_fields_there(tmp_path):
         load_source(cfg.data)
 
 
+def test_a_broken_json_line_is_named_by_file_and_line(tmp_path):
+    # a JSON Lines file whose third line was cut off (a copy interrupted mid-write)
+    lines = write_all_formats(tmp_path)["jsonl"].read_text().splitlines()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("\n".join(lines[:2] + [lines[2][:38]] + lines[3:]) + "\n")
+    cfg = load_config(None, FIELDS + [f"data.files.path={cut}"])
+    with pytest.raises(ValueError) as err:
+        load_source(cfg.data)
+    assert str(err.value).startswith(f"{cut}, line 3: not valid JSON (") and "\n" not in str(err.value)
+
+
 def test_natural_and_iid_partitions_of_own_data(tmp_path):
     path = write_all_formats(tmp_path)["parquet"]
     cfg = load_config(None, FIELDS + [f"data.files.path={path}", "data.partition=natural", "fed.num_clients=2",

@@ -230,3 +230,11 @@ def test_a_target_below_one_rounds_epsilon_is_refused_before_anything_runs():
     with pytest.raises(ConfigError, match="below the epsilon of a single round"):
         load_config(None, DP + ["privacy.target_epsilon=0.5"])
     load_config(None, DP + ["privacy.target_epsilon=0.5", "strategy.name=local"])  # nothing leaves a client
+
+
+def test_config_show_documents_the_count_noise_the_code_uses():
+    from fedalign_dist.config_docs import describe_config
+    from fedalign_dist.privacy.mechanism import count_noise
+    cfg = load_config("configs/demo.yaml", [*DP, "privacy.adaptive_clip=true", "privacy.noise_multiplier=1.5"])
+    assert count_noise(cfg) == max(cfg.fed.clients_per_round / 20, 2 * 1.5) == 3.0  # 2z, not K/20 = 0.2
+    assert "None: max(fed.clients_per_round / 20, 2 * privacy.noise_multiplier)" in describe_config(cfg)
