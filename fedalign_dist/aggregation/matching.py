@@ -4,6 +4,12 @@ every tensor that belongs to an expert with it (router row and bias, fused exper
 per-expert LoRA factors), so the client's model computes the same function. Pure math on
 named tensors: no communication, no model.
 
+Issue 42: what is matched is the client's trained experts against the global model's experts
+on the same tokens (match_to_reference; the clients' centroid, match_to_centroid, needs three
+clients or more and is kept for statistics without a reference), and what global expert e then
+receives is the client's trained expert pi(e) minus global expert e (aligned_delta), not the
+change of expert pi(e) from where it started.
+
 What a renumbering must respect, per family, and how it is handled here:
   - grouped routing (DeepSeek-V3 with n_group > 1): the router first picks groups of
     consecutive experts, so an expert that changes group changes the choices; the matching
@@ -111,6 +117,62 @@ def match_to_centroid(signatures: torch.Tensor, active: torch.Tensor, mass: torc
             break
         perms = new
     return perms
+
+
+def match_to_reference(signatures: torch.Tensor, active: torch.Tensor, reference: torch.Tensor, margin: float,
+                       groups: int = 1) -> torch.Tensor:
+    """Per client and layer, the renumbering of its experts into the numbering of the global
+    model it started from (docs/algorithms.md, "Alignment by matching"): signatures (N, L, E, D)
+    of the client's trained experts, reference (N, L, E, D) or (L, E, D) the signatures of the
+    global experts on the same tokens, active (N, L, E) bool. Returns perms (N, L, E): the
+    client's expert perms[i, l, e] becomes expert e.
+
+    Each client's active experts are matched to the global experts of the slots they hold
+    (inactive experts keep their number), kept only where the matching beats the client's own
+    numbering by more than `margin` (total cosine). Unlike match_to_centroid the reference
+    does not depend on the other clients, so one client, or two, are matched as well as many.
+    A reference of zeros (none could be computed) keeps the client's numbering."""
+    num_clients, num_layers, num_experts, _ = signatures.shape
+    if reference.dim() == 3:
+        reference = reference.expand(num_clients, *reference.shape)
+    if reference.shape != signatures.shape:
+        raise ValueError(f"reference signatures {tuple(reference.shape)} do not match the clients' "
+                         f"{tuple(signatures.shape)}")
+    unit = torch.nn.functional.normalize(signatures.double(), dim=-1) * active[..., None]
+    target = torch.nn.functional.normalize(reference.double(), dim=-1)
+    return torch.stack([torch.stack([_client_layer_perm(unit[i, li], active[i, li], target[i, li], margin, groups)
+                                     for li in range(num_layers)]) for i in range(num_clients)])
+
+
+def aligned_delta(delta: dict[str, torch.Tensor], start: dict[str, torch.Tensor], anatomy,
+                  perms: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A client's update in the global numbering: global expert e receives the client's trained
+    expert perm[e] minus global expert e, i.e. permute(start + delta) - start on every
+    per-expert tensor of a renumbered layer (router rows and biases, expert weights or their
+    slice of a fused tensor, LoRA A and B factors alike); `start` is the global state the delta
+    was taken from (delta = trained - global). Moving the changes instead (permute(delta)) is
+    right only where the two experts started equal, and leaves a client that holds a permuted
+    copy of the global model as blurred as FedAvg. With the identity this is `delta` itself;
+    tensors not renumbered are the same objects."""
+    moving = {layer: p for layer, p in perms.items() if not torch.equal(p, torch.arange(len(p)))}
+    for layer, perm in moving.items():
+        if sorted(perm.tolist()) != list(range(anatomy.num_experts)):
+            raise ValueError(f"layer {layer}: {perm.tolist()} is not a permutation of {anatomy.num_experts} experts")
+    names = [n for n in delta if anatomy.role(n).kind in PER_EXPERT and anatomy.role(n).layer in moving]
+    if not names:
+        return delta
+    out = dict(delta)
+    for name in names:
+        perm = moving[anatomy.role(name).layer]
+        start_t = start[name].to(delta[name].dtype)
+        trained = start_t + delta[name]
+        moved = delta[name].clone()  # an expert that keeps its number keeps its delta bit for bit
+        for new, old in enumerate(perm.tolist()):
+            if new != old:
+                anatomy.put_expert(name, moved, new, anatomy.expert_slice(name, trained, old)
+                                   - anatomy.expert_slice(name, start_t, new))
+        out[name] = moved
+    return out
 
 
 def _client_layer_perm(unit: torch.Tensor, active: torch.Tensor, centroid: torch.Tensor, margin: float,

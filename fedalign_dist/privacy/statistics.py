@@ -7,7 +7,7 @@ Every statistic is first normalised by a rule that holds whatever the client's d
   unit           each vector (last axis) scaled to unit L2 norm (cosines are unchanged):
                  expert signatures, FedAMoLE's client and expert embeddings
   public         not derived from the client's data (FedAMoLE's `held`: the coordinator's
-                 assignment): sent as it is
+                 assignment; matching's `match_reference`): sent as it is
 then divided by sqrt(rows), so each statistic has L2 norm <= 1 and the k noised ones
 together <= sqrt(k). Gaussian noise of std z * sqrt(k) per element makes the release a
 Gaussian mechanism of multiplier z for the whole row (replacing a client's data moves it by at
@@ -21,7 +21,10 @@ import math
 import torch
 
 BOUNDS: dict[str, str] = {"usage": "distribution", "load": "distribution", "tokens": "distribution",
-                          "signature": "unit", "t": "unit", "e": "unit", "held": "public"}
+                          "signature": "unit", "match_signature": "unit", "t": "unit", "e": "unit", "held": "public",
+                          "match_reference": "public"}
+"""match_reference: the global model's expert signatures on the public probe batch (alignment by
+matching), a function of the published global model alone."""
 
 
 def bound_of(key: str) -> str:

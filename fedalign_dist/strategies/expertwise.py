@@ -17,7 +17,7 @@ import dataclasses
 import torch
 
 from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights, client_weight, weighted_delta_sum
-from fedalign_dist.aggregation.matching import permute_experts, renumbering_diagnostics
+from fedalign_dist.aggregation.matching import aligned_delta, renumbering_diagnostics
 from fedalign_dist.aggregation.weighted import apply_delta
 from fedalign_dist.clients.routing_stats import probe_batch, routing_statistics
 from fedalign_dist.dist.collectives import flatten, unflatten
@@ -41,11 +41,18 @@ class ClientTable:
     load: torch.Tensor
     tokens: torch.Tensor
     signature: torch.Tensor | None
+    match_signature: torch.Tensor | None = None
+    """(N, L, E, D) the client's trained experts on the probe batch, for the matching (None:
+    `signature` is that, or no matching)."""
+    match_reference: torch.Tensor | None = None
+    """(N, L, E, D) the experts of the global model each client started from, on the same probe
+    batch, in the global numbering (None: match to the clients' centroid)."""
 
     @classmethod
     def from_rows(cls, rows: list[tuple[int, int, dict]]) -> "ClientTable":
         ids, n, stats = stack_rows(rows)
-        return cls(ids, n, stats["usage"], stats["load"], stats["tokens"], stats.get("signature"))
+        return cls(ids, n, stats["usage"], stats["load"], stats["tokens"], stats.get("signature"),
+                   stats.get("match_signature"), stats.get("match_reference"))
 
     def renumbered(self, perms: torch.Tensor) -> "ClientTable":
         """Every per-expert statistic with client i's expert perms[i, l, e] moved to e."""
@@ -54,7 +61,9 @@ class ClientTable:
             return torch.gather(t, 2, index)
 
         return ClientTable(self.client_ids, self.n, move(self.usage), move(self.load), move(self.tokens),
-                           None if self.signature is None else move(self.signature))
+                           None if self.signature is None else move(self.signature),
+                           None if self.match_signature is None else move(self.match_signature),
+                           self.match_reference)  # already in the global numbering
 
 
 def stack_rows(rows: list[tuple[int, int, dict]]) -> tuple[list[int], torch.Tensor, dict[str, torch.Tensor]]:
@@ -134,7 +143,7 @@ class ExpertwiseStrategy(Strategy):
         if perms is not None:
             perms = self._agree_on_renumbering(perms, comm)
             table = table.renumbered(perms)
-            updates = [self._renumbered(u, perms[row_of[u.client_id]]) for u in updates]
+            updates = [self._renumbered(u, perms[row_of[u.client_id]], global_state) for u in updates]
             matched = renumbering_diagnostics(perms, table.client_ids, self.anatomy.layers())
         with comm.all_ranks_agree("the aggregation plan"):
             plan = self.plan(table)
@@ -165,17 +174,24 @@ class ExpertwiseStrategy(Strategy):
                                             None if perms is None else perms[row])
         return new_state, {**plan.diagnostics, **matched}
 
-    def _renumbered(self, update: ClientUpdate, perm_LE: torch.Tensor) -> ClientUpdate:
-        """The update with its experts' deltas (and router rows, LoRA factors) in the global
-        numbering. The delta is moved, not the trained state: what the client learned for its
-        expert f is added to global expert e, whose start it shares when the experts are copies
-        (an upcycled base), and a moved delta keeps its norm (the DP clip bound holds)."""
+    def _renumbered(self, update: ClientUpdate, perm_LE: torch.Tensor, global_state: NamedTensors) -> ClientUpdate:
+        """The update in the global numbering: global expert e (its weights or slice of a fused
+        tensor, LoRA factors, router row and bias) receives the client's trained expert
+        perm_LE[l, e] minus global expert e (aggregation/matching.py, aligned_delta), the
+        parameters aligned, not the changes: delta = trained - global, so the trained expert is
+        global + delta in the client's numbering. Moving the change of expert f from where it
+        started is right only where experts f and e started equal (copies of an upcycled base).
+        Under DP the delta leaves clipped; the renumbered one is the permuted clipped delta (the
+        same norm) plus global[f] - global[e], a function of the renumbering (from the noised
+        statistics) and the public global model alone, so no client moves the sum by more than
+        its weight times C. Personal experts stay in the client's own numbering (own_delta
+        is not moved)."""
         layers = self.anatomy.layers()
         moving = {layer: perm_LE[li] for li, layer in enumerate(layers)
                   if not torch.equal(perm_LE[li], torch.arange(perm_LE.shape[1]))}
         if not moving:
             return update
-        return dataclasses.replace(update, delta=permute_experts(update.delta, self.anatomy, moving))
+        return dataclasses.replace(update, delta=aligned_delta(update.delta, global_state, self.anatomy, moving))
 
     @staticmethod
     def _agree_on_renumbering(perms: torch.Tensor, comm) -> torch.Tensor:

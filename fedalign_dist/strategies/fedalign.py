@@ -11,12 +11,12 @@ from pydantic import Field, model_validator
 
 from fedalign_dist.aggregation import alignment as A
 from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights
-from fedalign_dist.aggregation.matching import check_permutable, match_to_centroid
-from fedalign_dist.clients.routing_stats import StatsRequest
+from fedalign_dist.aggregation.matching import check_permutable, match_to_centroid, match_to_reference
+from fedalign_dist.clients.routing_stats import StatsRequest, probe_batch, routing_statistics
 from fedalign_dist.config_sections import ConfigSection
 from fedalign_dist.strategies.base import register
-from fedalign_dist.strategies.expertwise import (ALIGNED, INACTIVE, OWN, PAIRWISE, AggregationPlan, ClientTable,
-                                                 ExpertwiseStrategy)
+from fedalign_dist.strategies.expertwise import (ALIGNED, INACTIVE, OWN, PAIRWISE, PERSONAL_KEY, AggregationPlan,
+                                                 ClientTable, ExpertwiseStrategy)
 
 
 class FedAlignConfig(ConfigSection):
@@ -52,11 +52,14 @@ class FedAlignConfig(ConfigSection):
     so its rows were blurred while its experts were protected)."""
     match: bool = False
     """Alignment by matching (beyond the paper): before averaging, each client's experts are
-    renumbered into the global order by a maximum-weight matching of their signatures to the
-    global (centroid) ones, moving each expert's deltas, router row and statistics with it."""
+    renumbered into the numbering of the global model it started from, by a maximum-weight
+    matching of its trained experts' signatures to the global experts' on the same probe batch
+    (both sent with its statistics); global expert e then receives the client's trained expert
+    pi(e) minus global expert e (weights, router row, LoRA factors), and its statistics move
+    with it."""
     match_margin: float = Field(0.1, ge=0)
     """A renumbering is kept only if it raises the client's total cosine similarity to the
-    centroids (summed over its active experts of the layer) by more than this: noise never
+    global experts (summed over its active experts of the layer) by more than this: noise never
     shuffles experts that agree."""
     min_tokens: int = Field(1, ge=0)
     """A client takes part in expert e's selection only if it routed this many tokens to it."""
@@ -88,6 +91,13 @@ class FedAlign(ExpertwiseStrategy):
         self.comm_path = self.knobs.comm
         self.prior: torch.Tensor | None = None
         """(L, E) global routing prior pi; None = uniform (before the first aggregation)."""
+        # matching, client side: the global model's expert signatures on the probe batch, computed
+        # once per round on this rank (for the global state `_reference_of`), and the expert
+        # slices each client's start holds in place of the global ones (its personal experts)
+        self._reference_of: dict | None = None
+        self._reference: torch.Tensor | None = None
+        self._personal_slots: dict[int, list[tuple[str, int]]] = {}
+        self._warned_no_reference = False
 
     @classmethod
     def build_model(cls, config, tokenizer):
@@ -108,6 +118,81 @@ class FedAlign(ExpertwiseStrategy):
                             seed=self.config.seed)
 
     # -- client side -------------------------------------------------------------------
+    def client_start_state(self, client_id, global_state, store):
+        start = super().client_start_state(client_id, global_state, store)
+        if self.knobs.match:
+            if self._reference_of is not global_state:  # a new round's global model
+                self._reference_of, self._reference = global_state, None
+            personal = store.get(client_id, PERSONAL_KEY) or {}
+            self._personal_slots[client_id] = [(name, int(e)) for name, e in (k.rsplit("|", 1) for k in personal)]
+        return start
+
+    def prepare_client_model(self, module, client_id):
+        """Matching: before local training, while the module holds the global model the client
+        starts from (its personal experts put back to the global ones for the pass), the global
+        experts' signatures on the probe batch, once per round and rank."""
+        super().prepare_client_model(module, client_id)
+        slots = self._personal_slots.pop(client_id, [])
+        if self.knobs.match and self._reference is None and self._reference_of is not None:
+            self._reference = self._global_probe_signatures(module, self._reference_of, slots)
+
+    def client_statistics(self, module, client):
+        """Matching adds the trained experts' signatures on the probe batch (unless `signature`
+        is that already) and the global model's on the same batch."""
+        stats = super().client_statistics(module, client)
+        if not self.knobs.match:
+            return stats
+        if self.knobs.signature == "probe" and client.vocab_size == self._probe_vocab(module):
+            own = stats["signature"]
+        else:
+            own = stats["match_signature"] = self._probe_signatures(module, client.device)
+        reference = self._reference
+        if reference is None:  # none computed (ZeRO-3): zeros, and the coordinator uses the centroid
+            if not self._warned_no_reference:
+                print("WARNING: strategy.fedalign.match: under ZeRO-3 client groups the global model's expert "
+                      "signatures are not computed; clients are matched to the centroid of the clients' "
+                      "signatures (which needs three clients or more)", flush=True)
+                self._warned_no_reference = True
+            reference = torch.zeros_like(own)
+        stats["match_reference"] = reference.clone()
+        return stats
+
+    def _probe_vocab(self, module) -> int:
+        return int(module.config.vocab_size)
+
+    def _probe_signatures(self, module, device=None) -> torch.Tensor:
+        """(L, E, D) the module's experts on the probe batch (clients/routing_stats.py), the same
+        tokens and projection for the trained model and the global one."""
+        k = self.knobs
+        request = StatsRequest(batches=0, signature="probe", signature_dim=k.signature_dim, seed=self.config.seed)
+        device = device if device is not None else next(module.parameters()).device
+        probe = probe_batch(self._probe_vocab(module), self.config.seed)
+        return routing_statistics(module, self.anatomy.family, self.anatomy.num_experts, [], request, device,
+                                  probe)["signature"]
+
+    def _global_probe_signatures(self, module, global_state, slots: list[tuple[str, int]]) -> torch.Tensor | None:
+        """The probe signatures of the global model, from a module that holds it except for the
+        expert slices in `slots` (personal experts), which are put back for the pass. None under
+        ZeRO-3 (client groups): the slices are partitions, and a group's ranks each see only their
+        shard's personal experts, so they could not agree on whether the module holds the global
+        model; such clients are matched to the centroid instead."""
+        params = dict(module.named_parameters())
+        if any(hasattr(p, "ds_id") for p in params.values()):
+            return None
+        saved = []
+        try:
+            with torch.no_grad():
+                for name, e in slots:
+                    param = params[name]
+                    saved.append((name, e, self.anatomy.expert_slice(name, param, e).clone()))
+                    value = self.anatomy.expert_slice(name, global_state[name], e)
+                    self.anatomy.put_expert(name, param, e, value.to(param.device, param.dtype))
+            return self._probe_signatures(module)
+        finally:
+            with torch.no_grad():
+                for name, e, value in saved:
+                    self.anatomy.put_expert(name, params[name], e, value)
+
     @property
     def wants_router_probs(self) -> bool:
         return self.knobs.mu > 0
@@ -125,12 +210,32 @@ class FedAlign(ExpertwiseStrategy):
         return self.knobs.mu * total
 
     # -- coordinator side ----------------------------------------------------------------
+    def aggregate(self, global_state, updates, comm):
+        self._reference_of = self._reference = None  # this round's; the next global model is another
+        self._personal_slots.clear()
+        return super().aggregate(global_state, updates, comm)
+
     def renumbering(self, table: ClientTable) -> torch.Tensor | None:
+        """Each client's trained experts matched to the global experts it started from, on the
+        same probe batch (statistics without that reference: to the clients' centroid, which
+        needs three clients or more)."""
         if not self.knobs.match:
             return None
-        active = A.active_mask(table.tokens, self.knobs.min_tokens)
-        return match_to_centroid(self._signatures(table, active), active, self._centroid_mass(table),
-                                 self.knobs.match_margin, groups=self.anatomy.routing_groups)
+        k, active = self.knobs, A.active_mask(table.tokens, self.knobs.min_tokens)
+        reference = table.match_reference
+        has = (torch.zeros(len(table.client_ids), dtype=torch.bool) if reference is None
+               else reference.flatten(1).abs().sum(1) > 0)  # zeros: none was computed
+        perms = None
+        if not has.all():
+            perms = match_to_centroid(self._signatures(table, active), active, self._centroid_mass(table),
+                                      k.match_margin, groups=self.anatomy.routing_groups)
+        if has.any():
+            own = table.match_signature if table.match_signature is not None else table.signature
+            if k.center_signatures:
+                own, reference = A.centered_signatures(own, active), A.centered_signatures(reference, active)
+            to_global = match_to_reference(own, active, reference, k.match_margin, groups=self.anatomy.routing_groups)
+            perms = to_global if perms is None else torch.where(has[:, None, None], to_global, perms)
+        return perms
 
     def _signatures(self, table: ClientTable, active: torch.Tensor) -> torch.Tensor:
         return A.centered_signatures(table.signature, active) if self.knobs.center_signatures else table.signature

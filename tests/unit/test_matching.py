@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers as tf
 
-from fedalign_dist.aggregation.matching import (check_permutable, inverse, match_to_centroid, matching_permutation,
-                                                permute_experts)
+from fedalign_dist.aggregation.matching import (aligned_delta, check_permutable, inverse, match_to_centroid,
+                                                match_to_reference, matching_permutation, permute_experts)
 from fedalign_dist.config import load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
 from fedalign_dist.models.anatomy import MoEAnatomy, routing_groups
@@ -57,6 +57,58 @@ def test_renumbering_experts_with_their_tensors_keeps_the_function(family, finet
     # the experts moved without their router rows: another function (the test can fail)
     rows_kept = {n: (state[n] if anatomy.role(n).kind == "router" else t) for n, t in moved.items()}
     assert (_logits(model, rows_kept) - before).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_renumbered_client_brings_its_parameters_not_its_changes(family, finetune):
+    """A client whose trained model is a renumbered copy P(T) of T (delta = P(T) - start):
+    renumbered back, global expert e receives T[e] - start[e] in every per-expert tensor
+    (router rows and biases, fused expert tensors, LoRA A and B), not the change P(T)[e] -
+    start[p(e)] moved; with the identity the delta is left as it is."""
+    model, anatomy = _model(family, finetune)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    gen = torch.Generator().manual_seed(3)
+    trained = {n: t + 0.01 * torch.randn(t.shape, generator=gen) for n, t in start.items()}
+    perms = {layer: torch.randperm(4, generator=torch.Generator().manual_seed(layer + 7)) for layer in anatomy.layers()}
+    client = permute_experts(trained, anatomy, perms)
+    delta = {n: client[n] - start[n] for n in start}
+    back = {layer: inverse(p) for layer, p in perms.items()}  # what a matching finds
+    aligned = aligned_delta(delta, start, anatomy, back)
+    per_expert = [n for n in start if anatomy.is_per_expert(n)]
+    assert per_expert and any(anatomy.role(n).kind in ("expert_lora_A", "expert_lora_B") for n in per_expert) == (
+        finetune == "lora")
+    for name in start:
+        if name in per_expert:
+            torch.testing.assert_close(aligned[name], trained[name] - start[name], rtol=0, atol=1e-6)
+        else:
+            assert aligned[name] is delta[name]
+    moved_changes = permute_experts(delta, anatomy, back)  # the old way: far off where experts differ
+    assert max(float((moved_changes[n] - (trained[n] - start[n])).abs().max()) for n in per_expert) > 1e-2
+    identity = {layer: torch.arange(4) for layer in anatomy.layers()}
+    assert aligned_delta(delta, start, anatomy, identity) is delta
+
+
+def test_match_to_reference_matches_each_client_to_the_global_experts():
+    """Against the global model's signatures one client is enough, and a permuted client is
+    found even when it is half of the federation (a centroid of two numberings finds neither)."""
+    roles, sig = _federation(num_clients=2)
+    hidden = torch.tensor([3, 1, 2, 0, 4, 5, 7, 6])
+    sig[1, 0] = sig[1, 0, hidden]
+    active = torch.ones(2, 1, 8, dtype=torch.bool)
+    perms = match_to_reference(sig, active, roles[None], margin=0.1)
+    assert torch.equal(hidden[perms[1, 0]], torch.arange(8)) and torch.equal(perms[0, 0], torch.arange(8))
+    assert torch.equal(match_to_centroid(sig, active, torch.ones(2, 1, 8), margin=0.1)[1, 0], torch.arange(8))
+    # a zero reference (none computed) keeps the numbering; groups are respected
+    keep = torch.arange(8).expand(2, 1, 8)
+    assert torch.equal(match_to_reference(sig, active, torch.zeros_like(sig), margin=0.1), keep)
+    grouped = match_to_reference(sig, active, roles[None], margin=0.1, groups=2)
+    assert torch.equal(grouped[1, 0], hidden)  # hidden moves within groups {0..3} and {4..7} only
+    sig[1, 0] = sig[1, 0, hidden]  # back to the global numbering, then a swap across groups {0..3} and {4..7}
+    sig[1, 0] = sig[1, 0, [4, 1, 2, 3, 0, 5, 6, 7]]
+    assert torch.equal(match_to_reference(sig, active, roles[None], margin=0.1, groups=2)[1, 0], torch.arange(8))
+    assert torch.equal(match_to_reference(sig, active, roles[None], margin=0.1)[1, 0],
+                       torch.tensor([4, 1, 2, 3, 0, 5, 6, 7]))
 
 
 def test_matching_recovers_a_hidden_permutation_and_keeps_ties():

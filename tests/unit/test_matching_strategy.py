@@ -1,7 +1,9 @@
 """Alignment by matching inside FedAlign-MoE (strategy.fedalign.match) on a real tiny Mixtral's
-parameter layout, one process: a client whose experts are permuted is renumbered and then
-averaged as if it never was; clients that agree are never moved; personal experts stay in
+parameter layout, one process: a client whose experts (its trained parameters) are permuted is
+renumbered and then averaged as if it never was; clients that agree are never moved; personal experts stay in
 the client's own numbering; both communication paths agree."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,12 +15,32 @@ from tests.unit.test_fedalign_strategy import COMM, E, L, _close, _misaligned_ro
 MATCH = "strategy.fedalign.match=true"
 
 
+def _holding_swapped_parameters(state, anatomy, updates, client=2, a=0, b=1):
+    """The round with `client` holding its trained model with experts a and b (weights, router
+    rows) and their signatures exchanged: its parameters permuted, not its changes (its delta is
+    the swapped trained model minus the global one)."""
+    out = []
+    for u in updates:
+        if u.client_id != client:
+            out.append(u)
+            continue
+        delta = dict(u.delta)
+        for name in anatomy.names_of("expert", "router", among=delta):
+            trained = state[name] + u.delta[name]
+            trained[[a, b]] = trained[[b, a]]
+            delta[name] = trained - state[name]
+        sig = u.stats["signature"].clone()
+        sig[:, [a, b]] = sig[:, [b, a]]
+        out.append(dataclasses.replace(u, delta=delta, stats={**u.stats, "signature": sig}))
+    return out
+
+
 @pytest.mark.parametrize("comm", ["reduce", "allgather"])
 def test_a_permuted_client_is_renumbered_and_averaged_as_if_aligned(layout, comm):
     anatomy, state = layout
     path = f"strategy.fedalign.comm={comm}"
-    swapped = _misaligned_round(state, anatomy)  # client 2: experts 0 and 1 swapped in every layer
-    honest = _misaligned_round(state, anatomy, swapped_client=-1)  # the same round without the swap
+    honest = _misaligned_round(state, anatomy, swapped_client=-1)
+    swapped = _holding_swapped_parameters(state, anatomy, honest)  # client 2: experts 0 and 1 swapped in every layer
     matched, diag = _strategy(layout, "fedalign", MATCH, path).aggregate(state, swapped, COMM)
     reference, ref_diag = _strategy(layout, "fedalign", path).aggregate(state, honest, COMM)
     _close(matched, reference, rtol=1e-6, atol=1e-7)
