@@ -22,9 +22,12 @@ What a renumbering must respect, per family, and how it is handled here:
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 PER_EXPERT = ("router", "expert", "expert_lora_A", "expert_lora_B")
+MATCH_ALPHA = 0.05
+"""strategy.fedalign.match_alpha's default: the largest chance_of_gain a renumbering may have."""
 
 
 def matching_permutation(similarity: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -91,7 +94,7 @@ def check_permutable(model) -> None:
 
 
 def match_to_centroid(signatures: torch.Tensor, active: torch.Tensor, mass: torch.Tensor, margin: float,
-                      groups: int = 1, rounds: int = 5) -> torch.Tensor:
+                      groups: int = 1, rounds: int = 5, alpha: float = MATCH_ALPHA) -> torch.Tensor:
     """Per client and layer, the renumbering of its experts into the global order (docs/
     algorithms.md, "Alignment by matching"): signatures (N, L, E, D), active (N, L, E) bool,
     mass (N, L, E) each client's weight in an expert's centroid. Returns perms (N, L, E):
@@ -100,7 +103,7 @@ def match_to_centroid(signatures: torch.Tensor, active: torch.Tensor, mass: torc
     The global signature of expert e is the mass-weighted centroid of the unit signatures
     that are numbered e; each client's active experts are matched to the centroids (inactive
     experts keep their number), kept only where the matching beats the numbering the client
-    has by more than `margin` (total cosine), and the centroids are recomputed with the new
+    has by more than `margin` (total cosine) and beyond chance (chance_of_gain <= `alpha`), and the centroids are recomputed with the new
     numbering until nothing changes (at most `rounds` times): a client whose experts are
     permuted pulls the first centroids towards its own numbering, the next ones less."""
     num_clients, num_layers, num_experts, _ = signatures.shape
@@ -111,7 +114,7 @@ def match_to_centroid(signatures: torch.Tensor, active: torch.Tensor, mass: torc
         moved_unit = torch.gather(unit, 2, perms[..., None].expand_as(unit))
         moved_weight = torch.gather(weight, 2, perms)
         centroid = torch.nn.functional.normalize(torch.einsum("nle,nled->led", moved_weight, moved_unit), dim=-1)
-        new = torch.stack([torch.stack([_client_layer_perm(unit[i, li], active[i, li], centroid[li], margin, groups)
+        new = torch.stack([torch.stack([_client_layer_perm(unit[i, li], active[i, li], centroid[li], margin, groups, alpha)
                                         for li in range(num_layers)]) for i in range(num_clients)])
         if torch.equal(new, perms):
             break
@@ -120,7 +123,7 @@ def match_to_centroid(signatures: torch.Tensor, active: torch.Tensor, mass: torc
 
 
 def match_to_reference(signatures: torch.Tensor, active: torch.Tensor, reference: torch.Tensor, margin: float,
-                       groups: int = 1) -> torch.Tensor:
+                       groups: int = 1, alpha: float = MATCH_ALPHA) -> torch.Tensor:
     """Per client and layer, the renumbering of its experts into the numbering of the global
     model it started from (docs/algorithms.md, "Alignment by matching"): signatures (N, L, E, D)
     of the client's trained experts, reference (N, L, E, D) or (L, E, D) the signatures of the
@@ -129,7 +132,8 @@ def match_to_reference(signatures: torch.Tensor, active: torch.Tensor, reference
 
     Each client's active experts are matched to the global experts of the slots they hold
     (inactive experts keep their number), kept only where the matching beats the client's own
-    numbering by more than `margin` (total cosine). Unlike match_to_centroid the reference
+    numbering by more than `margin` (total cosine) and beyond chance (chance_of_gain <=
+    `alpha`: where local training rewrote the experts, the gain is noise). Unlike match_to_centroid the reference
     does not depend on the other clients, so one client, or two, are matched as well as many.
     A reference of zeros (none could be computed) keeps the client's numbering."""
     num_clients, num_layers, num_experts, _ = signatures.shape
@@ -140,7 +144,7 @@ def match_to_reference(signatures: torch.Tensor, active: torch.Tensor, reference
                          f"{tuple(signatures.shape)}")
     unit = torch.nn.functional.normalize(signatures.double(), dim=-1) * active[..., None]
     target = torch.nn.functional.normalize(reference.double(), dim=-1)
-    return torch.stack([torch.stack([_client_layer_perm(unit[i, li], active[i, li], target[i, li], margin, groups)
+    return torch.stack([torch.stack([_client_layer_perm(unit[i, li], active[i, li], target[i, li], margin, groups, alpha)
                                      for li in range(num_layers)]) for i in range(num_clients)])
 
 
@@ -176,9 +180,10 @@ def aligned_delta(delta: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
 
 
 def _client_layer_perm(unit: torch.Tensor, active: torch.Tensor, centroid: torch.Tensor, margin: float,
-                       groups: int) -> torch.Tensor:
+                       groups: int, alpha: float = MATCH_ALPHA) -> torch.Tensor:
     """One client's layer: its active experts matched to the centroids of the slots they hold
-    (an inactive expert, which learned nothing this round, keeps its number)."""
+    (an inactive expert, which learned nothing this round, keeps its number), where the gain
+    over its own numbering is above `margin` and beyond chance (chance_of_gain <= alpha)."""
     num_experts = len(active)
     slots = active.nonzero().flatten()
     perm = torch.arange(num_experts)
@@ -187,12 +192,38 @@ def _client_layer_perm(unit: torch.Tensor, active: torch.Tensor, centroid: torch
     similarity = centroid[slots] @ unit[slots].T  # [a, b]: global slot a vs the client's expert b
     # routing groups: a slot only takes an expert of its own group
     group_of = slots // (num_experts // groups)
-    similarity = torch.where(group_of[:, None] == group_of[None, :], similarity, torch.full_like(similarity, -1e9))
+    allowed = group_of[:, None] == group_of[None, :]
+    similarity = torch.where(allowed, similarity, torch.full_like(similarity, -1e9))
     chosen = matching_permutation(similarity)
-    gain = float(similarity[torch.arange(len(slots)), chosen].sum() - similarity.diagonal().sum())
-    if gain > margin:
+    matched = float(similarity[torch.arange(len(slots)), chosen].sum())
+    gain = matched - float(similarity.diagonal().sum())
+    if gain > margin and chance_of_gain(similarity, allowed, matched) <= alpha:
         perm[slots] = slots[chosen]
     return perm
+
+
+def chance_of_gain(similarity: torch.Tensor, allowed: torch.Tensor, matched: float, draws: int = 200,
+                   seed: int = 0) -> float:
+    """How often chance alone lines the experts up as well: a permutation test of the best
+    matching's total similarity `matched`. Each draw deals the layer's similarities at random
+    over the allowed (slot, expert) pairs and solves the matching again; p = (1 + draws whose
+    best total is at least `matched`) / (1 + draws). Experts that local training kept
+    recognisable put their high similarities on one permutation (renumbered or not), which a
+    random deal rarely does (4 experts: about 1 deal in 75; 8: 1 in 10^5), while experts it
+    rewrote (similarities all near zero) are matched by noise, which the deals reproduce.
+    Fewer than 4 active experts can never reach p <= 0.05. Seeded: every rank gets the same p."""
+    from scipy.optimize import linear_sum_assignment
+    sim = similarity.detach().double().cpu().numpy()
+    mask = allowed.cpu().numpy()
+    values = sim[mask]
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(draws):
+        dealt = sim.copy()
+        dealt[mask] = rng.permutation(values)
+        rows, cols = linear_sum_assignment(dealt, maximize=True)
+        hits += float(dealt[rows, cols].sum()) >= matched - 1e-12
+    return (1 + hits) / (1 + draws)
 
 
 def renumbering_diagnostics(perms: torch.Tensor, client_ids: list[int], layers: list[int]) -> dict:

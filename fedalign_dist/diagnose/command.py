@@ -5,7 +5,8 @@
 
 With a config: a sample of clients each trains one round from the same model (the config's,
 in this process, one rank), with FedAlign-MoE's statistics pass; their routing and expert
-signatures are compared per layer (diagnose/premise.py). With a finished run's folder: the
+signatures are compared per layer (diagnose/premise.py), a matching's gain against its null
+drawn from the same statistics (no retraining). With a finished run's folder: the
 routing statistics it recorded (FedAlign-MoE runs record every sampled client's usage);
 expert roles need signatures, which a run does not record, and the command says so.
 Prints a table and a one-line verdict, writes JSON."""
@@ -90,7 +91,8 @@ def diagnose_run(run_dir: Path) -> dict:
     usage = torch.tensor([per_client[c] for c in ids], dtype=torch.float64)
     layers = list(range(usage.shape[1]))
     # every expert counted active and one shared signature: only the routing columns mean anything
-    rows = premise(layers, usage, torch.ones_like(usage), torch.ones(*usage.shape, 1, dtype=torch.float64))
+    rows = premise(layers, usage, torch.ones_like(usage), torch.ones(*usage.shape, 1, dtype=torch.float64),
+                   null_draws=0)
     line = verdict(rows).rsplit("; ", 1)[1]
     return {"source": f"run {run_dir}, round {last['round']}", "clients": [int(c) for c in ids],
             "verdict": line[0].upper() + line[1:], "missing": f"expert roles: runs record no expert signatures; "
@@ -110,10 +112,12 @@ def render(result: dict) -> str:
     rows = result["layers"]
     if "role_agreement" in rows[0]:
         header = ["layer", "routing JS mean", "routing JS max", "role agreement", "any-pair cosine",
-                  "same-number cosine", "matched cosine", "renumbered share"]
+                  "same-number cosine", "matched cosine", "renumbered share", "matching gain",
+                  "chance 99th percentile", "p (chance)"]
         body = [[r["layer"], f"{r['routing_js_mean']:.4f}", f"{r['routing_js_max']:.4f}", f"{r['role_agreement']:.0%}",
                  f"{r['any_pair_similarity']:.3f}", f"{r['same_number_similarity']:.3f}",
-                 f"{r['matched_similarity']:.3f}", f"{r['moved_share']:.0%}"] for r in rows]
+                 f"{r['matched_similarity']:.3f}", f"{r['moved_share']:.0%}", f"{r['matching_gain']:.3f}",
+                 _number(r["matching_gain_null_q99"], ".3f"), _number(r["matching_gain_p"], ".3f")] for r in rows]
     else:
         header = ["layer", "routing JS mean", "routing JS max"]
         body = [[r["layer"], f"{r['routing_js_mean']:.4f}", f"{r['routing_js_max']:.4f}"] for r in rows]
@@ -121,3 +125,7 @@ def render(result: dict) -> str:
     if "missing" in result:
         lines.append(f"not measured: {result['missing']}")
     return "\n".join(lines)
+
+
+def _number(value, spec: str) -> str:
+    return "-" if value is None or value != value else format(value, spec)

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from fedalign_dist.aggregation import alignment as A
 from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights
-from fedalign_dist.aggregation.matching import check_permutable, match_to_centroid, match_to_reference
+from fedalign_dist.aggregation.matching import MATCH_ALPHA, check_permutable, match_to_centroid, match_to_reference
 from fedalign_dist.clients.routing_stats import StatsRequest, probe_batch, routing_statistics
 from fedalign_dist.config_sections import ConfigSection
 from fedalign_dist.strategies.base import register
@@ -61,6 +61,12 @@ class FedAlignConfig(ConfigSection):
     """A renumbering is kept only if it raises the client's total cosine similarity to the
     global experts (summed over its active experts of the layer) by more than this: noise never
     shuffles experts that agree."""
+    match_alpha: float = Field(MATCH_ALPHA, gt=0, le=1)
+    """A renumbering is kept only if chance alone lines the experts up as well in at most this
+    share of a permutation test's draws (the layer's similarities dealt at random:
+    aggregation/matching.py, chance_of_gain): where local training rewrites the experts, the
+    gain over the numbering is noise. With fewer than 4 active experts p cannot reach 0.05; 1
+    turns the test off."""
     min_tokens: int = Field(1, ge=0)
     """A client takes part in expert e's selection only if it routed this many tokens to it."""
     stats_batches: int = Field(2, ge=1)
@@ -228,12 +234,13 @@ class FedAlign(ExpertwiseStrategy):
         perms = None
         if not has.all():
             perms = match_to_centroid(self._signatures(table, active), active, self._centroid_mass(table),
-                                      k.match_margin, groups=self.anatomy.routing_groups)
+                                      k.match_margin, groups=self.anatomy.routing_groups, alpha=k.match_alpha)
         if has.any():
             own = table.match_signature if table.match_signature is not None else table.signature
             if k.center_signatures:
                 own, reference = A.centered_signatures(own, active), A.centered_signatures(reference, active)
-            to_global = match_to_reference(own, active, reference, k.match_margin, groups=self.anatomy.routing_groups)
+            to_global = match_to_reference(own, active, reference, k.match_margin, groups=self.anatomy.routing_groups,
+                                           alpha=k.match_alpha)
             perms = to_global if perms is None else torch.where(has[:, None, None], to_global, perms)
         return perms
 

@@ -215,3 +215,22 @@ def test_not_a_permutation_is_refused():
     state = {n: p.detach().clone() for n, p in model.named_parameters() if anatomy.is_per_expert(n)}
     with pytest.raises(ValueError, match="is not a permutation"):
         permute_experts(state, anatomy, {0: torch.tensor([0, 0, 1, 2])})
+
+
+def test_a_matching_gain_by_noise_is_not_taken_for_renumbering():
+    """Experts that local training rewrote: every similarity near zero, so a matching gains over
+    the numbering by noise alone (more than the margin), which the permutation test sees; the
+    same client with recognisable, renumbered experts is renumbered."""
+    from fedalign_dist.aggregation.matching import chance_of_gain
+    gen = torch.Generator().manual_seed(3)
+    ref = torch.nn.functional.normalize(torch.randn(1, 1, 8, 16, generator=gen), dim=-1)
+    rewritten = torch.randn(1, 1, 8, 16, generator=gen)  # unrelated to the experts they started as
+    active = torch.ones(1, 1, 8, dtype=torch.bool)
+    assert not torch.equal(match_to_reference(rewritten, active, ref, margin=0.1, alpha=1.0)[0, 0], torch.arange(8))
+    assert torch.equal(match_to_reference(rewritten, active, ref, margin=0.1)[0, 0], torch.arange(8))
+    hidden = torch.tensor([1, 0, 3, 2, 5, 4, 7, 6])
+    recognisable = ref[:, :, hidden] + 0.3 * torch.randn(1, 1, 8, 16, generator=gen)
+    assert torch.equal(hidden[match_to_reference(recognisable, active, ref, margin=0.1)[0, 0]], torch.arange(8))
+    sim = ref[0, 0] @ torch.nn.functional.normalize(recognisable[0, 0], dim=-1).T
+    allowed = torch.ones(8, 8, dtype=torch.bool)
+    assert chance_of_gain(sim, allowed, float(sim[torch.arange(8), hidden].sum())) == 1 / 201  # no deal does as well

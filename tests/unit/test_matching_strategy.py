@@ -75,7 +75,11 @@ def test_a_renumbered_client_keeps_its_personal_expert_in_its_own_numbering(layo
     sig[:, 0], sig[:, 1] = ups[2].stats["signature"][:, 1], stranger
     ups[2].stats["signature"] = sig
     store = MemoryClientStore()
-    strategy = _strategy(layout, "fedalign", MATCH, store=store)
+    # one recognisable expert of 4 cannot beat chance (match_alpha: a random deal of the
+    # similarities often lines 3 of 4 up as well); the bookkeeping of personal experts under a
+    # renumbering is what this test is about, so the permutation test is off here and the
+    # default is covered by the tests above and test_matching_trained.py
+    strategy = _strategy(layout, "fedalign", MATCH, "strategy.fedalign.match_alpha=1", store=store)
     new, diag = strategy.aggregate(state, ups, COMM)
     assert diag["experts_moved_per_client"]["2"] == 2 * L
     personal = store.get(2, PERSONAL_KEY)
