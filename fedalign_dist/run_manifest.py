@@ -10,7 +10,9 @@ A file is the project's when one of these proves it:
                project gives: the blob pool (checkpoints/blobs/XX/SHA256.safetensors), the disk
                client states (clients/rankR/client_NNNNNN/KEY.safetensors), TensorBoard's event
                file, and the staging folders final.tmp/ and checkpoints/round_NNNNN.tmp/, which
-               the project creates empty and fills itself.
+               the project creates empty and fills itself; and a checkpoint's own file names,
+               so that a damaged checkpoint (its meta.json lost) still falls back to the previous
+               one instead of refusing the resume.
 A crash between writing and recording leaves a file unproven: replacing the run then refuses
 (safe), it never deletes."""
 from __future__ import annotations
@@ -29,6 +31,8 @@ FOLDERS = ("tb", "checkpoints", "clients", "final", "final.tmp", "report")
 NAMED = re.compile(
     r"final\.tmp/.+"
     r"|checkpoints/round_\d{5}\.tmp/.+"
+    r"|checkpoints/round_\d{5}/(global(\.part\d{3}-of-\d{3})?\.safetensors|strategy\.(json|safetensors|pt)|meta\.json"
+    r"|client_states/rank_\d{5}\.json)"
     r"|checkpoints/blobs/(?P<pre>[0-9a-f]{2})/(?P=pre)[0-9a-f]{62}\.safetensors(\.\d+\.[0-9a-f]{8}\.tmp)?"
     r"|clients/rank\d+/client_\d{6}/[^/]+\.(safetensors|tmp)"
     r"|tb/events\.out\.tfevents\.[^/]+")
