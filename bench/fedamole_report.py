@@ -52,8 +52,10 @@ def comparison(out_dir: Path, extra: list[str]) -> None:
     print(f"FedAMoLE held experts per layer (mean): {amole[-1]['held_experts_mean']:.2f}; "
           f"RSEA time per round {sum(r['rsea_time_s'] for r in amole) / len(amole):.3f} s")
     for name, recs in (("fedamole", amole), ("fedavg+lora", lora)):
-        print(f"{name:<12} final global acc {recs[-1]['global_accuracy']:.4f}, personalized "
-              f"{recs[-1]['personalized_accuracy']:.4f}, s/round {sum(r['time_round_s'] for r in recs) / len(recs):.2f}")
+        print(
+            f"{name:<12} final global acc {recs[-1]['global_accuracy']:.4f}, personalized "
+            f"{recs[-1]['personalized_accuracy']:.4f}, s/round {sum(r['time_round_s'] for r in recs) / len(recs):.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -75,9 +75,7 @@ def flower(folder: Path, timings: Path) -> None:
     from flwr.serverapp.strategy import FedAvg
     from flwr.simulation import run_simulation
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
     plan = json.loads((folder / "plan.json").read_text())
     client_app, server_app = ClientApp(), ServerApp()
 

@@ -23,8 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 SWAPPED = (0, 1)
 
@@ -62,7 +60,7 @@ def blur(anatomy, together: dict, honest: dict, kind: str) -> list[float]:
 
 def one_method(cfg, data, tokenizer, env) -> dict:
     from fedalign_dist import run_lifecycle
-    from fedalign_dist.dist.placement import sample_clients
+    from fedalign_dist.distributed.placement import sample_clients
     from fedalign_dist.runner import Runner
     from fedalign_dist.strategies import ClientUpdate, build_strategy
     run_lifecycle.prepare(cfg)
@@ -84,8 +82,13 @@ def one_method(cfg, data, tokenizer, env) -> dict:
     # fresh strategies: aggregation may keep state (personal copies) between calls
     together, diag = build_strategy(cfg, anatomy, runner.store).aggregate(state, updates, runner.comm)
     alone, _ = build_strategy(cfg, anatomy, runner.store).aggregate(state, honest, runner.comm)
-    return {"experts": blur(anatomy, together, alone, "expert"),
-            "router_rows": blur(anatomy, together, alone, "router"), "aligned_fraction": diag.get("aligned_fraction"), "clients": len(updates), "permuted_client": permuted}
+    return {
+        "experts": blur(anatomy, together, alone, "expert"),
+        "router_rows": blur(anatomy, together, alone, "router"),
+        "aligned_fraction": diag.get("aligned_fraction"),
+        "clients": len(updates),
+        "permuted_client": permuted,
+    }
 
 
 def main() -> int:
@@ -102,10 +105,11 @@ def main() -> int:
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import yaml
+
     from fedalign_dist.config import load_config
     from fedalign_dist.data.federated import build_federated_data
     from fedalign_dist.data.tokenizer import build_tokenizer
-    from fedalign_dist.dist.env import init_distributed, shutdown
+    from fedalign_dist.distributed.env import init_distributed, shutdown
     from fedalign_dist.train import quiet_libraries
     grid = yaml.safe_load((REPO / args.grid).read_text())
     quiet_libraries()

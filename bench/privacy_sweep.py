@@ -49,8 +49,10 @@ def write_table(rows: list[dict], path: Path, scenario: str) -> None:
     for r in rows:
         eps = "-" if r["epsilon"] is None else "inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.3g}"
         ratio = r["s_per_round"] / base[r["strategy"]] if r["strategy"] in base else math.nan
-        lines.append(f"| {r['method']} | {r['level']} | {eps} | {r['global'][0]:.3f} ± {r['global'][1]:.3f} | "
-                     f"{r['personalized'][0]:.3f} ± {r['personalized'][1]:.3f} | {r['s_per_round']:.2f} | {ratio:.2f}x |")
+        lines.append(
+            f"| {r['method']} | {r['level']} | {eps} | {r['global'][0]:.3f} ± {r['global'][1]:.3f} | "
+            f"{r['personalized'][0]:.3f} ± {r['personalized'][1]:.3f} | {r['s_per_round']:.2f} | {ratio:.2f}x |"
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -65,8 +67,15 @@ def plot(rows: list[dict], path: Path, scenario: str) -> None:
             finite = sorted((r for r in rows if r["strategy"] == strategy and r["epsilon"] is not None
                              and math.isfinite(r["epsilon"])), key=lambda r: r["epsilon"])
             if finite:
-                ax.errorbar([r["epsilon"] for r in finite], [r[key][0] for r in finite],
-                            yerr=[r[key][1] for r in finite], marker="o", capsize=3, color=color, label=f"{strategy}, DP")
+                ax.errorbar(
+                    [r["epsilon"] for r in finite],
+                    [r[key][0] for r in finite],
+                    yerr=[r[key][1] for r in finite],
+                    marker="o",
+                    capsize=3,
+                    color=color,
+                    label=f"{strategy}, DP",
+                )
             for r in rows:
                 if r["strategy"] == strategy and (r["epsilon"] is None or math.isinf(r["epsilon"])):
                     style = ":" if r["epsilon"] is None else "--"

@@ -22,7 +22,7 @@ import sys
 from fedalign_dist import json_files
 from fedalign_dist.benchmark.cells import BenchmarkFailed
 from fedalign_dist.config import ConfigError, load_config
-from fedalign_dist.dist.rank_exit import end_rank
+from fedalign_dist.distributed.rank_exit import end_rank
 
 EPILOG = ("Overrides are dotted key=value pairs after the options, e.g. fed.rounds=3 local.lr=5e-4 "
           "strategy.name=fedprox. Unknown keys are errors.")
@@ -35,8 +35,15 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_config(p):
         p.add_argument("--config", help="YAML config file (default: built-in defaults)")
-        p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                       help="import MODULE before the config is validated (it registers strategies, data sources, task types); repeatable")
+        p.add_argument(
+            "--import",
+            dest="imports",
+            action="append",
+            default=[],
+            metavar="MODULE",
+            help="import MODULE before the config is validated (it registers strategies, data sources, task "
+            "types); repeatable",
+        )
         p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. fed.rounds=3")
         return p
 
@@ -93,8 +100,12 @@ def _parser() -> argparse.ArgumentParser:
         "process; per layer over every pair of clients: routing Jensen-Shannon divergence, role agreement (is an "
         "expert's most similar expert on the other client the same number?), and the cosine of same-numbered "
         "experts against a maximum-weight matching's. Thresholds of the verdict: README, FedAlign-MoE section."))
-    diag.add_argument("--clients", type=int, default=None,
-                      help="clients sampled, each trained one round from the model (default: 8, at most fed.num_clients)")
+    diag.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="clients sampled, each trained one round from the model (default: 8, at most fed.num_clients)",
+    )
     diag.add_argument("--run", default=None, metavar="RUN_DIR",
                       help="instead of training: the routing statistics a finished FedAlign-MoE run recorded")
     diag.add_argument("--out", default=None, help="JSON to write (default: <run.output_dir>/<run.name>_diagnosis.json, "
@@ -136,7 +147,7 @@ def cmd_run(args) -> int:
         if checked.returncode != 0:
             return checked.returncode
         run_dir = Path(json.loads(told.read_text())["run_dir"])
-    from fedalign_dist.dist.local_launch import launch_local
+    from fedalign_dist.distributed.local_launch import launch_local
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank; ranks share the cores
     return launch_local(args.nproc, rank_args, run_dir, args.argv)
 
@@ -149,8 +160,8 @@ def cmd_train(args) -> int:
     import faulthandler
     faulthandler.enable()  # a native crash in a rank prints every thread's Python stack
     from fedalign_dist.aggregation.guard import DivergedError
-    from fedalign_dist.dist.agreement import PeerFailure
-    from fedalign_dist.dist.local_launch import INTERRUPTED
+    from fedalign_dist.distributed.agreement import PeerFailure
+    from fedalign_dist.distributed.local_launch import INTERRUPTED
     from fedalign_dist.train import train_main
     try:
         train_main(args.config, config_args(args))
@@ -196,6 +207,7 @@ def cmd_partition(args) -> int:
 
 def cmd_diagnose(args) -> int:
     from pathlib import Path
+
     from fedalign_dist.diagnose.command import default_out, diagnose_config, diagnose_run, render
     from fedalign_dist.train import quiet_libraries
     if args.run is not None and (args.config or args.overrides):
@@ -239,6 +251,7 @@ def cmd_pretrain(args) -> int:
     from dataclasses import replace
     from functools import partial
     from pathlib import Path
+
     from fedalign_dist.pretrain.train import BaseSpec, pretrain
     out = Path(args.out)
     if out.exists():
@@ -255,6 +268,7 @@ def cmd_pretrain(args) -> int:
 
 def cmd_upcycle(args) -> int:
     from pathlib import Path
+
     from fedalign_dist.pretrain.upcycle_command import write_upcycled
     out = Path(args.out)
     write_upcycled(args.dense, out, args.experts, args.top_k, args.perturb, args.seed)

@@ -65,8 +65,12 @@ def config_schema() -> type[Config]:
     if key not in _SCHEMAS:
         strategy = _extend(StrategyConfig, strategies)
         data_section = _extend(DataConfig, data)
-        _SCHEMAS[key] = create_model("Config", __base__=RegisteredConfig, strategy=(strategy, Field(default_factory=strategy)),
-                                     data=(data_section, Field(default_factory=data_section)))
+        _SCHEMAS[key] = create_model(
+            "Config",
+            __base__=RegisteredConfig,
+            strategy=(strategy, Field(default_factory=strategy)),
+            data=(data_section, Field(default_factory=data_section)),
+        )
     return _SCHEMAS[key]
 
 
@@ -130,9 +134,11 @@ def _resolve_checkpoint(raw: dict) -> None:
         if found[key] is None:
             continue
         if model.get(key) is not None and model[key] != found[key]:
-            raise ConfigError(f"model.{key}={model[key]} contradicts the checkpoint at model.path ({found[key]} in "
-                              f"its config.json): remove model.{key} from the config file and overrides; it is read from the "
-                              f"checkpoint")
+            raise ConfigError(
+                f"model.{key}={model[key]} contradicts the checkpoint at model.path ({found[key]} in "
+                f"its config.json): remove model.{key} from the config file and overrides; it is read from the "
+                f"checkpoint"
+            )
         model[key] = found[key]
     model["preset"] = None
     if (raw.get("data") or {}).get("tokenizer") == "model" and not found["tokenizer"]:

@@ -19,6 +19,23 @@ class ConfigError(ValueError):
     """A user-facing configuration problem (bad key, bad value, impossible combination)."""
 
 
+RESUME_FREE = {"resume_free": True}
+"""Marks a field (Field(..., json_schema_extra=RESUME_FREE)) that a resumed run may change: how
+the run is carried out, not what it computes (run_folder.check_resumable)."""
+
+
+def resume_free_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """The dotted paths (as tuples) of every field marked RESUME_FREE in `model` and its sections."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("resume_free"):
+            keys.add(prefix + (name,))
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys |= resume_free_keys(field.annotation, prefix + (name,))
+    return keys
+
+
 class ConfigSection(BaseModel):
     """Base of every config section, a plugin's too: unknown keys are errors, assignments are
     validated. Each field's docstring is its documentation (`fedalign-dist config show`)."""
@@ -27,12 +44,12 @@ class ConfigSection(BaseModel):
 
 class RunConfig(ConfigSection):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
-    name: str = "run"
+    name: str = Field("run", json_schema_extra=RESUME_FREE)
     """Run folder name under output_dir."""
-    output_dir: str = "runs"
-    overwrite: bool = False
+    output_dir: str = Field("runs", json_schema_extra=RESUME_FREE)
+    overwrite: bool = Field(False, json_schema_extra=RESUME_FREE)
     """Replace an existing run folder instead of refusing to start."""
-    resume: Union[bool, Literal["auto"]] = False
+    resume: Union[bool, Literal["auto"]] = Field(False, json_schema_extra=RESUME_FREE)
     """Continue the run folder's latest intact checkpoint (global, strategy and client states):
     true = it must exist; auto = if there is one, else start (how a restarted job resumes)."""
 
@@ -123,7 +140,7 @@ class DataConfig(ConfigSection):
 class FedConfig(ConfigSection):
     num_clients: int = Field(8, ge=1)
     clients_per_round: int = Field(4, ge=1)
-    rounds: int = Field(5, ge=1)
+    rounds: int = Field(5, ge=1, json_schema_extra=RESUME_FREE)
     weighting: Literal["examples", "uniform"] = "examples"
     """What a client's update weighs in aggregation: its training examples (McMahan et al.), or
     1 for every client (always under privacy.enabled: example counts are private)."""
@@ -131,10 +148,11 @@ class FedConfig(ConfigSection):
     """Where per-client state (local-only weights) lives between rounds."""
     placement: Literal["balanced", "blocks"] = "balanced"
     """Which rank trains each of a round's clients. balanced: longest estimated work first onto
-    the least-loaded rank (training, statistics and evaluation examples), a client's state
-    moving with it; blocks: rank r always hosts the same contiguous block of clients. Results
-    do not depend on it beyond float summation order."""
-    ranks_per_client: int = Field(1, ge=1)
+    the least-loaded rank (training and statistics examples; never evaluation, so the evaluation
+    schedule changes no trained weight), a client's state moving with it; blocks: rank r always
+    hosts the same contiguous block of clients. Results do not depend on it beyond float
+    summation order."""
+    ranks_per_client: int = Field(1, ge=1, json_schema_extra=RESUME_FREE)  # checkpoints hold whole tensors
     """Client groups: G consecutive ranks train one client at a time, its model, gradients and
     optimizer state sharded over them by ZeRO-3 (for models that do not fit one device); a
     round's clients are placed on groups as on ranks. Runs fedavg, fedprox, fedmoe, fedalign
@@ -206,9 +224,9 @@ class DeepSpeedConfig(ConfigSection):
 
 
 class CheckpointConfig(ConfigSection):
-    every: int = Field(0, ge=0)
+    every: int = Field(0, ge=0, json_schema_extra=RESUME_FREE)
     """Save a checkpoint every N rounds (0 = only the final state)."""
-    keep: int = Field(2, ge=1)
+    keep: int = Field(2, ge=1, json_schema_extra=RESUME_FREE)
 
 
 class EvalConfig(ConfigSection):
@@ -220,7 +238,7 @@ class EvalConfig(ConfigSection):
     """Score each trained client's personalised model every N rounds (and in the last round);
     in other rounds the personalized_* metrics are None. Benchmarks set one value for every
     method, so the methods stay comparable."""
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, json_schema_extra=RESUME_FREE)
     split: Literal["test", "val"] = "test"
     """Which split every evaluation uses: val for hyper-parameter selection, test to report."""
     global_examples: Optional[int] = Field(None, ge=1)
@@ -277,8 +295,8 @@ class PrivacyConfig(ConfigSection):
 
 
 class DistConfig(ConfigSection):
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    timeout_s: float = Field(1800.0, gt=0)
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", json_schema_extra=RESUME_FREE)
+    timeout_s: float = Field(1800.0, gt=0, json_schema_extra=RESUME_FREE)
     """How long a collective may wait for the other ranks before the job fails. Failures the
     project can see end every rank at once; this bounds the rest (a rank that hangs)."""
 
@@ -327,11 +345,8 @@ class Config(ConfigSection):
 
     def _check_client_groups(self):
         group = self.fed.ranks_per_client
-        # what client groups cannot run, with why (one line before anything starts)
-        if self.strategy.name not in ("fedavg", "fedprox", "fedmoe", "fedalign", "fedamole"):
-            raise ValueError(f"fed.ranks_per_client={group} cannot run with strategy.name={self.strategy.name} (not "
-                             f"built for client groups: fedavg, fedprox, fedmoe, fedalign and fedamole are). Set "
-                             f"fed.ranks_per_client=1 for these")
+        # what client groups cannot run, with why (one line before anything starts); whether the
+        # strategy can is its own declaration (Strategy.runs_under_client_groups, checked with it)
         if self.local.batch_size % group:
             raise ValueError(f"local.batch_size={self.local.batch_size} does not split over client groups of {group} "
                              f"ranks: use a multiple of {group}")

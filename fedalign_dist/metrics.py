@@ -110,8 +110,10 @@ def console_line(r: dict, metric: str) -> str:
     rejected = f" | {r['num_rejected']} rejected" if r.get("num_rejected") else ""
     scores = f"global {metric} {_fmt(r.get('global_' + metric))} | personal {_fmt(r.get('personalized_' + metric))}"
     privacy = (f" | eps {_fmt(r['dp_epsilon'], 2)} (delta {r['dp_delta']:g})" if "dp_delta" in r else "")
-    return (f"round {r['round']:>3} | {r['strategy']} | loss {_fmt(r['train_loss'], 4)}{rejected} | {scores}{privacy} | "
-            f"sent {r['bytes_sent'] / 1e6:.2f} MB | {r['time_round_s']:.1f} s")
+    return (
+        f"round {r['round']:>3} | {r['strategy']} | loss {_fmt(r['train_loss'], 4)}{rejected} | {scores}{privacy} | "
+        f"sent {r['bytes_sent'] / 1e6:.2f} MB | {r['time_round_s']:.1f} s"
+    )
 
 
 def _fmt(value, digits: int = 3) -> str:

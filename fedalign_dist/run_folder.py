@@ -9,7 +9,6 @@ one of them refuses the replacement, or a resume, which would replace final/, tb
 checkpoints. Rank 0 calls these."""
 from __future__ import annotations
 
-import json
 import secrets
 import shutil
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from fedalign_dist import checkpoint, json_files
 from fedalign_dist.config import Config, dump_config
+from fedalign_dist.config_sections import resume_free_keys
 from fedalign_dist.run_manifest import FOLDERS, MANIFEST, unproven_files
 
 MARKER = ".fedalign_dist_run.json"
@@ -92,7 +92,7 @@ def check_shared_run_folder(run_dir: Path, token: str | None) -> None:
     read checkpoints from it. `token`: what rank 0 wrote into it (None on other ranks)."""
     import socket
 
-    from fedalign_dist.dist.collectives import all_gather_json
+    from fedalign_dist.distributed.collectives import all_gather_json
     token = all_gather_json(token)[0]
     marker = run_dir / ".shared_check"
     sees = marker.is_file() and marker.read_text() == token
@@ -100,9 +100,11 @@ def check_shared_run_folder(run_dir: Path, token: str | None) -> None:
     blind = [f"rank {r} on {v['host']}" for r, v in enumerate(views) if not v["sees"]]
     if blind:
         raise FileNotFoundError(
-            f"the run folder {run_dir} that rank 0 prepared on {views[0]['host']} is not visible to {', '.join(blind)}: "
+            f"the run folder {run_dir} that rank 0 prepared on {views[0]['host']} is not visible to "
+            f"{', '.join(blind)}: "
             f"every rank stages client states and reads checkpoints there, so run.output_dir must be one folder on "
-            f"a file system shared by every node (an absolute path on a shared mount)")
+            f"a file system shared by every node (an absolute path on a shared mount)"
+        )
 
 
 def write_share_token(run_dir: Path) -> str:
@@ -158,12 +160,6 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-# Keys a resumed run may change: how it is run, not what it computes.
-_RESUME_FREE = {("run", "name"), ("run", "output_dir"), ("run", "resume"), ("run", "overwrite"), ("fed", "rounds"),
-                ("checkpoint", "every"), ("checkpoint", "keep"), ("eval", "batch_size"), ("dist", "backend"),
-                ("dist", "timeout_s"), ("fed", "ranks_per_client")}  # checkpoints hold whole tensors
-
-
 def check_resumable(cfg: Config, saved_path: Path) -> None:
     """Resuming with a different experiment would silently mix two runs: refuse it."""
     from fedalign_dist.config import ConfigError, load_config
@@ -180,8 +176,9 @@ def check_resumable(cfg: Config, saved_path: Path) -> None:
                 yield prefix + (key,), value
 
     old = dict(leaves(saved))
-    changed = [".".join(k) for k, v in leaves(now) if k not in _RESUME_FREE and old.get(k) != v]
+    free = resume_free_keys(type(cfg))  # marked where they are defined (config_sections.RESUME_FREE)
+    changed = [".".join(k) for k, v in leaves(now) if k not in free and old.get(k) != v]
     if changed:
         raise ConfigError(f"cannot resume {saved_path.parent}: its run used different values of "
                           f"{', '.join(changed)}; resume with the same configuration (only "
-                          f"{', '.join('.'.join(k) for k in sorted(_RESUME_FREE))} may change) or start a new run.name")
+                          f"{', '.join('.'.join(k) for k in sorted(free))} may change) or start a new run.name")

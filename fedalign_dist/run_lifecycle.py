@@ -1,14 +1,14 @@
 """The run folder over a run's life, for the round loop: prepare it, resume from its latest
 intact checkpoint, describe the loaded model, checkpoint a round, write the final model and
 summary. Rank 0 does the I/O (checkpoint.py, run_folder.py); each step is one that every
-rank fails together (dist/agreement.py)."""
+rank fails together (distributed/agreement.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from fedalign_dist import checkpoint, faults
-from fedalign_dist.dist.agreement import all_ranks_agree, on_coordinator
-from fedalign_dist.dist.placement import clients_of_rank
+from fedalign_dist.distributed.agreement import all_ranks_agree, on_coordinator
+from fedalign_dist.distributed.placement import clients_of_rank
 from fedalign_dist.metrics import MetricsWriter
 from fedalign_dist.models.build import lora_base_model
 from fedalign_dist.models.hf_parts import write_model_index, write_model_part

@@ -16,12 +16,12 @@ from fedalign_dist.clients.group_mpu import GroupMPU
 from fedalign_dist.clients.state import make_client_store
 from fedalign_dist.clients.state_moves import StateHolders, share_within_group
 from fedalign_dist.clients.trainer import LocalTrainer
-from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import Config
-from fedalign_dist.dist.agreement import all_ranks_agree, check_identical_on_all_ranks
-from fedalign_dist.dist.env import DistEnv
-from fedalign_dist.dist.placement import balanced_placement, block_placement, client_cost, sample_clients
-from fedalign_dist.dist.sharded_aggregation import ShardedAggregation
+from fedalign_dist.distributed.agreement import all_ranks_agree, check_identical_on_all_ranks
+from fedalign_dist.distributed.communicator import Communicator
+from fedalign_dist.distributed.env import DistEnv
+from fedalign_dist.distributed.placement import balanced_placement, block_placement, client_cost, sample_clients
+from fedalign_dist.distributed.sharded_aggregation import ShardedAggregation
 from fedalign_dist.metrics import console_line, peak_gpu_mb, peak_rss_mb, round_record
 from fedalign_dist.models.build import describe_model, structure_only
 from fedalign_dist.models.checkpoint_by_part import loads_by_part

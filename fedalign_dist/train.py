@@ -38,7 +38,7 @@ def check_groups_within_nodes(cfg: Config, local_world_size: int | None) -> None
     group = cfg.fed.ranks_per_client
     if group == 1 or local_world_size is None or local_world_size % group == 0 or cfg.fed.groups_across_nodes:
         return
-    from fedalign_dist.dist.env import resolve_backend
+    from fedalign_dist.distributed.env import resolve_backend
     if resolve_backend(cfg.dist.backend) == "nccl":
         raise ConfigError(f"{local_world_size} ranks per node do not split into client groups of {group} "
                           f"(fed.ranks_per_client): a group would span nodes over NCCL; start a multiple of {group} "
@@ -100,7 +100,7 @@ def train(cfg: Config, progress: bool = False) -> list[dict]:
     data = build_federated_data(cfg.data, cfg.fed.num_clients, cfg.seed, tokenizer)  # partition errors here
 
     from fedalign_dist import run_lifecycle
-    from fedalign_dist.dist.env import init_distributed, shutdown
+    from fedalign_dist.distributed.env import init_distributed, shutdown
     from fedalign_dist.runner import Runner
     env = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
     try:

@@ -103,9 +103,10 @@ def match_to_centroid(signatures: torch.Tensor, active: torch.Tensor, mass: torc
     The global signature of expert e is the mass-weighted centroid of the unit signatures
     that are numbered e; each client's active experts are matched to the centroids (inactive
     experts keep their number), kept only where the matching beats the numbering the client
-    has by more than `margin` (total cosine) and beyond chance (chance_of_gain <= `alpha`), and the centroids are recomputed with the new
-    numbering until nothing changes (at most `rounds` times): a client whose experts are
-    permuted pulls the first centroids towards its own numbering, the next ones less."""
+    has by more than `margin` (total cosine) and beyond chance (chance_of_gain <= `alpha`), and
+    the centroids are recomputed with the new numbering until nothing changes (at most `rounds`
+    times): a client whose experts are permuted pulls the first centroids towards its own
+    numbering, the next ones less."""
     num_clients, num_layers, num_experts, _ = signatures.shape
     unit = torch.nn.functional.normalize(signatures.double(), dim=-1) * active[..., None]
     weight = mass.double() * active
@@ -114,8 +115,17 @@ def match_to_centroid(signatures: torch.Tensor, active: torch.Tensor, mass: torc
         moved_unit = torch.gather(unit, 2, perms[..., None].expand_as(unit))
         moved_weight = torch.gather(weight, 2, perms)
         centroid = torch.nn.functional.normalize(torch.einsum("nle,nled->led", moved_weight, moved_unit), dim=-1)
-        new = torch.stack([torch.stack([_client_layer_perm(unit[i, li], active[i, li], centroid[li], margin, groups, alpha)
-                                        for li in range(num_layers)]) for i in range(num_clients)])
+        new = torch.stack(
+            [
+                torch.stack(
+                    [
+                        _client_layer_perm(unit[i, li], active[i, li], centroid[li], margin, groups, alpha)
+                        for li in range(num_layers)
+                    ]
+                )
+                for i in range(num_clients)
+            ]
+        )
         if torch.equal(new, perms):
             break
         perms = new
@@ -144,8 +154,17 @@ def match_to_reference(signatures: torch.Tensor, active: torch.Tensor, reference
                          f"{tuple(signatures.shape)}")
     unit = torch.nn.functional.normalize(signatures.double(), dim=-1) * active[..., None]
     target = torch.nn.functional.normalize(reference.double(), dim=-1)
-    return torch.stack([torch.stack([_client_layer_perm(unit[i, li], active[i, li], target[i, li], margin, groups, alpha)
-                                     for li in range(num_layers)]) for i in range(num_clients)])
+    return torch.stack(
+        [
+            torch.stack(
+                [
+                    _client_layer_perm(unit[i, li], active[i, li], target[i, li], margin, groups, alpha)
+                    for li in range(num_layers)
+                ]
+            )
+            for i in range(num_clients)
+        ]
+    )
 
 
 def aligned_delta(delta: dict[str, torch.Tensor], start: dict[str, torch.Tensor], anatomy,

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     from fedalign_dist.config import load_config
     from fedalign_dist.data.federated import build_federated_data
     from fedalign_dist.data.tokenizer import build_tokenizer
-    from fedalign_dist.dist.env import init_distributed
-    from fedalign_dist.dist.placement import balanced_placement, client_cost, sample_clients
+    from fedalign_dist.distributed.env import init_distributed
+    from fedalign_dist.distributed.placement import balanced_placement, client_cost, sample_clients
     from fedalign_dist.models.build import build_model
     from fedalign_dist.train import quiet_libraries
 

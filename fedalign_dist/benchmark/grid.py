@@ -33,10 +33,17 @@ import yaml
 from fedalign_dist import json_files
 from fedalign_dist.benchmark.cells import BenchmarkFailed, launch_cell, read_records
 from fedalign_dist.benchmark.environment import environment_line
-from fedalign_dist.benchmark.summary import (fmt, mean_curve, mean_std, paired_difference, rounds_to_reach,
-                                             rounds_to_reach_per_seed)
+from fedalign_dist.benchmark.summary import (
+    fmt,
+    mean_curve,
+    mean_std,
+    paired_difference,
+    rounds_to_reach,
+    rounds_to_reach_per_seed,
+)
 from fedalign_dist.config import ConfigError, load_config
 from fedalign_dist.markdown import table
+
 
 @dataclass
 class GridSpec:

@@ -171,26 +171,49 @@ def write_systems(out: Path, results: dict) -> None:
                   for row in results["scale"]]
     overhead_rows_md = [[i, f"{row['floor_s']:.3f}", f"{row['framework_s']:.3f}", f"{row['wait_s']:.3f}",
                          f"{row['ratio']:.2f}"] for i, row in enumerate(results["overhead"])]
-    lines = ["# Systems benchmark", "", environment_line(), "",
-             "Every cell is a 2-rank run (gloo on CPU, NCCL on GPU), one run each.", "",
-             "## Time split per round (demo config, 8 clients per round, seconds)", "",
-             "Means over every round at the default evaluation cadence (global and personalised scores "
-             "every 5 rounds and in the last).", "",
-             *table(["method", *SPLIT_KEYS, "round", "eval share", "wait share"], split_rows), "",
-             "![time split](time_split.png)", "",
-             "## Bytes sent per rank per round: FedAlign-MoE comm paths", "",
-             *table(["clients per rank", "reduce", "allgather", "allgather / reduce"], comm_rows), "",
-             "![bytes](bytes_vs_clients.png)", "",
-             "## Scale: configs/scale.yaml, 16 clients per round, 63 examples drawn per client", "",
-             "Seconds per round over the rounds without global evaluation; ratios against the first row "
-             "(RSS: the larger rank).", "",
-             *table(["clients", "s/round", "peak RSS per rank (MB)", "s/round ratio", "RSS ratio"], scale_rows), "", "![scale](scale.png)", "",
-             "## Framework overhead: FedAvg without evaluation against the plain-torch floor", "",
-             "Tiny Mixtral, 8 experts top-2, byte tokens, sequences of 64, 16 clients, 8 per round; the floor "
-             "runs the same clients, placement, batches and local steps in plain torch with one all_reduce "
-             "(benchmark/floor.py). Median seconds per round after the first, pairs run alternately.", "",
-             *table(["pair", "floor s/round", "framework s/round", "waiting for the slower rank", "framework / floor"],
-                    overhead_rows_md), ""]
+    lines = [
+        "# Systems benchmark",
+        "",
+        environment_line(),
+        "",
+        "Every cell is a 2-rank run (gloo on CPU, NCCL on GPU), one run each.",
+        "",
+        "## Time split per round (demo config, 8 clients per round, seconds)",
+        "",
+        "Means over every round at the default evaluation cadence (global and personalised scores "
+        "every 5 rounds and in the last).",
+        "",
+        *table(["method", *SPLIT_KEYS, "round", "eval share", "wait share"], split_rows),
+        "",
+        "![time split](time_split.png)",
+        "",
+        "## Bytes sent per rank per round: FedAlign-MoE comm paths",
+        "",
+        *table(["clients per rank", "reduce", "allgather", "allgather / reduce"], comm_rows),
+        "",
+        "![bytes](bytes_vs_clients.png)",
+        "",
+        "## Scale: configs/scale.yaml, 16 clients per round, 63 examples drawn per client",
+        "",
+        "Seconds per round over the rounds without global evaluation; ratios against the first row "
+        "(RSS: the larger rank).",
+        "",
+        *table(["clients", "s/round", "peak RSS per rank (MB)", "s/round ratio", "RSS ratio"], scale_rows),
+        "",
+        "![scale](scale.png)",
+        "",
+        "## Framework overhead: FedAvg without evaluation against the plain-torch floor",
+        "",
+        "Tiny Mixtral, 8 experts top-2, byte tokens, sequences of 64, 16 clients, 8 per round; the floor "
+        "runs the same clients, placement, batches and local steps in plain torch with one all_reduce "
+        "(benchmark/floor.py). Median seconds per round after the first, pairs run alternately.",
+        "",
+        *table(
+            ["pair", "floor s/round", "framework s/round", "waiting for the slower rank", "framework / floor"],
+            overhead_rows_md,
+        ),
+        "",
+    ]
     (out / "systems.json").write_text(json_files.dumps(results, indent=1))
     (out / "systems.md").write_text("\n".join(lines))
     plot_stacked_bars({m: [row[k] for k in SPLIT_KEYS] for m, row in results["time_split"].items()}, SPLIT_KEYS,

@@ -38,7 +38,7 @@ class ClientRound:
         self.cfg, self.device, self.data, self.vocab_size = cfg, device, data, vocab_size
         self.privacy = privacy
         # client groups: the global state and the client's update are this rank's shard
-        # (dist/sharded_aggregation.py); None: whole
+        # (distributed/sharded_aggregation.py); None: whole
         self.shards = shards
         self.owner = shards.owner if shards is not None else None
         self.trainer, self.strategy, self.anatomy, self.store = trainer, strategy, anatomy, store
@@ -90,8 +90,9 @@ class ClientRound:
             norm = None if over_shards is None else over_shards([squared_norm(update.delta)])[0] ** 0.5
             update.delta, update.stats, within = self.privacy.privatize_client(round_idx, client_id, update.delta,
                                                                                stats, norm)
-        return ClientResult(update, verdict, sums, {"stats": t_stats_done - t_stats, "eval": time.perf_counter() - t_eval},
-                            within)
+        return ClientResult(
+            update, verdict, sums, {"stats": t_stats_done - t_stats, "eval": time.perf_counter() - t_eval}, within
+        )
 
     def train(self, client_id: int, batches, start: dict) -> float:
         """Local training; the mean task loss."""

@@ -118,7 +118,9 @@ def routing_statistics(module: nn.Module, family: Family, num_experts: int, batc
                     if sig_num is None:
                         sig_num = torch.zeros(L, E, hidden.shape[-1], dtype=torch.float64)
                     if mode == "output":
-                        _add_output_signatures(tap.experts(layer), hidden, indices, weights, E, sig_num[li], sig_den[li])
+                        _add_output_signatures(
+                            tap.experts(layer), hidden, indices, weights, E, sig_num[li], sig_den[li]
+                        )
                         continue
                     for e in range(E):
                         rows = (indices == e).any(-1)

@@ -14,8 +14,8 @@ from safetensors.torch import save as save_bytes
 
 from fedalign_dist.aggregation.shards import owned_entries
 from fedalign_dist.clients.state import ClientStore
-from fedalign_dist.dist.collectives import ByteCounter, all_gather_json, all_gather_rows
-from fedalign_dist.dist.placement import rank_of_client
+from fedalign_dist.distributed.collectives import ByteCounter, all_gather_json, all_gather_rows
+from fedalign_dist.distributed.placement import rank_of_client
 
 
 class StateHolders:

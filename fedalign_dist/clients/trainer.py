@@ -18,7 +18,7 @@ import torch
 from fedalign_dist.aggregation.shards import assign_shards
 from fedalign_dist.clients.group_mpu import GroupMPU
 from fedalign_dist.clients.zero3_slices import gather_to_owners, scatter_from_owners, slice_of
-from fedalign_dist.dist.collectives import ByteCounter, group_mean
+from fedalign_dist.distributed.collectives import ByteCounter, group_mean
 from fedalign_dist.safetensors_parts import DTYPE_NAMES, TensorSpec, spec_of
 
 NamedTensors = dict[str, torch.Tensor]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fedalign_dist.dist.collectives import gather_to, scatter_to
+from fedalign_dist.distributed.collectives import gather_to, scatter_to
 
 
 def slice_of(full: torch.Tensor, param, group_rank: int) -> torch.Tensor:

@@ -145,7 +145,9 @@ class ClassificationTask(TaskType):
             group_ids = ids.view(n, labels, width)[:, members, :size].reshape(n * k, size)
             mask = torch.cat([batch["attention_mask"].repeat_interleave(k, 0),
                               torch.ones((n * k, size - 1), dtype=batch["attention_mask"].dtype, device=device)], 1)
-            positions = batch["position_ids"][:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(size - 1, device=device)
+            positions = (
+                batch["position_ids"][:, -1:].repeat_interleave(k, 0) + 1 + torch.arange(size - 1, device=device)
+            )
             logits = model(input_ids=group_ids[:, :-1], attention_mask=mask, position_ids=positions,
                            past_key_values=cache, use_cache=False, **quiet).logits.float()
             rest = logits.gather(-1, group_ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)

@@ -59,7 +59,9 @@ def _register(table: dict, kind: str) -> Callable[[str], Callable[[T], T]]:
             if name in _SOURCES or name in _TASKS:
                 raise ValueError(f"data {kind} '{name}': that name is already a registered data source or task type")
             if name in _RESERVED:
-                raise ValueError(f"data {kind} '{name}': the name is a key of the data section ({', '.join(sorted(_RESERVED))})")
+                raise ValueError(
+                    f"data {kind} '{name}': the name is a key of the data section ({', '.join(sorted(_RESERVED))})"
+                )
             cls.name = name
             table[name] = cls
             return cls

@@ -44,12 +44,19 @@ def diagnose_config(config: str | None, overrides: list[str], clients: int | Non
     usage, tokens, signature = (torch.stack([stats[c][k] for c in ids]) for k in ("usage", "tokens", "signature"))
     rows = premise(layers, usage, tokens, signature, cfg.strategy.fedalign.min_tokens,
                    center=cfg.strategy.fedalign.center_signatures)
-    return as_json(rows, verdict(rows), {"source": f"config {config or '(defaults)'}", "clients": ids,
-                                         "model": str(cfg.model.path or f"{cfg.model.family}/{cfg.model.preset}"),
-                                         "data": f"{cfg.data.name}, partition={cfg.data.partition}",
-                                         "local_steps": cfg.local.steps if cfg.local.epochs is None else f"{cfg.local.epochs} epochs",
-                                         "signature": cfg.strategy.fedalign.signature,
-                                         "center_signatures": cfg.strategy.fedalign.center_signatures})
+    return as_json(
+        rows,
+        verdict(rows),
+        {
+            "source": f"config {config or '(defaults)'}",
+            "clients": ids,
+            "model": str(cfg.model.path or f"{cfg.model.family}/{cfg.model.preset}"),
+            "data": f"{cfg.data.name}, partition={cfg.data.partition}",
+            "local_steps": cfg.local.steps if cfg.local.epochs is None else f"{cfg.local.epochs} epochs",
+            "signature": cfg.strategy.fedalign.signature,
+            "center_signatures": cfg.strategy.fedalign.center_signatures,
+        },
+    )
 
 
 def _one_round_statistics(cfg) -> tuple[dict[int, dict], list[int]]:
@@ -57,8 +64,8 @@ def _one_round_statistics(cfg) -> tuple[dict[int, dict], list[int]]:
     from fedalign_dist import run_lifecycle
     from fedalign_dist.data.federated import build_federated_data
     from fedalign_dist.data.tokenizer import build_tokenizer
-    from fedalign_dist.dist.env import init_distributed, shutdown
-    from fedalign_dist.dist.placement import sample_clients
+    from fedalign_dist.distributed.env import init_distributed, shutdown
+    from fedalign_dist.distributed.placement import sample_clients
     from fedalign_dist.runner import Runner
     tokenizer = build_tokenizer(cfg.data.tokenizer, cfg.model.path)
     data = build_federated_data(cfg.data, cfg.fed.num_clients, cfg.seed, tokenizer)

@@ -234,8 +234,11 @@ def verdict(rows: list[LayerPremise]) -> str:
                      f"numbers kept (p = {_ps(chance)}, above {CHANCE_P}; {_q99(chance)}): not renumbered")
     routing = [r for r in rows if r.routing_js_mean > ROUTING_JS_THRESHOLD]
     top = max((r.routing_js_mean for r in rows), default=0.0)
-    parts.append(f"gating preferences diverge in layer(s) {_layers(routing)} (mean routing JS above "
-                 f"{ROUTING_JS_THRESHOLD})" if routing else f"gating preferences agree (mean routing JS at most {top:.3f})")
+    parts.append(
+        f"gating preferences diverge in layer(s) {_layers(routing)} (mean routing JS above {ROUTING_JS_THRESHOLD})"
+        if routing
+        else f"gating preferences agree (mean routing JS at most {top:.3f})"
+    )
     return "; ".join(parts)
 
 

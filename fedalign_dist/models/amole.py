@@ -12,6 +12,7 @@ expert axis first (A: (E, r, in), B: (E, out, r)), like the MoE models' fused ex
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 

@@ -11,8 +11,7 @@ import transformers as tf
 from fedalign_dist.models.amole import amole_modules, wrap_linear_layers
 from fedalign_dist.models.anatomy import MoEAnatomy, ParamRole
 from fedalign_dist.models.families import FAMILIES, dense_preset_config, family_of, preset_config
-from fedalign_dist.models.packaged import (NUM_EXPERTS_ATTRS, causal_lm_structure, check_exists,
-                                          load_causal_lm, resolve)
+from fedalign_dist.models.packaged import NUM_EXPERTS_ATTRS, causal_lm_structure, check_exists, load_causal_lm, resolve
 
 
 def _numel(param) -> int:

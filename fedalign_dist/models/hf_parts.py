@@ -9,7 +9,6 @@ cannot run by part: the parts are checked against what a whole save writes (each
 with its shape and dtype), and refused then."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

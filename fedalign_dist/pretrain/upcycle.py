@@ -29,7 +29,9 @@ def upcycled_config(dense_config, experts: int, top_k: int):
 
 
 @torch.no_grad()
-def upcycle(dense: torch.nn.Module, experts: int, top_k: int = 2, perturb: float = 0.0, seed: int = 0) -> torch.nn.Module:
+def upcycle(
+    dense: torch.nn.Module, experts: int, top_k: int = 2, perturb: float = 0.0, seed: int = 0
+) -> torch.nn.Module:
     """The MoE copy of `dense` (a LlamaForCausalLM): attention, norms and embeddings copied,
     every expert a copy of the layer's MLP (fused gate_up / down), routers zero. With
     `perturb` > 0 the copies and the routers are nudged apart (seeded): each expert tensor gets

@@ -1,6 +1,6 @@
 """Epsilon from Google's dp-accounting library (its RDP accountant), for the mechanism a
 round runs: the round's clients sampled WITHOUT replacement, a fixed number K of N, the same
-draw every rank makes (dist/placement.py sample_clients), so the neighbouring relation is
+draw every rank makes (distributed/placement.py sample_clients), so the neighbouring relation is
 REPLACE_ONE (one client's data replaced; N public). Each client then takes part in Gaussian
 mechanisms whose multipliers are relative to the REPLACE_ONE sensitivity:
   model update   sum of updates clipped to C, noise std z C  -> sensitivity 2C: z / 2

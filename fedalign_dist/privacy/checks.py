@@ -29,8 +29,4 @@ def check_privacy_config(cfg) -> None:
         if first > p.target_epsilon:
             raise ValueError(f"privacy.target_epsilon={p.target_epsilon:g} is below the epsilon of a single round "
                              f"({first:.3g} at delta {p.delta:g}): no round could run; raise it, or the noise")
-    fedalign = getattr(cfg.strategy, "fedalign", None)
-    if cfg.strategy.name == "fedalign" and fedalign is not None and fedalign.mode == "pairwise":
-        raise ValueError("privacy.enabled with strategy.fedalign.mode=pairwise: pairwise mixes other clients' raw "
-                         "expert updates into each client's personal expert, outside the noised aggregate; "
-                         "use strategy.fedalign.mode=centroid")
+    cls.check_privacy(cfg)

@@ -1,10 +1,15 @@
 """Federated strategies, chosen by name from a registry (never an if-chain)."""
-from fedalign_dist.strategies.base import (ClientUpdate, Strategy, build_strategy, register, registered_strategies,
-                                           strategy_class, strategy_sections)
-
 # Importing the modules registers their strategies.
 from fedalign_dist.strategies import fedalign, fedamole, fedavg, fedmoe, fedprox, local_only  # noqa: E402,F401
-
+from fedalign_dist.strategies.base import (
+    ClientUpdate,
+    Strategy,
+    build_strategy,
+    register,
+    registered_strategies,
+    strategy_class,
+    strategy_sections,
+)
 
 
 def build_run_model(config, tokenizer):

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from fedalign_dist.clients.context import ClientContext
     from fedalign_dist.clients.routing_stats import StatsRequest
     from fedalign_dist.clients.state import ClientStore
-    from fedalign_dist.dist.communicator import Communicator
     from fedalign_dist.config_sections import Config
+    from fedalign_dist.distributed.communicator import Communicator
     from fedalign_dist.models.anatomy import MoEAnatomy
 
 NamedTensors = dict[str, torch.Tensor]
@@ -95,6 +95,10 @@ class Strategy(ABC):
     """Whether export_final writes the final model (a format of its own) instead of the default
     export. Under client groups such a strategy is given a whole module, built on the run's
     first rank, with the global state loaded (its module elsewhere holds ZeRO-3 slices)."""
+    runs_under_client_groups: bool = False
+    """Whether the strategy is built for client groups (fed.ranks_per_client > 1): its client
+    terms take batch-level means over the group's whole batch (clients/group_batch.py) and its
+    aggregation runs on the global state by shard (distributed/sharded_aggregation.py)."""
     model_reveals_sample: bool = False
     """Whether the published model shows which clients a round sampled (FedAMoLE: only the
     experts a sampled client holds change, and the assignment is public); the accountant then
@@ -113,6 +117,18 @@ class Strategy(ABC):
             usable = [n for n, c in sorted(_REGISTRY.items()) if c.model_kind != "moe"]
             raise ValueError(f"{what}; strategy {cls.name} needs a Mixture-of-Experts model: give an MoE "
                              f"checkpoint, or use strategy.name={'|'.join(usable)}")
+        group = config.fed.ranks_per_client
+        if group > 1 and not cls.runs_under_client_groups:
+            *most, last = [n for n, c in _REGISTRY.items() if c.runs_under_client_groups] or ["none"]
+            built = f"{', '.join(most)} and {last} are" if most else f"{last} is"
+            raise ValueError(f"fed.ranks_per_client={group} cannot run with strategy.name={cls.name} (not built for "
+                             f"client groups: {built}). Set fed.ranks_per_client=1 for it")
+
+    @classmethod
+    def check_privacy(cls, config: "Config") -> None:
+        """Under privacy.enabled: refuse the strategy's settings under which the stated guarantee
+        would be false (ValueError with the fix); the checks every strategy shares are
+        privacy/checks.py's."""
 
     @classmethod
     def build_model(cls, config: "Config", tokenizer) -> tuple[torch.nn.Module, "MoEAnatomy"]:

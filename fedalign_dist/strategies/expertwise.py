@@ -9,10 +9,9 @@ a plan (pure), apply it through one of two communication paths, keep personal ex
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import abstractmethod
 from dataclasses import dataclass, field
-
-import dataclasses
 
 import torch
 
@@ -20,7 +19,7 @@ from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights, client_w
 from fedalign_dist.aggregation.matching import aligned_delta, renumbering_diagnostics
 from fedalign_dist.aggregation.weighted import apply_delta
 from fedalign_dist.clients.routing_stats import probe_batch, routing_statistics
-from fedalign_dist.dist.collectives import flatten, unflatten
+from fedalign_dist.distributed.collectives import flatten, unflatten
 from fedalign_dist.strategies.base import ClientUpdate, NamedTensors, Strategy
 
 PERSONAL_KEY = "personal_experts"

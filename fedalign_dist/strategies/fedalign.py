@@ -15,8 +15,16 @@ from fedalign_dist.aggregation.matching import MATCH_ALPHA, check_permutable, ma
 from fedalign_dist.clients.routing_stats import StatsRequest, probe_batch, routing_statistics
 from fedalign_dist.config_sections import ConfigSection
 from fedalign_dist.strategies.base import register
-from fedalign_dist.strategies.expertwise import (ALIGNED, INACTIVE, OWN, PAIRWISE, PERSONAL_KEY, AggregationPlan,
-                                                 ClientTable, ExpertwiseStrategy)
+from fedalign_dist.strategies.expertwise import (
+    ALIGNED,
+    INACTIVE,
+    OWN,
+    PAIRWISE,
+    PERSONAL_KEY,
+    AggregationPlan,
+    ClientTable,
+    ExpertwiseStrategy,
+)
 
 
 class FedAlignConfig(ConfigSection):
@@ -90,6 +98,7 @@ class FedAlignConfig(ConfigSection):
 class FedAlign(ExpertwiseStrategy):
     config_section = FedAlignConfig
     model_kind = "moe"
+    runs_under_client_groups = True
 
     def __init__(self, config, anatomy=None, store=None):
         super().__init__(config, anatomy, store)
@@ -104,6 +113,13 @@ class FedAlign(ExpertwiseStrategy):
         self._reference: torch.Tensor | None = None
         self._personal_slots: dict[int, list[tuple[str, int]]] = {}
         self._warned_no_reference = False
+
+    @classmethod
+    def check_privacy(cls, config) -> None:
+        if config.strategy.fedalign.mode == "pairwise":
+            raise ValueError("privacy.enabled with strategy.fedalign.mode=pairwise: pairwise mixes other clients' raw "
+                             "expert updates into each client's personal expert, outside the noised aggregate; "
+                             "use strategy.fedalign.mode=centroid")
 
     @classmethod
     def build_model(cls, config, tokenizer):

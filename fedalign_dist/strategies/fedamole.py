@@ -15,8 +15,8 @@ from fedalign_dist import faults
 from fedalign_dist.aggregation.expert_weights import ExpertwiseWeights
 from fedalign_dist.aggregation.rsea import check_feasible, random_assignment, selection_scores, solve_assignment
 from fedalign_dist.clients.amole_stats import amole_embeddings, aux_indices
-from fedalign_dist.models.amole import set_held
 from fedalign_dist.config_sections import ConfigSection
+from fedalign_dist.models.amole import set_held
 from fedalign_dist.strategies.base import register
 from fedalign_dist.strategies.expertwise import AggregationPlan, ExpertwiseStrategy, stack_rows
 
@@ -64,6 +64,7 @@ class FedAMoLE(ExpertwiseStrategy):
     model_kind = "dense"
     exports_own_format = True
     model_reveals_sample = True
+    runs_under_client_groups = True
 
     @classmethod
     def check_config(cls, config) -> None:

@@ -21,6 +21,7 @@ class FedMoEConfig(ConfigSection):
 class FedMoE(ExpertwiseStrategy):
     config_section = FedMoEConfig
     model_kind = "moe"
+    runs_under_client_groups = True
     @property
     def stats_request(self):
         return StatsRequest(batches=self.config.strategy.fedmoe.stats_batches)

@@ -6,7 +6,10 @@ from pathlib import Path
 from tests.conftest import TINY
 
 FOUR = ["fed.num_clients=4", "fed.clients_per_round=4"]
-BETA0 = ["strategy.fedalign.beta=0", "strategy.fedalign.similarity_floor=1"]  # some clients always keep personal experts
+BETA0 = [
+    "strategy.fedalign.beta=0",
+    "strategy.fedalign.similarity_floor=1",
+]  # some clients always keep personal experts
 PERSONAL = ["strategy.name=fedalign", *BETA0, "strategy.fedalign.mode=pairwise", "strategy.fedalign.comm=allgather",
             "fed.client_state=disk", "fed.rounds=3", "checkpoint.every=1", "checkpoint.keep=3", "fed.num_clients=6",
             "fed.clients_per_round=4"]

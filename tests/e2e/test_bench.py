@@ -138,7 +138,11 @@ def test_quick_systems_suite_writes_tables_and_plots(tmp_path):
     assert "s/round ratio" in (out / "systems.md").read_text()
     assert all(len(row["peak_rss_mb_per_rank"]) == 2 for row in results["scale"])
     [overhead] = results["overhead"]  # one alternated pair in the quick form
-    assert overhead["floor_s"] > 0 and overhead["framework_s"] > 0 and "plain-torch floor" in (out / "systems.md").read_text()
+    assert (
+        overhead["floor_s"] > 0
+        and overhead["framework_s"] > 0
+        and "plain-torch floor" in (out / "systems.md").read_text()
+    )
     for png in ("time_split.png", "bytes_vs_clients.png", "scale.png"):
         assert (out / png).stat().st_size > 1000
 

@@ -66,6 +66,7 @@ def test_fedalign_run_reports_a_rank_failure_once_without_torchruns_report(tmp_p
 
 def test_ctrl_c_stops_every_rank_quietly_and_prints_the_command_that_resumes(tmp_path, tiny_overrides):
     import signal
+
     from tests.faults import _children
     args = [sys.executable, "-m", "fedalign_dist", "run", "--nproc", "2", "--config", "configs/demo.yaml",
             *tiny_overrides, "fed.rounds=500", "checkpoint.every=1", "run.name=r", "strategy.name=fedavg"]
@@ -98,6 +99,7 @@ def test_a_rank_killed_from_outside_ends_the_run_and_is_named_as_the_cause(tmp_p
     """SIGKILL (the OOM killer, a user's kill) leaves no error file: the launcher names the
     killed rank, not the peer that then failed on the broken connection, and stops that peer."""
     import signal
+
     from tests.faults import _children, _rank_of, rounds_logged
     args = [sys.executable, "-m", "fedalign_dist", "run", "--nproc", "2", "--config", "configs/demo.yaml",
             *tiny_overrides, "fed.rounds=500", "run.name=r", "strategy.name=fedavg"]  # never finishes first

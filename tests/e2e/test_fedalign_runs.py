@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 import fedalign_dist as fd
 from fedalign_dist import checkpoint
+
 DIAGNOSTICS = {"routing_js_mean", "consistency_mean", "consistency_min", "aligned_fraction", "tau_mean",
                "similarity_mean", "time_stats_s"}
 
@@ -73,5 +74,7 @@ def test_fedalign_lora_with_router_bias_and_fedmoe(tmp_path, tiny_overrides):
     saved = load_file(tmp_path / "oss/final/global.safetensors")
     assert any(k.endswith("mlp.router.modules_to_save.default.bias") for k in saved)
     assert all(DIAGNOSTICS <= r.keys() for r in _records(tmp_path / "oss"))
-    fd.run(fd.load_config("configs/demo.yaml", tiny_overrides + ["run.name=moe", "strategy.name=fedmoe", "fed.rounds=1"]))
+    fd.run(
+        fd.load_config("configs/demo.yaml", tiny_overrides + ["run.name=moe", "strategy.name=fedmoe", "fed.rounds=1"])
+    )
     assert _records(tmp_path / "moe")[0]["strategy"] == "fedmoe"

@@ -42,7 +42,9 @@ def test_fedamole_two_ranks(batch):
     for client in (None, 0, 3):
         set_held(rebuilt, None if client is None else assignment[:, :, client])
         with torch.no_grad():
-            assert torch.equal(load_fedamole(run / "final", client)(input_ids=ids).logits, rebuilt(input_ids=ids).logits)
+            assert torch.equal(
+                load_fedamole(run / "final", client)(input_ids=ids).logits, rebuilt(input_ids=ids).logits
+            )
 
 
 def test_fedavg_with_one_lora_on_the_same_dense_base(tmp_path, tiny_overrides):

@@ -16,6 +16,7 @@ from fedalign_dist import checkpoint
 from tests.conftest import REPO, TINY
 from tests.e2e.shared_runs import GUARDED
 
+
 def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 

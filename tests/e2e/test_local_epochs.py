@@ -6,7 +6,7 @@ import fedalign_dist as fd
 from fedalign_dist.config import load_config
 from fedalign_dist.data.federated import build_federated_data
 from fedalign_dist.data.tokenizer import build_tokenizer
-from fedalign_dist.dist.placement import sample_clients
+from fedalign_dist.distributed.placement import sample_clients
 
 
 def test_steps_follow_each_clients_data():

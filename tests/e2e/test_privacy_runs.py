@@ -74,14 +74,24 @@ def test_dp_fedalign_run_reports_epsilon_and_stops_at_its_target(tmp_path, tiny_
 def test_a_resumed_dp_run_keeps_its_secret_and_clip_bound(tmp_path, tiny_overrides):
     """The secret (drawn at the start, not configured) and the adaptive C live in the
     checkpoint: resuming continues with them, exactly as a run that knew the secret from the start."""
-    dp = tiny_overrides + ["strategy.name=fedavg", "fed.num_clients=6", "fed.clients_per_round=3", "privacy.enabled=true",
-                           "privacy.delta=1e-3", "privacy.adaptive_clip=true", "checkpoint.every=1"]
+    dp = tiny_overrides + [
+        "strategy.name=fedavg",
+        "fed.num_clients=6",
+        "fed.clients_per_round=3",
+        "privacy.enabled=true",
+        "privacy.delta=1e-3",
+        "privacy.adaptive_clip=true",
+        "checkpoint.every=1",
+    ]
     _run(dp + ["run.name=resumed", "fed.rounds=2"])
     saved = json.loads((tmp_path / "resumed/checkpoints/round_00001/strategy.json").read_text())
     secret = int(saved["privacy.secret"])
     _run(dp + ["run.name=resumed", "fed.rounds=3", "run.resume=true"])
     _run(dp + ["run.name=clean", "fed.rounds=3", f"privacy.noise_seed={secret}"])
-    a, b = load_file(tmp_path / "resumed/final/global.safetensors"), load_file(tmp_path / "clean/final/global.safetensors")
+    a, b = (
+        load_file(tmp_path / "resumed/final/global.safetensors"),
+        load_file(tmp_path / "clean/final/global.safetensors"),
+    )
     assert all(torch.equal(a[n], b[n]) for n in a)
     resumed, clean = _records(tmp_path / "resumed"), _records(tmp_path / "clean")
     assert [r["dp_clip_norm"] for r in resumed] == [r["dp_clip_norm"] for r in clean]

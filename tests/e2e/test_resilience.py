@@ -40,7 +40,11 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back_to_the_previous(tmp_pat
     common = tiny_overrides + ["run.name=r", "fed.rounds=3", "checkpoint.every=1", "checkpoint.keep=3"]
     _run(common)
     run = tmp_path / "r"
-    assert [p.name for p in sorted((run / "checkpoints").glob("round_?????"))] == ["round_00000", "round_00001", "round_00002"]
+    assert [p.name for p in sorted((run / "checkpoints").glob("round_?????"))] == [
+        "round_00000",
+        "round_00001",
+        "round_00002",
+    ]
     assert checkpoint.latest_checkpoint(run).name == "round_00002"
     # flip one byte of the newest global state: its checksum no longer matches
     target = run / "checkpoints/round_00002/global.safetensors"

@@ -5,13 +5,19 @@ import pytest
 import torch
 import transformers as tf
 
-from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import ConfigError, load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
-from fedalign_dist.models.amole import (EmbeddingCollector, amole_modules, balance_loss, module_balance, set_held,
-                                        wrap_linear_layers)
-from fedalign_dist.strategies import build_run_model as build_model
+from fedalign_dist.distributed.communicator import Communicator
+from fedalign_dist.models.amole import (
+    EmbeddingCollector,
+    amole_modules,
+    balance_loss,
+    module_balance,
+    set_held,
+    wrap_linear_layers,
+)
 from fedalign_dist.strategies import ClientUpdate, build_strategy
+from fedalign_dist.strategies import build_run_model as build_model
 
 E, R = 6, 4
 

@@ -63,7 +63,9 @@ def test_lora_trains_routers_in_full_and_one_adapter_per_expert(family):
     with torch.no_grad():
         base = model(input_ids=ids, output_router_logits=True)
         name = next(n for n in trainable if anatomy.role(n).kind == "expert_lora_B")
-        anatomy.put_expert(name, trainable[name].data, 1, torch.randn_like(anatomy.expert_slice(name, trainable[name], 1)))
+        anatomy.put_expert(
+            name, trainable[name].data, 1, torch.randn_like(anatomy.expert_slice(name, trainable[name], 1))
+        )
         changed = model(input_ids=ids, output_router_logits=True)
     assert not torch.allclose(base.logits, changed.logits)
 
@@ -90,7 +92,10 @@ def test_lora_expert_slices_are_the_experts_peft_applies(family):
         for e in range(E):
             with torch.no_grad():
                 a.zero_(), b.zero_()
-                a_e, b_e = torch.randn_like(anatomy.expert_slice(a_name, a, e)), torch.randn_like(anatomy.expert_slice(b_name, b, e))
+                a_e, b_e = (
+                    torch.randn_like(anatomy.expert_slice(a_name, a, e)),
+                    torch.randn_like(anatomy.expert_slice(b_name, b, e)),
+                )
                 anatomy.put_expert(a_name, a.data, e, a_e)
                 anatomy.put_expert(b_name, b.data, e, b_e)
                 delta = module.get_delta_weight("default")

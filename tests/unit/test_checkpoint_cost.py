@@ -138,7 +138,9 @@ def test_a_global_state_written_by_shards_reads_back_by_name_in_the_order_asked(
     folder.mkdir(parents=True)
     whole = {"z.weight": torch.arange(6.0).view(2, 3), "a.weight": torch.ones(4), "m.bias": torch.full((2,), 7.0)}
     save_file({"z.weight": whole["z.weight"]}, str(folder / "global.part000-of-002.safetensors"))
-    save_file({"a.weight": whole["a.weight"], "m.bias": whole["m.bias"]}, str(folder / "global.part001-of-002.safetensors"))
+    save_file(
+        {"a.weight": whole["a.weight"], "m.bias": whole["m.bias"]}, str(folder / "global.part001-of-002.safetensors")
+    )
     checkpoint.save_strategy_state(folder, {})
     (folder / "meta.json").write_text(json.dumps({"round": 4, "files": {}}))
     done, state, _ = checkpoint.load_checkpoint(folder, ["z.weight", "m.bias"])

@@ -55,8 +55,10 @@ def test_override_without_equals_is_an_error():
 
 
 def test_fedalign_knobs_are_validated():
-    cfg = load_config("configs/demo.yaml", ["strategy.fedalign.beta=inf", "strategy.fedalign.consistency_temperature=inf",
-                                            "strategy.fedalign.mu=0"])
+    cfg = load_config(
+        "configs/demo.yaml",
+        ["strategy.fedalign.beta=inf", "strategy.fedalign.consistency_temperature=inf", "strategy.fedalign.mu=0"],
+    )
     assert math.isinf(cfg.strategy.fedalign.beta) and cfg.strategy.fedalign.mu == 0
     with pytest.raises(ConfigError, match="comm=allgather"):
         load_config("configs/demo.yaml", ["strategy.fedalign.mode=pairwise"])

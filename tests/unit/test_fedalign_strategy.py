@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from fedalign_dist.clients.state import DiskClientStore, MemoryClientStore
-from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import ConfigError, load_config
+from fedalign_dist.distributed.communicator import Communicator
 from fedalign_dist.strategies import ClientUpdate, build_strategy
-from tests.unit.tiny_layout import tiny_mixtral_layout
 from fedalign_dist.strategies.expertwise import ALIGNED, PERSONAL_KEY, ClientTable
+from tests.unit.tiny_layout import tiny_mixtral_layout
 
 E, L, D = 4, 2, 16
 COMM = Communicator(0, 1, torch.device("cpu"))

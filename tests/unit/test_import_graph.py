@@ -104,5 +104,6 @@ def test_the_circle_finder_finds_circles(tmp_path):
 @pytest.mark.parametrize("plugin_import", ["fedalign_dist.config", "fedalign_dist.config_sections"])
 def test_config_section_is_importable_where_plugins_find_it(plugin_import):
     import importlib
+
     from fedalign_dist.config_sections import ConfigSection
     assert importlib.import_module(plugin_import).ConfigSection is ConfigSection

@@ -9,7 +9,7 @@ from fedalign_dist import checkpoint
 from fedalign_dist.metrics import MetricsWriter
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fedalign_dist"
-WIRE = {"json_files.py", "dist/collectives.py", "dist/sharded_aggregation.py"}
+WIRE = {"json_files.py", "distributed/collectives.py", "distributed/sharded_aggregation.py"}
 """The helper itself, and messages between ranks (never a file: NaN must travel as NaN there)."""
 
 

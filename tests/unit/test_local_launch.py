@@ -2,7 +2,7 @@
 real launches are in tests/e2e/test_failures.py)."""
 import sys
 
-from fedalign_dist.dist.local_launch import RankExit, failure_report, rank_env
+from fedalign_dist.distributed.local_launch import RankExit, failure_report, rank_env
 
 TRACE = {"message": "RuntimeError: boom", "extraInfo": {"py_callstack": "Traceback ...\nRuntimeError: boom\n"}}
 PEER = {"message": "RuntimeError: Connection closed by peer",
@@ -39,7 +39,7 @@ def test_rank_environment_is_what_torchrun_sets_for_one_node(tmp_path):
 
 def test_the_launcher_imports_no_torch():
     import subprocess
-    code = ("import sys; from fedalign_dist.cli import cmd_run; from fedalign_dist.dist.local_launch import "
+    code = ("import sys; from fedalign_dist.cli import cmd_run; from fedalign_dist.distributed.local_launch import "
             "launch_local, interrupted_report; import fedalign_dist.checkpoint; "
             "print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'datasets') if m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

@@ -6,8 +6,15 @@ import pytest
 import torch
 import transformers as tf
 
-from fedalign_dist.aggregation.matching import (aligned_delta, check_permutable, inverse, match_to_centroid,
-                                                match_to_reference, matching_permutation, permute_experts)
+from fedalign_dist.aggregation.matching import (
+    aligned_delta,
+    check_permutable,
+    inverse,
+    match_to_centroid,
+    match_to_reference,
+    matching_permutation,
+    permute_experts,
+)
 from fedalign_dist.config import load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
 from fedalign_dist.models.anatomy import MoEAnatomy, routing_groups

@@ -9,7 +9,7 @@ import torch
 
 from fedalign_dist.clients.state import MemoryClientStore
 from fedalign_dist.config import ConfigError
-from fedalign_dist.strategies.expertwise import ALIGNED, PERSONAL_KEY
+from fedalign_dist.strategies.expertwise import PERSONAL_KEY
 from tests.unit.test_fedalign_strategy import COMM, E, L, _close, _misaligned_round, _strategy, layout  # noqa: F401
 
 MATCH = "strategy.fedalign.match=true"

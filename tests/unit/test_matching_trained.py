@@ -13,7 +13,7 @@ from fedalign_dist.clients.context import ClientContext
 from fedalign_dist.clients.state import MemoryClientStore
 from fedalign_dist.config import load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
-from fedalign_dist.dist.communicator import Communicator
+from fedalign_dist.distributed.communicator import Communicator
 from fedalign_dist.models.build import build_model
 from fedalign_dist.strategies import ClientUpdate, build_strategy
 from fedalign_dist.strategies.expertwise import PERSONAL_KEY

@@ -159,11 +159,15 @@ def test_instruction_prompt_goes_through_the_models_chat_template():
                            "id": 0})
     prompt = tok.decode(example["prompt"])
     assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
-    assert "<|im_start|>user\nProfits at the media giant jumped." in prompt and len(example["prompt"]) <= task.max_prompt
+    assert (
+        "<|im_start|>user\nProfits at the media giant jumped." in prompt and len(example["prompt"]) <= task.max_prompt
+    )
     assert tok.decode(example["response"]) == "Ad sales boost profit<|im_end|>"
     plain = InstructionTask(tok, Corpus(["x"], responses=["y"]),
                             load_config(None, ["data.task=instruction", "data.instruction.chat_template=false"]).data)
-    assert tok.decode(plain.encode({"text": "Profits.", "response": "Up", "id": 0})["prompt"]).endswith("Profits.\nAnswer:")
+    assert tok.decode(plain.encode({"text": "Profits.", "response": "Up", "id": 0})["prompt"]).endswith(
+        "Profits.\nAnswer:"
+    )
 
 
 def test_instruction_generation_sample_does_not_depend_on_how_examples_are_sharded():

@@ -2,8 +2,14 @@ import itertools
 
 import pytest
 
-from fedalign_dist.dist.placement import (balanced_placement, block_placement, client_cost, clients_of_rank,
-                                          rank_of_client, sample_clients)
+from fedalign_dist.distributed.placement import (
+    balanced_placement,
+    block_placement,
+    client_cost,
+    clients_of_rank,
+    rank_of_client,
+    sample_clients,
+)
 
 
 def test_every_client_on_exactly_one_rank():

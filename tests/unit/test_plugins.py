@@ -77,6 +77,35 @@ def test_entry_point_plugins_load_without_being_named(tmp_path, monkeypatch):
     assert load_config(None, ["strategy.name=ep_fedavg"]).strategy.name == "ep_fedavg"
 
 
+# Where naming a strategy is what the code is for: the systems suite's list of methods it times,
+# the diagnostic (it trains with FedAlign-MoE's statistics) and the config's default strategy.
+NAMES_A_STRATEGY = {"benchmark/systems.py": None, "diagnose/command.py": {"strategy.name=fedalign"},
+                    "config_sections.py": {"fedavg"}}
+
+
+def test_no_code_outside_a_strategy_names_one():
+    """What a strategy can do (run under client groups, its privacy refusals) is declared by the
+    strategy, so a plugin strategy gets the same treatment: no string in the package's code
+    outside strategies/ is a strategy's name (docstrings and comments may speak of them)."""
+    import ast
+
+    from fedalign_dist.strategies import registered_strategies
+    names = set(registered_strategies())
+    for path in sorted((REPO / "fedalign_dist").rglob("*.py")):
+        module = path.relative_to(REPO / "fedalign_dist").as_posix()
+        if module.startswith("strategies/"):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        found = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and id(node) not in docstrings
+                 and isinstance(node.value, str) and (node.value in names or node.value.removeprefix("strategy.name=")
+                                                      in names)}
+        allowed = NAMES_A_STRATEGY.get(module, set())
+        assert allowed is None or found <= allowed, f"{module} names {sorted(found - allowed)}"
+
+
 def test_round_loop_names_no_strategy_family_source_or_task():
     from fedalign_dist.data.registry import registered_sources, registered_tasks
     from fedalign_dist.models.families import FAMILIES

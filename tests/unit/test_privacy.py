@@ -9,7 +9,7 @@ import torch
 
 from fedalign_dist.clients.state import MemoryClientStore
 from fedalign_dist.config import ConfigError, load_config
-from fedalign_dist.dist.communicator import Communicator
+from fedalign_dist.distributed.communicator import Communicator
 from fedalign_dist.privacy import noise
 from fedalign_dist.privacy.accountant import epsilon, round_mechanism
 from fedalign_dist.privacy.clipping import clip_update, next_clip_norm

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedalign_dist.aggregation.rsea import (InfeasibleAssignment, random_assignment, selection_scores,
-                                            solve_assignment)
+from fedalign_dist.aggregation.rsea import InfeasibleAssignment, random_assignment, selection_scores, solve_assignment
 
 
 def _valid(x, beta, max_experts, min_experts=2):

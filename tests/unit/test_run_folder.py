@@ -6,8 +6,7 @@ import json
 import pytest
 
 from fedalign_dist.config import ConfigError, load_config
-from fedalign_dist.run_folder import (MARKER, clear_run_folder, is_run_folder, mark_run_folder,
-                                      prepare_run_dir)
+from fedalign_dist.run_folder import MARKER, clear_run_folder, is_run_folder, mark_run_folder, prepare_run_dir
 
 USER_FILES = {"beside.txt": "beside the output folder", "out/mydata/thesis.tex": "years of work",
               "out/sibling/notes.txt": "a sibling folder", "out/top.txt": "in the output folder",

@@ -28,7 +28,10 @@ def test_entries_are_owned_by_their_tensors_rank():
     owner = {"a.weight": 1, "b.weight": 0}
     assert entry_owner(owner, "a.weight|3") == 1 and entry_owner(owner, "a.weight") == 1
     assert entry_owner(owner, "b.weight|0") == 0 and entry_owner(owner, "unknown") == 0
-    assert owned_entries({"a.weight|0": 1, "b.weight|2": 2, "a.weight": 3}, owner, 1) == {"a.weight|0": 1, "a.weight": 3}
+    assert owned_entries({"a.weight|0": 1, "b.weight|2": 2, "a.weight": 3}, owner, 1) == {
+        "a.weight|0": 1,
+        "a.weight": 3,
+    }
 
 
 def _by_shards(layout, parts, name, overrides, updates):
@@ -73,11 +76,19 @@ def test_each_shard_aggregated_alone_equals_the_whole_aggregation(layout, parts,
 def test_gathered_statistics_pass_within_a_group_exactly():
     """Under client groups a group's first rank passes the gathered statistics to its partners
     as bytes: every item comes back with its names, dtypes and values, empty hosts included."""
-    from fedalign_dist.dist.sharded_aggregation import _item_bytes, _items_from_bytes
+    from fedalign_dist.distributed.sharded_aggregation import _item_bytes, _items_from_bytes
     gen = torch.Generator().manual_seed(0)
-    parts = [[{"client_id": torch.tensor(3), "usage": torch.rand(2, 4, generator=gen), "held": torch.tensor([True, False])}],
-             [], [{"client_id": torch.tensor(5), "usage": torch.rand(2, 4, generator=gen).double(),
-                   "held": torch.tensor([False, True])}]]
+    parts = [
+        [{"client_id": torch.tensor(3), "usage": torch.rand(2, 4, generator=gen), "held": torch.tensor([True, False])}],
+        [],
+        [
+            {
+                "client_id": torch.tensor(5),
+                "usage": torch.rand(2, 4, generator=gen).double(),
+                "held": torch.tensor([False, True]),
+            }
+        ],
+    ]
     back = _items_from_bytes(_item_bytes(parts))
     assert [len(part) for part in back] == [1, 0, 1]
     for part, again in zip(parts, back):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from fedalign_dist.clients.state import DiskClientStore, MemoryClientStore
-from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import load_config
+from fedalign_dist.distributed.communicator import Communicator
 from fedalign_dist.strategies import ClientUpdate, build_strategy, registered_strategies
 
 

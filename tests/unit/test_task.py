@@ -92,7 +92,9 @@ def test_shared_prompt_scoring_equals_one_sequence_per_label(family, finetune, e
     model.eval()
     # answers of 6, 5 and 14 bytes (one more each with the end token)
     task = classification(["sport", "tech", "business news"], max_length=48, end_token=end_token)
-    prompts = [task.encode({"text": t, "label": 0})["prompt"] for t in ("A match report.", "Chips", "Markets fell " * 3)]
+    prompts = [
+        task.encode({"text": t, "label": 0})["prompt"] for t in ("A match report.", "Chips", "Markets fell " * 3)
+    ]
     with torch.no_grad():
         got, count = task.label_log_likelihoods(model, prompts, torch.device("cpu"))
         want, want_count = _scored_as_full_sequences(model, task, prompts)

@@ -19,7 +19,10 @@ def test_upcycled_moe_computes_the_dense_models_logits(experts, top_k):
         torch.testing.assert_close(moe(input_ids=x).logits, dense(input_ids=x).logits, rtol=0, atol=1e-6)
     # the experts are trainable copies, not shared tensors
     experts_param = moe.model.layers[0].mlp.experts.gate_up_proj
-    assert experts_param.shape[0] == experts and experts_param.data_ptr() != dense.model.layers[0].mlp.gate_proj.weight.data_ptr()
+    assert (
+        experts_param.shape[0] == experts
+        and experts_param.data_ptr() != dense.model.layers[0].mlp.gate_proj.weight.data_ptr()
+    )
 
 
 def test_a_model_with_biases_is_refused():

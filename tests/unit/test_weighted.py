@@ -1,7 +1,11 @@
 import torch
 
 from fedalign_dist.aggregation.weighted import (
-    DENOMINATOR_KEY, finish_weighted_mean, weighted_mean, weighted_partial_sum)
+    DENOMINATOR_KEY,
+    finish_weighted_mean,
+    weighted_mean,
+    weighted_partial_sum,
+)
 
 
 def test_partial_sums_over_any_split_equal_the_weighted_mean():

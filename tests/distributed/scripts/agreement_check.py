@@ -7,12 +7,12 @@ import torch
 
 from fedalign_dist.aggregation import alignment
 from fedalign_dist.clients.state import MemoryClientStore
-from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
-from fedalign_dist.dist.agreement import PeerFailure, check_identical_on_all_ranks, on_coordinator
-from fedalign_dist.dist.env import end_checked_rank, init_distributed
-from fedalign_dist.dist.placement import clients_of_rank
+from fedalign_dist.distributed.agreement import PeerFailure, check_identical_on_all_ranks, on_coordinator
+from fedalign_dist.distributed.communicator import Communicator
+from fedalign_dist.distributed.env import end_checked_rank, init_distributed
+from fedalign_dist.distributed.placement import clients_of_rank
 from fedalign_dist.models.build import build_model
 from fedalign_dist.strategies import ClientUpdate, build_strategy
 from fedalign_dist.strategies.expertwise import PERSONAL_KEY

@@ -9,7 +9,7 @@ import torch
 from fedalign_dist.clients.trainer import LocalTrainer
 from fedalign_dist.config import load_config
 from fedalign_dist.data.tokenizer import ByteTokenizer
-from fedalign_dist.dist.env import end_checked_rank, init_distributed
+from fedalign_dist.distributed.env import end_checked_rank, init_distributed
 from fedalign_dist.models.build import build_model
 
 

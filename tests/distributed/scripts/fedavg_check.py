@@ -2,10 +2,10 @@
 average computed by hand over every client's delta."""
 import torch
 
-from fedalign_dist.dist.communicator import Communicator
 from fedalign_dist.config import load_config
-from fedalign_dist.dist.env import end_checked_rank, init_distributed
-from fedalign_dist.dist.placement import clients_of_rank
+from fedalign_dist.distributed.communicator import Communicator
+from fedalign_dist.distributed.env import end_checked_rank, init_distributed
+from fedalign_dist.distributed.placement import clients_of_rank
 from fedalign_dist.strategies import ClientUpdate, build_strategy
 
 env = init_distributed("gloo")

@@ -8,8 +8,8 @@ from fedalign_dist import run_lifecycle
 from fedalign_dist.config import load_config
 from fedalign_dist.data.federated import build_federated_data
 from fedalign_dist.data.tokenizer import build_tokenizer
-from fedalign_dist.dist.collectives import all_gather_json
-from fedalign_dist.dist.env import end_checked_rank, init_distributed
+from fedalign_dist.distributed.collectives import all_gather_json
+from fedalign_dist.distributed.env import end_checked_rank, init_distributed
 from fedalign_dist.runner import Runner
 from fedalign_dist.train import quiet_libraries
 

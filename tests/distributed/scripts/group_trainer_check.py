@@ -20,7 +20,7 @@ from fedalign_dist.clients.zero3_slices import slice_of
 from fedalign_dist.config import load_config
 from fedalign_dist.data.federated import build_federated_data
 from fedalign_dist.data.tokenizer import ByteTokenizer
-from fedalign_dist.dist.env import end_checked_rank, init_distributed
+from fedalign_dist.distributed.env import end_checked_rank, init_distributed
 from fedalign_dist.models.build import build_model, structure_only
 from fedalign_dist.models.checkpoint_by_part import loads_by_part
 from fedalign_dist.models.families import family_of
@@ -227,7 +227,10 @@ try:
     raise AssertionError("a group of 3 in a world of 2 was accepted")
 except ValueError as err:
     assert "do not divide a world of 2" in str(err)
-print(f"rank {env.rank} group of 2 OK: holds {held} of {total} elements; largest difference from one rank {worst:.3g}; "
-      f"with the proximal term (pull {pull:.3g}) {max(float((together_prox[n] - alone_prox[n]).abs().max()) for n in alone):.3g}; "
-      f"LoRA {lora_worst:.3g}")
+print(
+    f"rank {env.rank} group of 2 OK: holds {held} of {total} elements; largest difference from one rank {worst:.3g}; "
+    f"with the proximal term (pull {pull:.3g}) "
+    f"{max(float((together_prox[n] - alone_prox[n]).abs().max()) for n in alone):.3g}; "
+    f"LoRA {lora_worst:.3g}"
+)
 end_checked_rank()  # not interpreter finalization, which can abort a passed rank

@@ -11,7 +11,7 @@ from fedalign_dist.clients.trainer import LocalTrainer, StepPath, client_batches
 from fedalign_dist.config import load_config
 from fedalign_dist.data.federated import build_federated_data
 from fedalign_dist.data.tokenizer import ByteTokenizer
-from fedalign_dist.dist.env import end_checked_rank, init_distributed
+from fedalign_dist.distributed.env import end_checked_rank, init_distributed
 from fedalign_dist.models.build import build_model
 from fedalign_dist.train import quiet_libraries
 

@@ -9,9 +9,9 @@ import torch
 
 from fedalign_dist.clients.state import make_client_store
 from fedalign_dist.clients.state_moves import StateHolders
-from fedalign_dist.dist.communicator import Communicator
-from fedalign_dist.dist.env import end_checked_rank, init_distributed
-from fedalign_dist.dist.placement import clients_of_rank
+from fedalign_dist.distributed.communicator import Communicator
+from fedalign_dist.distributed.env import end_checked_rank, init_distributed
+from fedalign_dist.distributed.placement import clients_of_rank
 
 env = init_distributed("gloo")
 comm = Communicator(env.rank, env.world_size, env.device)

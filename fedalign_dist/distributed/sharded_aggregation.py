@@ -16,9 +16,9 @@ import json
 import torch
 
 from fedalign_dist.aggregation.shards import assign_shards, owned_entries, shard_of
-from fedalign_dist.dist import collectives
-from fedalign_dist.dist.agreement import state_digest
-from fedalign_dist.dist.communicator import Communicator
+from fedalign_dist.distributed import collectives
+from fedalign_dist.distributed.agreement import state_digest
+from fedalign_dist.distributed.communicator import Communicator
 
 
 class ShardedAggregation:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fedalign_dist.dist.rank_exit import end_rank
+from fedalign_dist.distributed.rank_exit import end_rank
 
 
 @dataclass(frozen=True)

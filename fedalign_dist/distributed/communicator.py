@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fedalign_dist.dist import agreement, collectives
+from fedalign_dist.distributed import agreement, collectives
 
 
 class Communicator:
@@ -40,18 +40,18 @@ class Communicator:
 
     def sum_over_shards(self, values: list[float]) -> list[float]:
         """Element-wise sums of `values` computed on each shard of the global state (client
-        groups, dist/sharded_aggregation.py) into the whole state's; the state is whole here."""
+        groups, distributed/sharded_aggregation.py) into the whole state's; the state is whole here."""
         return list(values)
 
     def all_gather_client_items(self, items):
         """Per-client items that every rank of a client group holds alike (routing statistics),
         per host in rank order: as all_gather_tensor_items, except that under client groups
-        they are gathered once, not once per shard (see dist/sharded_aggregation.py)."""
+        they are gathered once, not once per shard (see distributed/sharded_aggregation.py)."""
         return self.all_gather_tensor_items(items)
 
     def on_coordinator(self, what: str, fn, *args, **kwargs):
         """fn on this communicator's coordinator only; every rank of the world fails together if
-        it raised (see dist/agreement.py)."""
+        it raised (see distributed/agreement.py)."""
         return agreement.on_coordinator(what, fn, *args, coordinator=self.is_coordinator, **kwargs)
 
     def all_ranks_agree(self, what: str):

@@ -82,7 +82,7 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
 
 def check_identical_on_all_ranks(state: dict[str, torch.Tensor], what: str) -> None:
     """Raise on every rank unless every rank holds bit-identical `state`."""
-    from fedalign_dist.dist.collectives import all_gather_json
+    from fedalign_dist.distributed.collectives import all_gather_json
     digests = all_gather_json(state_digest(state))
     if len(set(digests)) > 1:
         raise RuntimeError(f"ranks hold different {what} (" + ", ".join(
