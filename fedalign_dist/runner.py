@@ -1,5 +1,5 @@
 """The round loop: select, train each client, aggregate, evaluate, log, checkpoint. Client
-training lives in clients/client_round.py, the run folder's life in run_lifecycle.py, every
+training lives in client_round.py, the run folder's life in run_lifecycle.py, every
 method-specific step in the strategy: this file names no strategy and no model family."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fedalign_dist.aggregation.guard import DivergedError, nonfinite_names
-from fedalign_dist.clients.client_round import ClientResult, ClientRound
+from fedalign_dist.client_round import ClientResult, ClientRound
 from fedalign_dist.clients.group_mpu import GroupMPU
 from fedalign_dist.clients.state import make_client_store
 from fedalign_dist.clients.state_moves import StateHolders, share_within_group

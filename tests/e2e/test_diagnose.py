@@ -105,7 +105,7 @@ def test_a_client_whose_experts_and_router_rows_are_permuted_is_called_renumbere
     """The pretrained base (the demo's class, experts with roles), one of the 4 clients starting
     its round from the same model with its experts and router rows renumbered: renumbered in
     every layer, beyond chance."""
-    from fedalign_dist.clients.client_round import ClientRound
+    from fedalign_dist.client_round import ClientRound
     run = ClientRound.run
 
     def one_client_permuted(self, round_idx, client_id, global_state, *args, **kwargs):

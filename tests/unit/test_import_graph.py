@@ -107,3 +107,18 @@ def test_config_section_is_importable_where_plugins_find_it(plugin_import):
 
     from fedalign_dist.config_sections import ConfigSection
     assert importlib.import_module(plugin_import).ConfigSection is ConfigSection
+
+
+def test_the_package_folders_import_no_circle():
+    """At the level of folders too (clients/, strategies/, distributed/...): a folder that imports
+    another imports nothing of a folder that imports it. The modules at the package's top (the
+    runner and the client round) use every folder and are left out."""
+    modules = package_modules(PACKAGE)
+    folder = {m: m.split(".")[1] for m, p in modules.items() if p.parent != PACKAGE}
+    edges = {(folder[m], folder[t]) for m, p in modules.items() if m in folder
+             for t in imported_modules(m, p, modules) if t in folder and folder[t] != folder[m]}
+    reach = set(edges)  # a reaches b through any chain of imports
+    for via in set(folder.values()):
+        reach |= {(a, b) for a, v in reach if v == via for w, b in reach if w == via}
+    both = sorted(f"{a} <-> {b}" for a, b in reach if (b, a) in reach and a < b)
+    assert not both, f"folders that import one another (directly or through others): {', '.join(both)}"

@@ -112,7 +112,7 @@ def test_round_loop_names_no_strategy_family_source_or_task():
     from fedalign_dist.strategies import registered_strategies
     names = (set(registered_strategies()) | set(FAMILIES) | {"llama", "amole", "fedamole", "probe"} |
              set(registered_sources()) | set(registered_tasks()) | {"accuracy"})
-    for module in ("runner.py", "clients/client_round.py", "clients/trainer.py", "run_lifecycle.py",
+    for module in ("runner.py", "client_round.py", "clients/trainer.py", "run_lifecycle.py",
                    "data/federated.py", "metrics.py"):
         code = (REPO / "fedalign_dist" / module).read_text()
         # as a string anywhere, or as a word in code or comments ('local' is also a plain word; the
