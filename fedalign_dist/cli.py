@@ -174,13 +174,27 @@ def cmd_train(args) -> int:
     except Exception as err:
         if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
             raise  # no agent to report it: Python prints the traceback
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-        ErrorHandler().record_exception(err)
+        record_for_launcher(err)
         print(f"fedalign-dist: rank {os.environ.get('RANK', '?')} failed: {type(err).__name__}: {err} "
               f"(traceback in the launcher's failure report)", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:  # Ctrl-C reaches every rank: the launcher says what to do next
         return INTERRUPTED
+
+
+def record_for_launcher(err: Exception) -> None:
+    """The exception in torchrun's error file, as torch's ErrorHandler writes it, but through a
+    temporary name and a rename: the agent stops the other ranks once one fails, and a rank
+    stopped while writing left an empty file, which the agent then failed to parse (its own
+    traceback instead of the run's failure summary; seen with a killed rank's partner)."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+    path = os.environ["TORCHELASTIC_ERROR_FILE"]
+    os.environ["TORCHELASTIC_ERROR_FILE"] = f"{path}.{os.getpid()}.tmp"
+    try:
+        ErrorHandler().record_exception(err)
+        os.replace(os.environ["TORCHELASTIC_ERROR_FILE"], path)
+    finally:
+        os.environ["TORCHELASTIC_ERROR_FILE"] = path
 
 
 def cmd_partition(args) -> int:
