@@ -28,24 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.max_examples=400", "data.max_length=64", "data.min_client_examples=5", "local.steps=3",
         "local.batch_size=4", "eval.every=100", "eval.personalized_every=100", "fed.num_clients=4",
         "checkpoint.every=0"]
-CASES = {  # name -> (what it is, overrides)
-    "fedavg": (
-        "fedavg, 2 clients a round, 3 rounds",
-        ["strategy.name=fedavg", "fed.clients_per_round=2", "fed.rounds=3"],
-    ),
-    "fedavg4": (
-        "fedavg, 4 clients a round, 3 rounds",
-        ["strategy.name=fedavg", "fed.clients_per_round=4", "fed.rounds=3"],
-    ),
-    "fedalign": (
-        "fedalign reduce, 2 clients a round, 2 rounds",
-        ["strategy.name=fedalign", "fed.clients_per_round=2", "fed.rounds=2"],
-    ),
-    "fedalign4": (
-        "fedalign reduce, 4 clients a round, 3 rounds",
-        ["strategy.name=fedalign", "fed.clients_per_round=4", "fed.rounds=3"],
-    ),
-}
+
+
+def bench_case(strategy: str, per_round: int, rounds: int) -> tuple[str, list[str]]:
+    """(what it is, its overrides)."""
+    path = " reduce" if strategy == "fedalign" else ""
+    return (f"{strategy}{path}, {per_round} clients a round, {rounds} rounds",
+            [f"strategy.name={strategy}", f"fed.clients_per_round={per_round}", f"fed.rounds={rounds}"])
+
+
+CASES = {"fedavg": bench_case("fedavg", 2, 3), "fedavg4": bench_case("fedavg", 4, 3),
+         "fedalign": bench_case("fedalign", 2, 2), "fedalign4": bench_case("fedalign", 4, 3)}
 LAYOUTS = {"groups": (4, ["fed.ranks_per_client=2"]), "reference": (2, []), "one_rank": (1, [])}
 
 
